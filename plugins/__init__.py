@@ -1,0 +1,1 @@
+"""steercmp's built-in plugins, importable as ``steercmp_plugins``."""

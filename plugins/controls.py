@@ -1,0 +1,75 @@
+"""Built-in controls: each derives its condition from the method's target proposal.
+
+``noop`` (zero delta: the unsteered baseline), ``random_delta`` (a random direction with the
+target delta's norm, seeded per run, method and prompt) and ``wrong_position`` (the target
+delta at a neighbouring token). ``unrelated_edit`` is not here: it is the method's own
+proposal toward the unrelated family, so every method gets it from the runner.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from steercmp.api import Control, Method, Proposal, PromptContext
+from steercmp.errors import ConfigError
+from steercmp.hookspecs import hookimpl
+
+
+class Noop(Control):
+    name = "noop"
+    description = "zero delta at the target position: the unsteered baseline"
+
+    def derive(self, target: Proposal, context: PromptContext, generator: torch.Generator) -> Proposal:
+        d = context.d_model
+        return Proposal(prompt_id=target.prompt_id, family=target.family, delta=torch.zeros(d),
+                        position=context.inject_pos, status="ok", meta={"zero_by_design": True})
+
+
+class RandomDelta(Control):
+    name = "random_delta"
+    description = "a random direction with the same norm as the target delta"
+
+    def applies_to(self, method: Method) -> bool:
+        return method.intervention == "activation"
+
+    def derive(self, target: Proposal, context: PromptContext, generator: torch.Generator) -> Proposal:
+        assert target.delta is not None
+        direction = torch.randn(target.delta.shape, generator=generator, dtype=torch.float32)
+        delta = direction / direction.norm() * target.delta.float().norm()
+        return Proposal(prompt_id=target.prompt_id, family=target.family, delta=delta,
+                        position=target.position, status=target.status,
+                        meta={"matched_norm": float(target.delta.float().norm())})
+
+
+class WrongPosition(Control):
+    name = "wrong_position"
+    description = "the target delta injected at a neighbouring token (offset option, default -1)"
+
+    def __init__(self, options):
+        super().__init__(options)
+        offset = self.options.get("offset", -1)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset == 0:
+            raise ConfigError(f"wrong_position offset {offset!r} must be a non-zero integer",
+                              where="control_options.wrong_position.offset", fix="use e.g. -1 or 1")
+        self.offset = offset
+
+    def applies_to(self, method: Method) -> bool:
+        return method.intervention == "activation"
+
+    def derive(self, target: Proposal, context: PromptContext, generator: torch.Generator) -> Proposal:
+        base = target.position if target.position is not None else context.inject_pos
+        pos = base + self.offset
+        if not 0 <= pos <= context.score_pos:
+            raise ConfigError(
+                f"wrong_position offset {self.offset} puts prompt {context.prompt.id!r} at token {pos}, "
+                f"outside 0..{context.score_pos}",
+                where="control_options.wrong_position.offset", fix="use a smaller offset")
+        return Proposal(prompt_id=target.prompt_id, family=target.family, delta=target.delta,
+                        position=pos, status=target.status, meta={"offset": self.offset})
+
+
+@hookimpl
+def register_controls(register):
+    register(Noop)
+    register(RandomDelta)
+    register(WrongPosition)

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Quality check for a prompt battery on the embedded Gemma 3 270M.
+
+For each prompt: next-token log-prob mass (logsumexp over the single-token ``▁word`` forms) of the
+original / edited / unrelated families at the last position, the rank of the plan word (the first
+``original`` word) and the model's top next tokens. Summary: the fraction of prompts whose
+original mass beats the edited (and the unrelated) mass. A plain forward with log_softmax.
+
+    .venv/bin/python scripts/check_battery.py experiments/batteries/note8.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+import yaml
+
+
+def single_ids(tok, words):
+    ids = []
+    for w in words:
+        enc = tok.encode(" " + w, add_special_tokens=False)
+        if len(enc) == 1:
+            ids.append(enc[0])
+    return ids
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("battery")
+    ap.add_argument("--top", type=int, default=5, help="top next tokens to show")
+    args = ap.parse_args(argv)
+
+    from steercmp.models import load_base_model
+
+    with open(args.battery) as fh:
+        battery = yaml.safe_load(fh)
+    lm = load_base_model(progress=False)
+    tok, model = lm.tokenizer, lm.model
+    torch.set_grad_enabled(False)
+
+    rows = []
+    print(f"{'id':24} {'orig':>7} {'edit':>7} {'unrel':>7} {'rank':>6}  top")
+    for p in battery["prompts"]:
+        ids = tok(p["text"], return_tensors="pt").input_ids
+        logp = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
+        mass = {}
+        for fam in ("original", "edited", "unrelated"):
+            fam_ids = single_ids(tok, p["families"][fam])
+            mass[fam] = float(torch.logsumexp(logp[fam_ids], 0)) if fam_ids else float("-inf")
+        plan = p["families"]["original"][0]
+        plan_ids = single_ids(tok, [plan])
+        rank = int((logp > logp[plan_ids[0]]).sum()) + 1 if plan_ids else -1
+        top = [tok.decode([i]).strip() for i in logp.topk(args.top).indices.tolist()]
+        rows.append((p["id"], mass, rank))
+        print(f"{p['id']:24} {mass['original']:7.2f} {mass['edited']:7.2f} "
+              f"{mass['unrelated']:7.2f} {rank:6d}  {top}")
+
+    n = len(rows)
+    oe = sum(m["original"] > m["edited"] for _, m, _ in rows)
+    ou = sum(m["original"] > m["unrelated"] for _, m, _ in rows)
+    ranks = [r for _, _, r in rows if r > 0]
+    print(f"\nprompts {n}: original > edited {oe}/{n} ({oe / n:.2f}); "
+          f"original > unrelated {ou}/{n} ({ou / n:.2f}); "
+          f"plan rank median {statistics.median(ranks) if ranks else 'n/a'}, "
+          f"top-10 {sum(r <= 10 for r in ranks)}/{n}; "
+          f"mean original-edited {statistics.mean(m['original'] - m['edited'] for _, m, _ in rows):+.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

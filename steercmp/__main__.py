@@ -1,0 +1,3 @@
+from steercmp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""The types a plugin sees: what a method receives, what it returns, what it declares.
+
+A method never touches injection or scoring. It receives one :class:`PromptContext` per prompt
+(the prompt, its token ids, positions and the captured residual stream at the experiment's layer),
+and returns :class:`Proposal` objects: a delta for the shared engine (or, for prompting
+baselines, a replacement prompt text). Controls derive their conditions from the method's
+target proposal. The runner owns models, batching, scoring and artifacts.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar, Literal
+
+import attrs
+import torch
+
+Family = Literal["original", "edited", "unrelated"]
+#: The families a method proposes toward: ``edited`` is the target condition,
+#: ``unrelated`` is the ``unrelated_edit`` control.
+PROPOSAL_FAMILIES: tuple[str, ...] = ("edited", "unrelated")
+TARGET_CONDITION = "target_edit"
+UNRELATED_CONDITION = "unrelated_edit"
+FAMILY_OF_CONDITION = {TARGET_CONDITION: "edited", UNRELATED_CONDITION: "unrelated"}
+SCALINGS: tuple[str, ...] = ("raw", "norm_relative")
+
+
+def _frozen_dict(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return dict(value or {})
+
+
+@attrs.frozen
+class Prompt:
+    """One battery prompt: a couplet whose first line ends where the rhyme plan forms.
+
+    ``families`` maps ``original`` / ``edited`` / ``unrelated`` to word lists; ``edits`` maps the
+    same target families to explanation edit maps (e.g. ``{"edited": {"dream": "gleam"}}``).
+    ``inject`` and ``score`` are position rules (see :mod:`steercmp.positions`).
+    """
+
+    id: str
+    text: str
+    families: Mapping[str, tuple[str, ...]]
+    edits: Mapping[str, Mapping[str, str]] = attrs.field(factory=dict)
+    inject: str = "first_line_break"
+    score: str = "last"
+    rhyme: str = ""
+    meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_dict)
+
+    @property
+    def line_end_word(self) -> str:
+        """The word that ends the first line (the word the second line must rhyme with)."""
+        first = self.text.split("\n", 1)[0]
+        words = [w.strip(".,;:!?\"'()") for w in first.split()]
+        return words[-1].lower() if words else ""
+
+
+@attrs.frozen(eq=False)
+class PromptContext:
+    """Everything a method may read about one prompt, captured once from the base model.
+
+    ``resid`` is the residual stream at the OUTPUT of block ``layer`` (``hidden_states[layer+1]``)
+    for every position, float32 on CPU, shape ``[seq, d_model]``.
+    """
+
+    prompt: Prompt
+    input_ids: tuple[int, ...]
+    inject_pos: int
+    score_pos: int
+    layer: int
+    resid: torch.Tensor
+
+    @property
+    def activation(self) -> torch.Tensor:
+        """The residual vector at the injection (planning) position, ``[d_model]``."""
+        return self.resid[self.inject_pos]
+
+    @property
+    def d_model(self) -> int:
+        return int(self.resid.shape[-1])
+
+
+@attrs.frozen(eq=False)
+class Proposal:
+    """A method's proposed intervention for one prompt and one target family.
+
+    Exactly one of ``delta`` (an activation edit, ``[d_model]``) or ``prompt_text`` (a prompting
+    baseline's replacement text) is set. ``position`` is an absolute token index into the prompt
+    (``None`` = the prompt's injection position). ``status`` records selection outcomes such as
+    NLA's ``editable`` / ``fallback`` / ``dropped``; a ``dropped`` proposal is excluded from the
+    analysis visibly (its cells are written with ``status=dropped`` and no score).
+    ``meta`` must be JSON-serialisable: it is stored with the cells.
+    """
+
+    prompt_id: str
+    family: str
+    delta: torch.Tensor | None = None
+    position: int | None = None
+    prompt_text: str | None = None
+    status: str = "ok"
+    meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_dict)
+
+    def __attrs_post_init__(self) -> None:
+        if (self.delta is None) == (self.prompt_text is None) and self.status != "dropped":
+            raise ValueError(
+                f"proposal for {self.prompt_id}/{self.family}: set exactly one of delta or prompt_text"
+            )
+
+    @property
+    def delta_norm(self) -> float:
+        return float(self.delta.float().norm()) if self.delta is not None else 0.0
+
+
+@attrs.frozen
+class Resource:
+    """A model or other heavy object a method needs, loaded by the runner one at a time.
+
+    ``loader`` builds the object; the runner unloads whatever else is resident first and logs
+    memory per stage. ``params`` (parameter count) and ``bytes_per_param`` feed ``steercmp plan``'s
+    peak-memory estimate without downloading anything.
+    """
+
+    name: str
+    kind: str
+    source: str
+    loader: Callable[[], Any] = attrs.field(eq=False, repr=False)
+    params: int | None = None
+    bytes_per_param: float = 4.0
+    note: str = ""
+
+    @property
+    def estimated_bytes(self) -> int | None:
+        return None if self.params is None else int(self.params * self.bytes_per_param)
+
+
+class MethodRuntime(abc.ABC):
+    """What the runner lends a method while it proposes: staged loading, seeds, artifact I/O."""
+
+    seed: int
+    layer: int
+    device: str
+    dtype: torch.dtype
+    run_dir: Any  # pathlib.Path of the run directory
+
+    @abc.abstractmethod
+    def load(self, resource: Resource) -> AbstractContextManager[Any]:
+        """Make ``resource`` the one resident model (unloading any other) and yield it."""
+
+    @abc.abstractmethod
+    def base(self) -> AbstractContextManager[Any]:
+        """Yield the base model as a :class:`steercmp.models.LoadedModel` (loading it if needed)."""
+
+    @abc.abstractmethod
+    def generator(self, *key: object) -> torch.Generator:
+        """A CPU generator seeded from the run seed and ``key`` (never from call order)."""
+
+    @abc.abstractmethod
+    def progress(self, iterable: Any, desc: str, total: int | None = None) -> Iterator[Any]:
+        """Wrap long work in a progress bar."""
+
+    @abc.abstractmethod
+    def write_table(self, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Store a method-specific table (e.g. NLA explanations) as ``<run>/<method>/<name>.parquet``."""
+
+    @abc.abstractmethod
+    def cached(self, name: str, key: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
+        """Return ``compute()``, reusing a stored result keyed by ``name`` and ``key`` when present."""
+
+
+class Method(abc.ABC):
+    """A steering method. Subclasses set ``name`` and implement :meth:`propose`.
+
+    ``intervention`` is ``"activation"`` (proposals carry deltas injected by the shared engine) or
+    ``"prompt"`` (proposals carry replacement prompt text; activation-only controls such as
+    ``wrong_position`` are then marked not applicable).
+    """
+
+    name: ClassVar[str]
+    intervention: ClassVar[str] = "activation"
+    description: ClassVar[str] = ""
+
+    def __init__(self, options: Mapping[str, Any], experiment: Any):
+        self.options = dict(options)
+        self.experiment = experiment
+
+    def validate(self) -> None:  # noqa: B027 - optional hook
+        """Check options before any model loads; raise :class:`steercmp.errors.ConfigError`."""
+
+    def resources(self) -> Sequence[Resource]:
+        """Models or objects this method loads (besides the base model), in stage order."""
+        return ()
+
+    @abc.abstractmethod
+    def propose(
+        self, contexts: Sequence[PromptContext], runtime: MethodRuntime
+    ) -> Sequence[Proposal]:
+        """Return one proposal per prompt and per family in :data:`PROPOSAL_FAMILIES`."""
+
+
+class Control(abc.ABC):
+    """A control condition derived from a method's target proposal (never from its own idea)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def __init__(self, options: Mapping[str, Any]):
+        self.options = dict(options)
+
+    def applies_to(self, method: Method) -> bool:
+        """Whether this control makes sense for ``method``; if not, its cells say ``not_applicable``."""
+        return True
+
+    @abc.abstractmethod
+    def derive(
+        self, target: Proposal, context: PromptContext, generator: torch.Generator
+    ) -> Proposal:
+        """Build the control's proposal from the target proposal for the same prompt."""

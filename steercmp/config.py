@@ -1,0 +1,297 @@
+"""Experiment configuration: frozen attrs classes built from YAML, validated before models load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from steercmp.api import SCALINGS
+from steercmp.battery import Battery, read_yaml
+from steercmp.embedded import EMBEDDED_ID, is_embedded
+from steercmp.errors import ConfigError
+
+DEFAULT_CONTROLS = ("noop", "random_delta", "wrong_position")
+PACKAGE_EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+@attrs.frozen
+class ModelSpec:
+    """The base model: HF id, local directory or ``embedded:gemma-3-270m``."""
+
+    id: str = EMBEDDED_ID
+    dtype: str = "float32"
+    device: str = "cpu"
+    device_map: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    chat_template: bool = False  # wrap prompts as one user turn (instruction models)
+
+
+@attrs.frozen
+class MethodSpec:
+    name: str
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+    label: str | None = None  # run the same method twice under different labels
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+@attrs.frozen
+class CompletionSpec:
+    enabled: bool = True
+    seeds: int = 5
+    alphas: tuple[float, ...] = (0.0, 2.0)
+    max_new_tokens: int = 10
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@attrs.frozen
+class Experiment:
+    """A whole experiment; ``source`` is the YAML file it came from (for error messages)."""
+
+    name: str
+    model: ModelSpec
+    layer: int
+    battery_path: str
+    alphas: tuple[float, ...]
+    scalings: tuple[str, ...]
+    methods: tuple[MethodSpec, ...]
+    controls: tuple[str, ...] = DEFAULT_CONTROLS
+    control_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    completions: CompletionSpec = CompletionSpec()
+    decision_alphas: tuple[float, ...] = (2.0,)
+    seed: int = 0
+    batch_size: int | str = "auto"
+    single_token_families: bool = False
+    source: str = "<experiment>"
+    raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.source).resolve().parent if self.source.endswith((".yaml", ".yml")) else Path.cwd()
+
+    def battery(self) -> Battery:
+        return Battery.from_yaml(self.resolve(self.battery_path))
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def snapshot(self) -> str:
+        """YAML snapshot of the config as given, with the defaults steercmp filled in."""
+        data = dict(self.raw)
+        data.setdefault("seed", self.seed)
+        data["layer"] = self.layer
+        data["alphas"] = list(self.alphas)
+        data["scalings"] = list(self.scalings)
+        data.setdefault("decision", {})
+        data["decision"] = {**dict(data["decision"] or {}), "alphas": list(self.decision_alphas)}
+        data["battery"] = str(self.resolve(self.battery_path))
+        return yaml.safe_dump(data, sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Experiment:
+        path = Path(path)
+        data = read_yaml(path, "experiment")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<experiment>") -> Experiment:
+        if not isinstance(data, Mapping):
+            raise ConfigError("an experiment must be a YAML mapping", where=source,
+                              fix="see experiments/embedded.yaml")
+        known = {"name", "model", "layer", "battery", "alphas", "scalings", "scaling", "methods",
+                 "controls", "control_options", "completions", "decision", "seed", "batch_size",
+                 "single_token_families", "description"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown key {unknown[0]!r}", where=f"{source}: {unknown[0]}",
+                              fix=f"valid keys are {', '.join(sorted(known))}")
+        f = _Fields(source)
+        model_raw = data.get("model", {})
+        if isinstance(model_raw, str):
+            model_raw = {"id": model_raw}
+        if not isinstance(model_raw, Mapping):
+            raise ConfigError("`model` must be a mapping or an id", where=f"{source}: model",
+                              fix="e.g. model: {id: embedded:gemma-3-270m}")
+        model_fields = {a.name for a in attrs.fields(ModelSpec)}
+        bad = sorted(set(model_raw) - model_fields)
+        if bad:
+            raise ConfigError(f"unknown model key {bad[0]!r}", where=f"{source}: model.{bad[0]}",
+                              fix=f"valid keys are {', '.join(sorted(model_fields))}")
+        model = ModelSpec(**{k: v for k, v in model_raw.items()})
+        if model.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+            raise ConfigError(f"unknown dtype {model.dtype!r}", where=f"{source}: model.dtype",
+                              fix="use float32 or bfloat16")
+        layer = f.integer(data, "layer", required=True, minimum=0)
+        battery = data.get("battery")
+        if not isinstance(battery, str) or not battery:
+            raise ConfigError("`battery` is missing", where=f"{source}: battery",
+                              fix="name a battery YAML file, e.g. batteries/note8.yaml")
+        alphas = f.numbers(data, "alphas", default=(-2, -1, 0, 1, 2, 4, 8))
+        scal = data.get("scalings", data.get("scaling", ["raw"]))
+        scalings = tuple([scal] if isinstance(scal, str) else scal or [])
+        for s in scalings:
+            if s not in SCALINGS:
+                raise ConfigError(f"unknown scaling {s!r}", where=f"{source}: scalings",
+                                  fix=f"use {' or '.join(SCALINGS)}")
+        if not scalings:
+            raise ConfigError("`scalings` is empty", where=f"{source}: scalings", fix="use [raw]")
+        methods_raw = data.get("methods")
+        if not isinstance(methods_raw, list) or not methods_raw:
+            raise ConfigError("`methods` must be a non-empty list", where=f"{source}: methods",
+                              fix="e.g. methods: [{name: unembed_direction}]")
+        methods: list[MethodSpec] = []
+        for i, m in enumerate(methods_raw):
+            if isinstance(m, str):
+                m = {"name": m}
+            if not isinstance(m, Mapping) or not isinstance(m.get("name"), str):
+                raise ConfigError("each method needs a `name`", where=f"{source}: methods[{i}]",
+                                  fix="e.g. {name: nla_text_edit, options: {...}}")
+            opts = m.get("options") or {}
+            if not isinstance(opts, Mapping):
+                raise ConfigError("`options` must be a mapping", where=f"{source}: methods[{i}].options",
+                                  fix="write options as key: value pairs")
+            methods.append(MethodSpec(name=m["name"], options=dict(opts), label=m.get("label")))
+        keys = [m.key for m in methods]
+        dup = next((k for k in keys if keys.count(k) > 1), None)
+        if dup:
+            raise ConfigError(f"method {dup!r} is listed twice", where=f"{source}: methods",
+                              fix="give the second one a distinct `label`")
+        controls = data.get("controls", list(DEFAULT_CONTROLS))
+        if not isinstance(controls, list) or not all(isinstance(c, str) for c in controls):
+            raise ConfigError("`controls` must be a list of names", where=f"{source}: controls",
+                              fix="e.g. controls: [noop, random_delta, wrong_position]")
+        comp_raw = data.get("completions") or {}
+        if not isinstance(comp_raw, Mapping):
+            raise ConfigError("`completions` must be a mapping", where=f"{source}: completions",
+                              fix="e.g. completions: {seeds: 5, alphas: [0, 2]}")
+        comp_fields = {a.name for a in attrs.fields(CompletionSpec)}
+        bad = sorted(set(comp_raw) - comp_fields)
+        if bad:
+            raise ConfigError(f"unknown completions key {bad[0]!r}", where=f"{source}: completions.{bad[0]}",
+                              fix=f"valid keys are {', '.join(sorted(comp_fields))}")
+        cf = _Fields(source, prefix="completions.")
+        completions = CompletionSpec(
+            enabled=bool(comp_raw.get("enabled", True)),
+            seeds=cf.integer(comp_raw, "seeds", default=5, minimum=1),
+            alphas=cf.numbers(comp_raw, "alphas", default=(0, 2)),
+            max_new_tokens=cf.integer(comp_raw, "max_new_tokens", default=10, minimum=1),
+            temperature=cf.number(comp_raw, "temperature", default=1.0, minimum=0.0),
+            top_p=cf.number(comp_raw, "top_p", default=1.0, minimum=0.0),
+        )
+        decision = data.get("decision") or {}
+        if not isinstance(decision, Mapping):
+            raise ConfigError("`decision` must be a mapping", where=f"{source}: decision",
+                              fix="e.g. decision: {alphas: [2]}")
+        decision_alphas = _Fields(source, prefix="decision.").numbers(decision, "alphas", default=(2,))
+        missing = [a for a in decision_alphas if a not in alphas]
+        if missing:
+            raise ConfigError(f"decision alpha {missing[0]} is not in the alpha sweep",
+                              where=f"{source}: decision.alphas", fix="pick decision alphas from `alphas`")
+        batch_size = data.get("batch_size", "auto")
+        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ConfigError(f"batch_size {batch_size!r} is invalid", where=f"{source}: batch_size",
+                              fix="use a positive integer or auto")
+        ctrl_opts = data.get("control_options") or {}
+        if not isinstance(ctrl_opts, Mapping):
+            raise ConfigError("`control_options` must be a mapping", where=f"{source}: control_options",
+                              fix="e.g. control_options: {wrong_position: {offset: -1}}")
+        return cls(
+            name=str(data.get("name") or Path(source).stem),
+            model=model,
+            layer=layer,
+            battery_path=battery,
+            alphas=alphas,
+            scalings=scalings,
+            methods=tuple(methods),
+            controls=tuple(controls),
+            control_options={k: dict(v or {}) for k, v in ctrl_opts.items()},
+            completions=completions,
+            decision_alphas=decision_alphas,
+            seed=f.integer(data, "seed", default=0, minimum=0),
+            batch_size=batch_size,
+            single_token_families=bool(data.get("single_token_families", False)),
+            source=source,
+            raw=dict(data),
+        )
+
+
+class _Fields:
+    """Typed field readers that name the file and field in their errors."""
+
+    def __init__(self, source: str, prefix: str = ""):
+        self.source = source
+        self.prefix = prefix
+
+    def _where(self, key: str) -> str:
+        return f"{self.source}: {self.prefix}{key}"
+
+    def integer(self, data: Mapping[str, Any], key: str, *, default: int | None = None,
+                required: bool = False, minimum: int | None = None) -> int:
+        if key not in data:
+            if required:
+                raise ConfigError(f"`{key}` is missing", where=self._where(key), fix=f"set {key}")
+            assert default is not None
+            return default
+        v = data[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"`{key}` must be an integer, got {v!r}", where=self._where(key),
+                              fix="write a whole number")
+        if minimum is not None and v < minimum:
+            raise ConfigError(f"`{key}` must be >= {minimum}, got {v}", where=self._where(key),
+                              fix=f"use a value >= {minimum}")
+        return v
+
+    def number(self, data: Mapping[str, Any], key: str, *, default: float,
+               minimum: float | None = None) -> float:
+        v = data.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"`{key}` must be a finite number, got {v!r}", where=self._where(key),
+                              fix="write a number such as 1.0")
+        if minimum is not None and v < minimum:
+            raise ConfigError(f"`{key}` must be >= {minimum}", where=self._where(key),
+                              fix=f"use a value >= {minimum}")
+        return float(v)
+
+    def numbers(self, data: Mapping[str, Any], key: str, *, default: Sequence[float]) -> tuple[float, ...]:
+        v = data.get(key, list(default))
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"`{key}` must be a non-empty list of numbers", where=self._where(key),
+                              fix="e.g. [-2, -1, 0, 1, 2, 4, 8]")
+        out = []
+        for x in v:
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise ConfigError(f"`{key}` holds a non-numeric value {x!r}", where=self._where(key),
+                                  fix="use finite numbers only, e.g. 2 or -0.5")
+            out.append(float(x))
+        if len(set(out)) != len(out):
+            raise ConfigError(f"`{key}` repeats a value", where=self._where(key), fix="list each value once")
+        return tuple(out)
+
+
+def default_experiment_path() -> Path:
+    """``experiments/embedded.yaml`` from the source tree, or the copy shipped in the package."""
+    for candidate in (PACKAGE_EXPERIMENTS / "embedded.yaml",
+                      Path(__file__).resolve().parent / "data" / "experiments" / "embedded.yaml"):
+        if candidate.exists():
+            return candidate
+    raise ConfigError("the default experiment file is missing", where="experiments/embedded.yaml",
+                      fix="pass an experiment YAML explicitly")
+
+
+__all__ = ["CompletionSpec", "Experiment", "MethodSpec", "ModelSpec", "default_experiment_path",
+           "is_embedded"]

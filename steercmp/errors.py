@@ -1,0 +1,36 @@
+"""User-facing errors: one line that names the file, the field and the fix; the CLI exits 2."""
+
+from __future__ import annotations
+
+
+class SteercmpError(Exception):
+    """A problem the user can fix. Printed as one line, no traceback, exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, where: str | None = None, fix: str | None = None):
+        self.message = message
+        self.where = where
+        self.fix = fix
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        parts = []
+        if self.where:
+            parts.append(f"{self.where}: ")
+        parts.append(self.message.rstrip("."))
+        if self.fix:
+            parts.append(f"; fix: {self.fix.rstrip('.')}")
+        return "".join(parts).replace("\n", " ")
+
+
+class ConfigError(SteercmpError):
+    """A config, battery or checkpoint that fails validation before any model loads."""
+
+
+class PluginError(SteercmpError):
+    """A plugin that failed to register or raised while proposing."""
+
+
+class NumericalError(SteercmpError):
+    """NaN/inf or a zero-norm delta where a norm is required."""

@@ -1,0 +1,155 @@
+"""Paired comparisons, target minus control per prompt, with bootstrap CIs, sign-flip tests
+and Holm correction across the controls."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import polars as pl
+
+from steercmp.stats._core import EXACT_MAX_N, bootstrap_mean_ci, holm, sign_flip_pvalue
+from steercmp.stats.summary import per_prompt_hits, usable
+
+TARGET = "target_edit"
+CONTROLS: tuple[str, ...] = ("noop", "unrelated_edit", "random_delta", "wrong_position")
+PAIRED_SCHEMA = {
+    "method": pl.String,
+    "scaling": pl.String,
+    "alpha": pl.Float64,
+    "control": pl.String,
+    "n": pl.Int64,
+    "mean_diff": pl.Float64,
+    "ci_low": pl.Float64,
+    "ci_high": pl.Float64,
+    "p_value": pl.Float64,
+    "p_holm": pl.Float64,
+    "exact": pl.Boolean,
+}
+
+
+def _paired_values(
+    frame: pl.DataFrame,
+    *,
+    target: str,
+    controls: Sequence[str],
+    value: str,
+    n_boot: int,
+    seed: int,
+    n_perm: int,
+    alternative: str,
+    correct: bool,
+) -> pl.DataFrame:
+    keys = ["method", "scaling", "alpha"]
+    data = frame.filter(usable(frame, value)).select(*keys, "prompt_id", "condition", value)
+    rows: list[dict] = []
+    tgt_all = data.filter(pl.col("condition") == target)
+    for key, tgt in tgt_all.group_by(keys, maintain_order=True):
+        method, scaling, alpha = key
+        same = data.filter(
+            (pl.col("method") == method) & (pl.col("scaling") == scaling) & (pl.col("alpha") == alpha)
+        )
+        t = tgt.group_by("prompt_id").agg(pl.col(value).mean().alias("_t"))
+        block: list[dict] = []
+        for ctrl in controls:
+            c = same.filter(pl.col("condition") == ctrl).group_by("prompt_id").agg(
+                pl.col(value).mean().alias("_c")
+            )
+            d = t.join(c, on="prompt_id", how="inner").sort("prompt_id")
+            diffs = (d["_t"] - d["_c"]).to_numpy()
+            n = int(diffs.shape[0])
+            if n == 0:
+                block.append(dict(method=method, scaling=scaling, alpha=alpha, control=ctrl, n=0,
+                                  mean_diff=None, ci_low=None, ci_high=None, p_value=None,
+                                  exact=None))
+                continue
+            lo, hi = bootstrap_mean_ci(diffs, n_boot=n_boot, seed=seed)
+            p, exact = sign_flip_pvalue(diffs, alternative=alternative, n_perm=n_perm, seed=seed)
+            block.append(dict(method=method, scaling=scaling, alpha=alpha, control=ctrl, n=n,
+                              mean_diff=float(diffs.mean()), ci_low=lo, ci_high=hi, p_value=p,
+                              exact=exact))
+        adj = holm([r["p_value"] for r in block]) if correct else [None] * len(block)
+        for r, a in zip(block, adj, strict=True):
+            r["p_holm"] = a
+        rows.extend(block)
+    return pl.DataFrame(rows, schema=PAIRED_SCHEMA).sort(["method", "scaling", "alpha", "control"])
+
+
+def paired(
+    cells: pl.DataFrame,
+    target: str = TARGET,
+    controls: Sequence[str] = CONTROLS,
+    *,
+    value: str = "score",
+    n_boot: int = 10_000,
+    seed: int = 0,
+    n_perm: int = 10_000,
+    alternative: str = "two-sided",
+) -> pl.DataFrame:
+    """Target minus each control, per prompt, for every method, scaling and alpha.
+
+    Only prompts with a usable value in both conditions enter (``n``). ``mean_diff`` is the
+    mean per-prompt difference; ``ci_low``/``ci_high`` a percentile bootstrap 95% CI over
+    prompts (see :func:`steercmp.stats.summarize`); ``p_value`` a sign-flip permutation test
+    of the mean difference (exact over all 2**n sign patterns up to
+    ``EXACT_MAX_N`` = 20 prompts, ``exact`` True; otherwise ``n_perm`` seeded Monte Carlo
+    draws); ``p_holm`` the Holm adjustment across ``controls`` within one method, scaling and
+    alpha (controls with no paired prompts get null p-values and do not count toward m).
+    Default ``alternative`` is two-sided; the decision rule adds the sign requirement itself.
+    Columns: method, scaling, alpha, control, n, mean_diff, ci_low, ci_high, p_value, p_holm,
+    exact.
+    """
+    return _paired_values(cells, target=target, controls=controls, value=value, n_boot=n_boot,
+                          seed=seed, n_perm=n_perm, alternative=alternative, correct=True)
+
+
+def paired_hits(
+    completions: pl.DataFrame,
+    target: str = TARGET,
+    controls: Sequence[str] = CONTROLS,
+    *,
+    family: str = "edited",
+    n_boot: int = 10_000,
+    seed: int = 0,
+    n_perm: int = 10_000,
+    alternative: str = "two-sided",
+) -> pl.DataFrame:
+    """The :func:`paired` analysis on completions: per prompt, the seed-averaged
+    ``hit_<family>`` fraction of the target minus that of each control. Same columns."""
+    pp = per_prompt_hits(completions)
+    col = f"hit_{family}"
+    if pp.is_empty() or col not in pp.columns:
+        return pl.DataFrame(schema=PAIRED_SCHEMA)
+    frame = pp.select("method", "scaling", "condition", "alpha", "prompt_id",
+                      pl.col(col).alias("score"))
+    return _paired_values(frame, target=target, controls=controls, value="score", n_boot=n_boot,
+                          seed=seed, n_perm=n_perm, alternative=alternative, correct=True)
+
+
+def relative_to_noop(
+    cells: pl.DataFrame,
+    *,
+    baseline: str = "noop",
+    n_boot: int = 10_000,
+    seed: int = 0,
+    n_perm: int = 10_000,
+) -> pl.DataFrame:
+    """Every condition's effect relative to the unsteered ``baseline``: per method, scaling,
+    alpha and condition, the mean per-prompt (condition - baseline) difference with a
+    bootstrap CI and an (unadjusted) sign-flip p-value. Columns: method, scaling, alpha,
+    condition, n, mean_diff, ci_low, ci_high, p_value.
+    """
+    conditions = [c for c in cells["condition"].unique().sort().to_list() if c != baseline]
+    parts = []
+    for cond in conditions:
+        res = _paired_values(cells, target=cond, controls=[baseline], value="score",
+                             n_boot=n_boot, seed=seed, n_perm=n_perm, alternative="two-sided",
+                             correct=False)
+        parts.append(res.with_columns(pl.lit(cond).alias("condition")))
+    cols = ["method", "scaling", "alpha", "condition", "n", "mean_diff", "ci_low", "ci_high",
+            "p_value"]
+    if not parts:
+        return pl.DataFrame(schema={k: (PAIRED_SCHEMA.get(k) or pl.String) for k in cols})
+    return pl.concat(parts).select(cols).sort(["method", "scaling", "condition", "alpha"])
+
+
+__all__ = ["CONTROLS", "EXACT_MAX_N", "TARGET", "paired", "paired_hits", "relative_to_noop"]
