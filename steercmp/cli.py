@@ -35,10 +35,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     steps = STAGES if args.step in (None, "all") else (args.step,)
     runner = Runner(experiment, plugins, out, fresh=args.fresh, progress=not args.no_progress)
     cells = runner.run(steps)
-    if cells is not None:
+    summary_path = out / "report" / "summary.parquet"
+    if cells is not None or summary_path.exists():
         print(f"\nsteercmp {experiment.name}: {len(runner.battery)} prompts, layer {experiment.layer}, "
-              f"model {experiment.model.id}")
-        print(format_table(summary_frame(cells)))
+              f"model {experiment.model.id} (score = logmass(edited) - logmass(original))")
+        if summary_path.exists():
+            import polars as pl
+
+            from steercmp.report import format_summary_table
+
+            print(format_summary_table(pl.read_parquet(summary_path)))
+        else:
+            print(format_table(summary_frame(cells)))
     verdict = out / "report" / "verdict.json"
     if verdict.exists():
         import json

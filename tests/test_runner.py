@@ -1,0 +1,139 @@
+"""End to end on a tiny Gemma 3 checkpoint: extract -> propose -> score -> completions -> report."""
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from tiny import save_tiny_checkpoint
+
+from steercmp.config import Experiment
+from steercmp.plugin_manager import build_plugin_manager
+from steercmp.runner import Runner
+
+BATTERY = {
+    "name": "tiny",
+    "prompts": [
+        {"id": "stream_dream", "text": "I wandered slowly down beside the stream,\nAnd closed my eyes and drifted in a",
+         "families": {"original": ["dream", "seem"], "edited": ["gleam", "beam"], "unrelated": ["stone", "bone"]},
+         "edits": {"edited": {"dream": "gleam"}, "unrelated": {"dream": "stone"}}},
+        {"id": "night_light", "text": "The stars came out to fill the quiet night,\nAnd every window glowed with golden",
+         "families": {"original": ["light"], "edited": ["white", "sight"], "unrelated": ["rain"]},
+         "edits": {"edited": {"light": "white"}, "unrelated": {"light": "rain"}}},
+        {"id": "hill_still", "text": "I heard the bird up on the hill,\nAnd all the stream was quiet and",
+         "families": {"original": ["still"], "edited": ["hill"], "unrelated": ["fire"]},
+         "edits": {"edited": {"still": "hill"}, "unrelated": {"still": "fire"}}},
+    ],
+}
+BUILTINS = ("steercmp_plugins.controls", "steercmp_plugins.unembed")
+
+
+def write_experiment(tmp: Path, model_dir: Path, **overrides) -> Path:
+    (tmp / "battery.yaml").write_text(yaml.safe_dump(BATTERY))
+    exp = {"name": "tiny", "model": {"id": str(model_dir)}, "layer": 1, "battery": "battery.yaml",
+           "alphas": [-1, 0, 2], "scalings": ["raw", "norm_relative"], "methods": ["unembed_direction"],
+           "completions": {"seeds": 2, "alphas": [0, 2], "max_new_tokens": 3}, "decision": {"alphas": [2]}}
+    exp.update(overrides)
+    path = tmp / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    words = [w for p in BATTERY["prompts"] for fam in p["families"].values() for w in fam]
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), words)
+
+
+def run(exp_path: Path, out: Path, steps=("extract", "propose", "score", "completions"), **kw):
+    plugins = build_plugin_manager(builtins=BUILTINS, entry_points=False)
+    runner = Runner(Experiment.from_yaml(exp_path), plugins, out, progress=False, log=lambda m: None, **kw)
+    return runner, runner.run(steps)
+
+
+def test_end_to_end_cells_schema(tmp_path, tiny_ckpt):
+    exp = write_experiment(tmp_path, tiny_ckpt)
+    runner, cells = run(exp, tmp_path / "run", steps=("extract", "propose", "score", "completions", "report"))
+    n = 3 * 1 * 5 * 3 * 2  # prompts x methods x conditions x alphas x scalings
+    assert cells.height == n
+    for col in ("prompt_id", "method", "condition", "alpha", "scaling", "position", "delta_norm",
+                "logmass_edited", "logmass_original", "score"):
+        assert col in cells.columns
+    ok = cells.filter(pl.col("status") == "ok")
+    assert ok.height == n and ok["score"].is_finite().all()
+    assert (cells["score"] - (cells["logmass_edited"] - cells["logmass_original"])).abs().max() < 1e-9
+    # alpha 0 is the unsteered model for every condition; noop is identical at every alpha
+    base = cells.filter(pl.col("alpha") == 0).group_by("prompt_id").agg(pl.col("score").n_unique())
+    assert base["score"].max() == 1
+    noop = cells.filter(pl.col("condition") == "noop").group_by("prompt_id").agg(pl.col("score").n_unique())
+    assert noop["score"].max() == 1
+    wrong = cells.filter(pl.col("condition") == "wrong_position")
+    assert (wrong["position"] == wrong["inject_pos"] - 1).all()
+    rnd = cells.filter(pl.col("condition") == "random_delta").sort("prompt_id", "alpha", "scaling")
+    tgt = cells.filter(pl.col("condition") == "target_edit").sort("prompt_id", "alpha", "scaling")
+    assert (rnd["delta_norm"] - tgt["delta_norm"]).abs().max() < 1e-3
+    run_dir = tmp_path / "run"
+    for f in ("config.yaml", "activations.safetensors", "cells.parquet", "completions.parquet", "manifest.json"):
+        assert (run_dir / f).exists(), f
+    comp = pl.read_parquet(run_dir / "completions.parquet")
+    assert comp.height == 3 * 5 * 2 * 2 * 2  # prompts x conditions x alphas x scalings x seeds
+    for f in ("summary.parquet", "paired.parquet", "verdict.json", "summary.md", "report.html"):
+        assert (run_dir / "report" / f).exists(), f
+    verdicts = json.loads((run_dir / "report" / "verdict.json").read_text())
+    assert {v["method"] for v in verdicts["verdicts"]} == {"unembed_direction"}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["config_hash"] and manifest["packages"]["torch"].startswith("2.13.0")
+
+
+def test_rerun_reuses_stages_and_is_byte_identical(tmp_path, tiny_ckpt):
+    exp = write_experiment(tmp_path, tiny_ckpt)
+    _, first = run(exp, tmp_path / "a")
+    runner, second = run(exp, tmp_path / "a")
+    assert {"extract", "score", "completions"} <= set(runner.reused)
+    _, fresh = run(exp, tmp_path / "b")
+    assert (tmp_path / "a" / "cells.parquet").read_bytes() == (tmp_path / "b" / "cells.parquet").read_bytes()
+    assert (tmp_path / "a" / "completions.parquet").read_bytes() == (tmp_path / "b" / "completions.parquet").read_bytes()
+    assert first.equals(second)
+
+
+def test_single_steps_in_sequence(tmp_path, tiny_ckpt):
+    exp = write_experiment(tmp_path, tiny_ckpt)
+    out = tmp_path / "steps"
+    run(exp, out, steps=("extract",))
+    assert (out / "activations.safetensors").exists() and not (out / "cells.parquet").exists()
+    run(exp, out, steps=("propose",))
+    _, cells = run(exp, out, steps=("score",))
+    assert cells.height == 90
+
+
+def test_score_step_without_extract_is_a_clear_error(tmp_path, tiny_ckpt):
+    from steercmp.errors import ConfigError
+
+    exp = write_experiment(tmp_path, tiny_ckpt)
+    with pytest.raises(ConfigError, match="run `--step extract` first"):
+        run(exp, tmp_path / "empty", steps=("score",))
+
+
+def test_failing_plugin_keeps_other_methods(tmp_path, tiny_ckpt):
+    from steercmp.api import Method
+    from steercmp.hookspecs import hookimpl
+
+    class Broken(Method):
+        name = "broken"
+
+        def propose(self, contexts, runtime):
+            raise RuntimeError("kaboom")
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(Broken)
+
+    exp = write_experiment(tmp_path, tiny_ckpt, methods=["unembed_direction", "broken"])
+    plugins = build_plugin_manager(builtins=BUILTINS, entry_points=False, extra=[Plugin()])
+    runner = Runner(Experiment.from_yaml(exp), plugins, tmp_path / "r", progress=False, log=lambda m: None)
+    cells = runner.run(("extract", "propose", "score"))
+    assert set(cells["method"]) == {"unembed_direction"}
+    assert len(runner.failures) == 1 and "broken" in runner.failures[0].one_line()
+    assert "kaboom" in runner.failures[0].one_line()
