@@ -285,8 +285,13 @@ class _Fields:
 
 def default_experiment_path() -> Path:
     """``experiments/embedded.yaml`` from the source tree, or the copy shipped in the package."""
-    for candidate in (PACKAGE_EXPERIMENTS / "embedded.yaml",
-                      Path(__file__).resolve().parent / "data" / "experiments" / "embedded.yaml"):
+    try:  # installed: experiments/ ships as the package ``steercmp_experiments``
+        import steercmp_experiments
+
+        installed = Path(steercmp_experiments.__file__).resolve().parent / "embedded.yaml"
+    except ImportError:
+        installed = PACKAGE_EXPERIMENTS / "embedded.yaml"
+    for candidate in (PACKAGE_EXPERIMENTS / "embedded.yaml", installed):
         if candidate.exists():
             return candidate
     raise ConfigError("the default experiment file is missing", where="experiments/embedded.yaml",

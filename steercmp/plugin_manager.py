@@ -151,8 +151,9 @@ def build_plugin_manager(
                 f"an installed steercmp entry-point plugin failed to load: {type(exc).__name__}: {exc}",
                 fix="reinstall or uninstall that plugin",
             ) from exc
-        for dist, plugin in ((pm.get_name(p), p) for p in pm.get_plugins() if p not in before):
-            sources.append((str(dist), "entry point"))
+        for plugin in pm.get_plugins():
+            if plugin not in before:
+                sources.append((str(pm.get_name(plugin)), "entry point"))
     if plugins_dir is not None:
         for path, module in _load_dir(Path(plugins_dir)):
             pm.register(module, name=path)

@@ -4,7 +4,14 @@ import pytest
 import torch
 from tiny import build_cfg, tiny_model
 
-from steercmp.injection import Injection, apply_injection, attached_hooks, capturing, injecting, pad_batch
+from steercmp.injection import (
+    Injection,
+    apply_injection,
+    attached_hooks,
+    capturing,
+    injecting,
+    pad_batch,
+)
 from steercmp.models import decoder_layers
 
 LAYER = 1

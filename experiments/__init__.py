@@ -1,0 +1,1 @@
+"""Experiment configs and prompt batteries, installed as ``steercmp_experiments`` package data."""
