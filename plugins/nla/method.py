@@ -1,0 +1,293 @@
+"""``nla_text_edit``: explain the planning activation, edit the explanation, inject the difference.
+
+Per prompt: the AV writes ``n_explanations`` explanations of the activation at the planning
+position; the AR reconstructs each (fidelity against the prompt's own activation; the fve
+baseline is the variance of the battery's normalised activations); one explanation is selected
+(``default`` / ``strict``, see :mod:`.select`); the prompt's edit maps are applied toward the
+``edited`` family (target) and the ``unrelated`` family (control), and the proposal's delta is
+``AR(edited text) - AR(original text)``.
+
+When the selected explanation names no editable term (a ``fallback`` prompt), replacing words
+changes nothing and the delta would be zero; the edit then appends the same plan sentence to both
+texts ("Planning dream or seem." vs "Planning gleam or beam."), recorded as
+``edit_mode: appended``, so the fallback delta is still a controlled text difference.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from steercmp.api import PROPOSAL_FAMILIES, Method, MethodRuntime, PromptContext, Proposal, Resource
+from steercmp.errors import ConfigError
+from steercmp.models import parse_dtype, resolve_device
+
+from .checkpoint import MINI_ALIAS
+from .fidelity import baseline_variance, fidelity
+from .select import SELECTIONS, apply_edit, mentions, select_explanation
+
+# (params of the AV, decoder layers, d_model) of the released bases, for ``steercmp plan``
+# estimates without downloading. The AR keeps K+1 of the layers plus a d x d head.
+KNOWN_PAIRS: dict[str, tuple[float, int, int, int]] = {
+    "kitft/nla-gemma3-12b-L32": (12.2e9, 48, 32, 3840),
+    "kitft/nla-gemma3-27b-L41": (27.4e9, 62, 41, 5376),
+    "kitft/nla-qwen2.5-7b-L20": (7.6e9, 28, 20, 3584),
+    "kitft/Llama-3.3-70B-NLA-L53": (70.6e9, 80, 53, 8192),
+    MINI_ALIAS: (268e6, 18, 12, 640),
+}
+
+
+def _known(source: str) -> tuple[float, int, int, int] | None:
+    for prefix, info in KNOWN_PAIRS.items():
+        if source == prefix or source.removesuffix("-av").removesuffix("-ar") == prefix:
+            return info
+    return None
+
+
+def estimate_params(source: str, role: str) -> int | None:
+    """Parameter count of an AV/AR without loading it (known ids, or local safetensors sizes)."""
+    info = _known(source)
+    if info is not None:
+        total, layers, k, d = info
+        if role == "av":
+            return int(total)
+        return int(total * (k + 1) / layers + d * d)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        nbytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+        if nbytes:
+            try:
+                cfg = json.loads((path / "config.json").read_text())
+                dt = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+            except (OSError, ValueError):
+                dt = "float32"
+            return int(nbytes / (2 if "16" in dt else 4))
+    return None
+
+
+def edit_map_for(prompt: Any, family: str) -> dict[str, str]:
+    """The prompt's explanation edit map toward ``family`` (or original[i] -> family[i])."""
+    edits = dict(prompt.edits.get(family, {}) or {})
+    if edits:
+        return {str(k): str(v) for k, v in edits.items()}
+    original = list(prompt.families.get("original", ()))
+    target = list(prompt.families.get(family, ()))
+    return dict(zip(original, target, strict=False))
+
+
+def edit_texts(explanation: str, edit_map: Mapping[str, str]) -> tuple[str, str, str, int]:
+    """``(original_text, edited_text, mode, replacements)`` for one explanation and edit map."""
+    edited, count = apply_edit(explanation, edit_map)
+    if count:
+        return explanation, edited, "replaced", count
+    keys, values = list(edit_map), list(edit_map.values())
+    sep = "" if not explanation or explanation.rstrip().endswith((".", "!", "?")) else "."
+    base = f"{explanation.rstrip()}{sep} " if explanation.strip() else ""
+    return (f"{base}Planning {' or '.join(keys)}.", f"{base}Planning {' or '.join(values)}.",
+            "appended", 0)
+
+
+@attrs.frozen
+class NlaOptions:
+    av: str
+    ar: str
+    n_explanations: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int | None = None
+    selection: str = "default"
+    dtype: str | None = None
+    batch_size: int = 8
+    greedy: bool = False
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> NlaOptions:
+        where = "methods.nla_text_edit"
+        known = {f.name for f in attrs.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}", where=where,
+                              fix=f"use only {sorted(known)}")
+        for key in ("av", "ar"):
+            if not isinstance(options.get(key), str) or not options.get(key):
+                raise ConfigError(f"option {key!r} is required (HF id, local dir or 'mini')",
+                                  where=f"{where}.{key}", fix=f"set {key}: mini for the embedded model")
+        opts = dict(options)
+        for key, typ, lo in (("n_explanations", int, 1), ("batch_size", int, 1),
+                             ("max_new_tokens", int, 1)):
+            if key in opts and opts[key] is not None:
+                if isinstance(opts[key], bool) or not isinstance(opts[key], typ) or opts[key] < lo:
+                    raise ConfigError(f"{key} must be an integer >= {lo}, got {opts[key]!r}",
+                                      where=f"{where}.{key}", fix="correct the experiment YAML")
+        temp = opts.get("temperature", 1.0)
+        if isinstance(temp, bool) or not isinstance(temp, int | float) or temp <= 0:
+            raise ConfigError(f"temperature must be > 0, got {temp!r}",
+                              where=f"{where}.temperature", fix="use 1.0 (the paper) or set greedy")
+        opts["temperature"] = float(temp)
+        if opts.get("selection", "default") not in SELECTIONS:
+            raise ConfigError(f"selection must be one of {SELECTIONS}, got {opts['selection']!r}",
+                              where=f"{where}.selection", fix="use default or strict")
+        if opts.get("dtype") is not None:
+            parse_dtype(opts["dtype"])
+        return cls(**opts)
+
+    @property
+    def new_tokens(self) -> int:
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return 64 if self.av == MINI_ALIAS else 200
+
+
+class NlaTextEdit(Method):
+    """Natural Language Autoencoder text edit (AV explain -> edit -> AR difference)."""
+
+    name = "nla_text_edit"
+    intervention = "activation"
+    description = ("NLA text edit: explain the planning activation with the AV, edit the planning "
+                   "words, inject AR(edited) - AR(original)")
+
+    @property
+    def opts(self) -> NlaOptions:
+        return NlaOptions.from_options(self.options)
+
+    def validate(self) -> None:
+        self.opts  # noqa: B018 - raises ConfigError on bad options
+
+    # -- where and how to load
+    def _device(self) -> str:
+        exp = self.experiment
+        dev = getattr(exp, "device", None) or getattr(getattr(exp, "model", None), "device", None)
+        return resolve_device(str(dev or "cpu"))
+
+    def _dtype(self) -> torch.dtype:
+        if self.opts.dtype:
+            return parse_dtype(self.opts.dtype)
+        exp_dtype = getattr(getattr(self.experiment, "model", None), "dtype", None)
+        try:
+            return parse_dtype(exp_dtype) if exp_dtype else torch.float32
+        except ConfigError:
+            return torch.float32
+
+    def _layer(self) -> int | None:
+        layer = getattr(self.experiment, "layer", None)
+        if layer is None and isinstance(self.experiment, Mapping):
+            layer = self.experiment.get("layer")
+        return int(layer) if isinstance(layer, int) else None
+
+    def resources(self) -> Sequence[Resource]:
+        from .ar import ActivationReconstructor
+        from .av import ActivationVerbalizer
+
+        o = self.opts
+        dtype, device = self._dtype(), self._device()
+        bpp = torch.finfo(dtype).bits / 8
+        return (
+            Resource(name="nla_av", kind="nla_av", source=o.av,
+                     loader=lambda: ActivationVerbalizer.load(o.av, dtype=dtype, device=device),
+                     params=estimate_params(o.av, "av"), bytes_per_param=bpp,
+                     note="activation verbalizer (explain)"),
+            Resource(name="nla_ar", kind="nla_ar", source=o.ar,
+                     loader=lambda: ActivationReconstructor.load(o.ar, dtype=dtype, device=device),
+                     params=estimate_params(o.ar, "ar"), bytes_per_param=bpp,
+                     note="activation reconstructor (truncated backbone + value head)"),
+        )
+
+    # -- the method
+    def propose(self, contexts: Sequence[PromptContext], runtime: MethodRuntime
+                ) -> Sequence[Proposal]:
+        o = self.opts
+        if not contexts:
+            return []
+        av_res, ar_res = self.resources()
+        layer = self._layer()
+        d_model = contexts[0].d_model
+        acts = torch.stack([c.activation.float().cpu() for c in contexts])
+        baseline = baseline_variance(acts)
+        jobs = [(ci, s) for ci in range(len(contexts)) for s in range(o.n_explanations)]
+        texts: dict[tuple[int, int], tuple[str, str]] = {}
+
+        with runtime.load(av_res) as av:
+            av.meta.check_compatible(d_model=d_model, layer=layer)
+            batches = [jobs[i:i + o.batch_size] for i in range(0, len(jobs), o.batch_size)]
+            for batch in runtime.progress(batches, desc="nla: explain", total=len(batches)):
+                vecs = acts[[ci for ci, _ in batch]]
+                gens = [runtime.generator("nla_text_edit", contexts[ci].prompt.id, s)
+                        for ci, s in batch]
+                outs = av.explain(vecs, generators=None if o.greedy else gens,
+                                  temperature=o.temperature, greedy=o.greedy,
+                                  max_new_tokens=o.new_tokens)
+                for key, (expl, raw, _complete) in zip(batch, outs, strict=True):
+                    texts[key] = (expl, raw)
+
+        with runtime.load(ar_res) as ar:
+            ar.meta.check_compatible(d_model=d_model, layer=layer)
+            recon = ar.reconstruct([texts[k][0] for k in jobs])
+            fid = {k: fidelity(recon[i], acts[k[0]], baseline) for i, k in enumerate(jobs)}
+            expl_rows: list[dict[str, Any]] = []
+            chosen: dict[int, tuple[str, int | None]] = {}
+            plans: list[tuple[int, str, str, str, str, int]] = []
+            for ci, ctx in enumerate(contexts):
+                maps = {fam: edit_map_for(ctx.prompt, fam) for fam in PROPOSAL_FAMILIES}
+                terms = sorted({k for m in maps.values() for k in m})
+                samples = [texts[(ci, s)][0] for s in range(o.n_explanations)]
+                for s, e in enumerate(samples):
+                    f = fid[(ci, s)]
+                    expl_rows.append({
+                        "prompt_id": ctx.prompt.id, "sample": s, "explanation": e,
+                        "raw": texts[(ci, s)][1], "fve_nrm": f.fve_nrm, "mse_nrm": f.mse_nrm,
+                        "cosine": f.cosine, "mentions_editable": bool(mentions(e, terms))})
+                scores = [-fid[(ci, s)].mse_nrm for s in range(o.n_explanations)]
+                chosen[ci] = select_explanation(samples, scores, terms, o.selection)
+                sel, idx = chosen[ci]
+                if idx is None:
+                    continue
+                for fam in PROPOSAL_FAMILIES:
+                    orig, edited, mode, count = edit_texts(samples[idx], maps[fam])
+                    plans.append((ci, fam, orig, edited, mode, count))
+            edit_inputs = [t for p in plans for t in (p[2], p[3])]
+            edit_vecs = ar.reconstruct(edit_inputs) if edit_inputs else torch.zeros(0, d_model)
+
+        proposals: list[Proposal] = []
+        sel_rows: list[dict[str, Any]] = []
+        by_prompt: dict[int, dict[str, Any]] = {}
+        for j, (ci, fam, orig, edited, mode, count) in enumerate(plans):
+            delta = (edit_vecs[2 * j + 1] - edit_vecs[2 * j]).float().contiguous()
+            by_prompt.setdefault(ci, {})[fam] = (orig, edited, mode, count, delta)
+        for ci, ctx in enumerate(contexts):
+            sel, idx = chosen[ci]
+            pid = ctx.prompt.id
+            if idx is None:
+                meta = {"selection": sel, "reason": "no explanation names an editable term",
+                        "n_explanations": o.n_explanations}
+                proposals.extend(Proposal(prompt_id=pid, family=fam, status="dropped", meta=meta)
+                                 for fam in PROPOSAL_FAMILIES)
+                sel_rows.append({"prompt_id": pid, "selection": sel, "sample": None,
+                                 "explanation": None, "edited_text": None, "unrelated_text": None,
+                                 "fve_nrm": None, "mse_nrm": None, "cosine": None,
+                                 "delta_norm": None, "unrelated_delta_norm": None})
+                continue
+            f = fid[(ci, idx)]
+            explanation = texts[(ci, idx)][0]
+            for fam in PROPOSAL_FAMILIES:
+                orig, edited, mode, count, delta = by_prompt[ci][fam]
+                meta = {"selection": sel, "sample": idx, "explanation": explanation,
+                        "original_text": orig, "edited_text": edited, "edit_mode": mode,
+                        "replacements": count, "fve_nrm": f.fve_nrm, "mse_nrm": f.mse_nrm,
+                        "cosine": f.cosine, "delta_norm": float(delta.norm()),
+                        "av": o.av, "ar": o.ar}
+                proposals.append(Proposal(prompt_id=pid, family=fam, delta=delta, status=sel,
+                                          meta=meta))
+            sel_rows.append({
+                "prompt_id": pid, "selection": sel, "sample": idx, "explanation": explanation,
+                "edited_text": by_prompt[ci]["edited"][1],
+                "unrelated_text": by_prompt[ci]["unrelated"][1],
+                "fve_nrm": f.fve_nrm, "mse_nrm": f.mse_nrm, "cosine": f.cosine,
+                "delta_norm": float(by_prompt[ci]["edited"][4].norm()),
+                "unrelated_delta_norm": float(by_prompt[ci]["unrelated"][4].norm())})
+        runtime.write_table("explanations", expl_rows)
+        runtime.write_table("selections", sel_rows)
+        return proposals
