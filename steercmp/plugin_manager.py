@@ -26,6 +26,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "steercmp_plugins.unembed",
     "steercmp_plugins.nla",
     "steercmp_plugins.sae",
+    "steercmp_plugins.prompting",
 )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import tiny
+import nla_tiny as tiny
 import torch
 from safetensors.torch import load_file
 from steercmp_plugins.nla.ar import ActivationReconstructor, ar_prompt_ids

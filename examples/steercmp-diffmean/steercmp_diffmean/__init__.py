@@ -1,0 +1,140 @@
+"""Mean-difference steering (contrastive activation addition) as a steercmp method plugin.
+
+``delta = mean(h at the planning position | lines ending in target-family words)
+        - mean(h at the planning position | lines ending in original-family words)``
+
+The contrastive texts are the battery's own couplets with the first line's last word swapped
+(``...beside the stream,`` -> ``...beside the gleam,``), so positives and negatives differ in one
+word and the difference isolates "the line ended on the target word". Activations come from the
+base model through ``runtime.base()`` and :func:`steercmp.injection.capturing`, at the position
+the prompt's own ``inject`` rule names (the first line break) and the experiment's layer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from steercmp.api import PROPOSAL_FAMILIES, Method, MethodRuntime, Prompt, PromptContext, Proposal
+from steercmp.errors import ConfigError
+from steercmp.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+
+def swap_line_end(text: str, word: str) -> str | None:
+    """``text`` with the last word of its first line replaced by ``word`` (None if none found)."""
+    first, sep, rest = text.partition("\n")
+    matches = list(re.finditer(r"[A-Za-z][A-Za-z'\-]*", first))
+    if not matches or not sep:
+        return None
+    m = matches[-1]
+    return first[: m.start()] + word + first[m.end():] + sep + rest
+
+
+def mean_difference(positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """The CAA direction: ``mean(positives) - mean(negatives)``, both ``[n, d_model]``."""
+    return positives.float().mean(0) - negatives.float().mean(0)
+
+
+class DiffMean(Method):
+    name = "diffmean"
+    description = "mean-difference (CAA) direction: couplets ending in target vs original words"
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.options) - {"contexts", "norm_fraction", "batch_size"})
+        if unknown:
+            raise ConfigError(f"unknown diffmean option {unknown[0]!r}",
+                              where=f"methods.diffmean.options.{unknown[0]}",
+                              fix="valid options are batch_size, contexts, norm_fraction")
+        if self.options.get("contexts", "all") not in ("all", "own"):
+            raise ConfigError(f"contexts {self.options['contexts']!r} must be all or own",
+                              where="methods.diffmean.options.contexts", fix="use all or own")
+        frac = self.options.get("norm_fraction")
+        if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float)) or frac <= 0):
+            raise ConfigError(f"norm_fraction {frac!r} must be a positive number or null",
+                              where="methods.diffmean.options.norm_fraction", fix="use e.g. 0.25, or null")
+
+    def propose(self, contexts: Sequence[PromptContext], runtime: MethodRuntime) -> Sequence[Proposal]:
+        own_only = self.options.get("contexts", "all") == "own"
+        frac = self.options.get("norm_fraction")
+        batch_size = int(self.options.get("batch_size", 16))
+        chat = bool(getattr(getattr(self.experiment, "model", None), "chat_template", False))
+        prompts = [c.prompt for c in contexts]
+
+        def templates(ctx: PromptContext) -> list[Prompt]:
+            return [ctx.prompt] if own_only else prompts
+
+        # every (template prompt, word) activation any proposal needs, computed once
+        wanted: dict[tuple[str, str], Prompt] = {}
+        for ctx in contexts:
+            fams = ctx.prompt.families
+            for tmpl in templates(ctx):
+                for fam in ("original", *PROPOSAL_FAMILIES):
+                    for word in fams[fam]:
+                        wanted[(tmpl.id, word)] = tmpl
+        acts = self._activations(wanted, runtime, chat, batch_size, layer=contexts[0].layer if contexts else 0)
+
+        out = []
+        for ctx in contexts:
+            fams = ctx.prompt.families
+            tmpl_ids = [t.id for t in templates(ctx)]
+
+            def stack(words: Sequence[str], tmpl_ids: list[str] = tmpl_ids,
+                      pid: str = ctx.prompt.id) -> torch.Tensor:
+                rows = [acts[(t, w)] for t in tmpl_ids for w in words if (t, w) in acts]
+                if not rows:
+                    raise ConfigError(f"diffmean found no usable contrastive text for {pid!r}",
+                                      where=f"battery: {pid}",
+                                      fix="end the first line of the couplet with a word and a line break")
+                return torch.stack(rows)
+
+            negatives = stack(fams["original"])
+            for family in PROPOSAL_FAMILIES:
+                positives = stack(fams[family])
+                delta = mean_difference(positives, negatives)
+                raw_norm = float(delta.norm())
+                if frac is not None and raw_norm > 0:
+                    delta = delta / raw_norm * float(frac) * float(ctx.activation.norm())
+                out.append(Proposal(prompt_id=ctx.prompt.id, family=family, delta=delta.float().contiguous(),
+                                    meta={"n_positive": int(positives.shape[0]),
+                                          "n_negative": int(negatives.shape[0]),
+                                          "raw_norm": raw_norm, "norm_fraction": frac}))
+        return out
+
+    @torch.no_grad()
+    def _activations(self, wanted: dict[tuple[str, str], Prompt], runtime: MethodRuntime, chat: bool,
+                     batch_size: int, layer: int) -> dict[tuple[str, str], torch.Tensor]:
+        from steercmp.engine import tokenize_prompt
+        from steercmp.injection import capturing, pad_batch
+
+        acts: dict[tuple[str, str], torch.Tensor] = {}
+        with runtime.base() as lm:
+            items = []
+            for key, tmpl in wanted.items():
+                text = swap_line_end(tmpl.text, key[1])
+                if text is None:
+                    continue
+                try:
+                    ids, inject, _score = tokenize_prompt(lm, tmpl, chat, text=text)
+                except ConfigError:  # a position rule that the swapped text no longer satisfies
+                    continue
+                items.append((key, ids[: inject + 1], inject))
+            pad = lm.tokenizer.pad_token_id or 0
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                ids, mask, _ = pad_batch([c[1] for c in chunk], pad, side="right")
+                with capturing(lm.model, layer) as store:
+                    lm.model(input_ids=ids.to(lm.input_device), attention_mask=mask.to(lm.input_device),
+                             logits_to_keep=1)
+                resid = store[0].float().cpu()
+                for i, (key, _ids, inject) in enumerate(chunk):
+                    acts[key] = resid[i, inject].clone()
+        return acts
+
+
+@hookimpl
+def register_methods(register):
+    register(DiffMean)
