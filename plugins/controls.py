@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from steercmp.api import Control, Method, Proposal, PromptContext
+from steercmp.api import Control, Method, PromptContext, Proposal
 from steercmp.errors import ConfigError
 from steercmp.hookspecs import hookimpl
 

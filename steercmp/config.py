@@ -100,7 +100,9 @@ class Experiment:
         data.setdefault("decision", {})
         data["decision"] = {**dict(data["decision"] or {}), "alphas": list(self.decision_alphas)}
         data["battery"] = str(self.resolve(self.battery_path))
-        return yaml.safe_dump(data, sort_keys=False)
+        from steercmp.provenance import redact
+
+        return yaml.safe_dump(redact(data), sort_keys=False)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Experiment:
@@ -132,6 +134,7 @@ class Experiment:
         if bad:
             raise ConfigError(f"unknown model key {bad[0]!r}", where=f"{source}: model.{bad[0]}",
                               fix=f"valid keys are {', '.join(sorted(model_fields))}")
+        _check_model_fields(model_raw, source)
         model = ModelSpec(**{k: v for k, v in model_raw.items()})
         if model.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
             raise ConfigError(f"unknown dtype {model.dtype!r}", where=f"{source}: model.dtype",
@@ -175,6 +178,17 @@ class Experiment:
         if not isinstance(controls, list) or not all(isinstance(c, str) for c in controls):
             raise ConfigError("`controls` must be a list of names", where=f"{source}: controls",
                               fix="e.g. controls: [noop, random_delta, wrong_position]")
+        for i, m in enumerate(methods):
+            if m.label is not None and (not isinstance(m.label, str) or not m.label):
+                raise ConfigError(f"label {m.label!r} must be a non-empty string",
+                                  where=f"{source}: methods[{i}].label", fix="e.g. label: unembed_small")
+        for key in ("single_token_families",):
+            if key in data and not isinstance(data[key], bool):
+                raise ConfigError(f"`{key}` must be true or false, got {data[key]!r}",
+                                  where=f"{source}: {key}", fix="write true or false (no quotes)")
+        if "name" in data and (not isinstance(data["name"], str) or not data["name"].strip()):
+            raise ConfigError(f"`name` must be a non-empty string, got {data['name']!r}",
+                              where=f"{source}: name", fix="e.g. name: note8-270m")
         comp_raw = data.get("completions") or {}
         if not isinstance(comp_raw, Mapping):
             raise ConfigError("`completions` must be a mapping", where=f"{source}: completions",
@@ -185,6 +199,9 @@ class Experiment:
             raise ConfigError(f"unknown completions key {bad[0]!r}", where=f"{source}: completions.{bad[0]}",
                               fix=f"valid keys are {', '.join(sorted(comp_fields))}")
         cf = _Fields(source, prefix="completions.")
+        if not isinstance(comp_raw.get("enabled", True), bool):
+            raise ConfigError(f"`enabled` must be true or false, got {comp_raw['enabled']!r}",
+                              where=f"{source}: completions.enabled", fix="write true or false (no quotes)")
         completions = CompletionSpec(
             enabled=bool(comp_raw.get("enabled", True)),
             seeds=cf.integer(comp_raw, "seeds", default=5, minimum=1),
@@ -228,6 +245,30 @@ class Experiment:
             source=source,
             raw=dict(data),
         )
+
+
+_MODEL_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "id": ((str,), "a model id or directory, e.g. embedded:gemma-3-270m"),
+    "dtype": ((str,), "float32 or bfloat16"),
+    "device": ((str,), "cpu, cuda, cuda:0, mps or auto"),
+    "device_map": ((str, type(None)), "auto, or leave it out"),
+    "revision": ((str, type(None)), "a branch, tag or commit, or leave it out"),
+    "trust_remote_code": ((bool,), "true or false (no quotes); leave it out to keep it off"),
+    "chat_template": ((bool,), "true or false (no quotes)"),
+}
+
+
+def _check_model_fields(model_raw: Mapping[str, Any], source: str) -> None:
+    """Type-check the model section: ``trust_remote_code: "no"`` must not turn remote code ON."""
+    for key, value in model_raw.items():
+        types, fix = _MODEL_TYPES[key]
+        if isinstance(value, bool) and bool not in types:
+            ok = False
+        else:
+            ok = isinstance(value, types)
+        if not ok or (key == "id" and not value.strip()):
+            raise ConfigError(f"model.{key} has the wrong type or value ({value!r})",
+                              where=f"{source}: model.{key}", fix=f"write {fix}")
 
 
 class _Fields:

@@ -24,7 +24,6 @@ import torch
 
 from steercmp import __version__
 from steercmp.api import (
-    FAMILY_OF_CONDITION,
     PROPOSAL_FAMILIES,
     TARGET_CONDITION,
     UNRELATED_CONDITION,
@@ -55,7 +54,45 @@ from steercmp.store import (
 )
 
 STAGES = ("extract", "propose", "score", "completions", "report")
-STAGE_VERSIONS = {"extract": "1", "propose": "1", "score": "1", "completions": "1", "report": "1"}
+#: bump a stage's version when its outputs change meaning; the code hash below also covers edits
+STAGE_VERSIONS = {"extract": "2", "propose": "2", "score": "2", "completions": "2", "report": "1"}
+#: the modules whose source determines each stage's outputs (hashed into the stage keys)
+STAGE_CODE = {
+    "extract": ("steercmp.engine", "steercmp.positions", "steercmp.injection", "steercmp.models"),
+    "propose": ("steercmp.api",),
+    "score": ("steercmp.sweep", "steercmp.scoring", "steercmp.engine", "steercmp.injection",
+              "steercmp.battery"),
+    "completions": ("steercmp.completions", "steercmp.injection"),
+}
+_CODE_HASHES: dict[str, str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    key = str(path)
+    if key not in _CODE_HASHES:
+        _CODE_HASHES[key] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return _CODE_HASHES[key]
+
+
+def module_code_hash(module_name: str) -> str:
+    """A hash of a module's source; for a module inside a plugin package, of the whole package
+    (an NLA edit in ``av.py`` must invalidate the NLA method's proposals)."""
+    import importlib
+
+    module = sys.modules.get(module_name) or importlib.import_module(module_name)
+    file = getattr(module, "__file__", None)
+    if not file:
+        return "builtin"
+    path = Path(file)
+    if path.name == "__init__.py" or module_name.count(".") >= 2:
+        files = sorted(path.parent.rglob("*.py"))
+        return stable_hash([(str(f.relative_to(path.parent)), _file_digest(f)) for f in files])
+    return _file_digest(path)
+
+
+def stage_code_hash(stage: str) -> str:
+    return stable_hash({"version": STAGE_VERSIONS[stage], "steercmp": __version__,
+                        "modules": {m: module_code_hash(m) for m in STAGE_CODE.get(stage, ())}})
 
 
 def derive_seed(*key: object) -> int:
@@ -225,7 +262,10 @@ class Runner:
         self.controls: dict[str, Control] = {}
         self.timings: dict[str, float] = {}
         self.reused: list[str] = []
+        self.reused_units: dict[str, dict[str, int]] = {}
+        self.stage_keys: dict[str, str] = {}
         self.failures: list[SteercmpError] = []
+        self._model_identity: Any = None
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -240,8 +280,8 @@ class Runner:
             try:
                 method = cls(spec.options, exp)
                 method.validate()
-            except SteercmpError:
-                raise
+            except SteercmpError as exc:
+                raise _in_file(exc, exp.source, f"methods.{spec.key}.options") from None
             except Exception as exc:
                 raise PluginError(f"method {spec.name!r} rejected its options: {type(exc).__name__}: {exc}",
                                   where=f"{exp.source}: methods.{spec.key}.options",
@@ -253,7 +293,16 @@ class Runner:
             if name not in self.plugins.controls:
                 raise ConfigError(f"unknown control {name!r}", where=f"{exp.source}: controls",
                                   fix=f"use one of {', '.join(sorted(self.plugins.controls))}")
-            self.controls[name] = self.plugins.control(name)(exp.control_options.get(name, {}))
+            try:
+                self.controls[name] = self.plugins.control(name)(exp.control_options.get(name, {}))
+            except SteercmpError as exc:
+                raise _in_file(exc, exp.source, f"control_options.{name}") from None
+        unknown_opts = sorted(set(exp.control_options) - set(exp.controls))
+        if unknown_opts:
+            raise ConfigError(f"control_options names {unknown_opts[0]!r}, which is not in `controls`",
+                              where=f"{exp.source}: control_options.{unknown_opts[0]}",
+                              fix="add it to `controls` or remove its options")
+        check_model_source(exp)
         n_layers = known_layer_count(exp.model.id)
         if n_layers is not None and not 0 <= exp.layer < n_layers:
             raise ConfigError(f"layer {exp.layer} is out of range for {exp.model.id} ({n_layers} blocks)",
@@ -261,7 +310,12 @@ class Runner:
 
     # ---------------------------------------------------------------- stages
     def run(self, steps: Sequence[str] = STAGES) -> pl.DataFrame | None:
+        """Validate everything, then run ``steps``; nothing is written before validation passes."""
         self.validate()
+        if any(s in steps for s in ("extract", "propose", "score", "completions")) and not \
+                self._reusable("extract", self.extract_key(), self.run_dir / "activations.safetensors",
+                               self.run_dir / "contexts.json"):
+            self.preflight()
         ensure_writable_dir(self.run_dir)
         write_text(self.run_dir / "config.yaml", self.experiment.snapshot())
         cells = None
@@ -274,19 +328,37 @@ class Runner:
             proposals = self.stage_propose(contexts, run="propose" in steps)
         if "score" in steps or "completions" in steps:
             assert contexts is not None and proposals is not None
-            cells_plan = self.build_cells(contexts, proposals)
+            plan = _LazyCells(self, contexts, proposals)
             if "score" in steps:
-                cells = self.stage_score(cells_plan)
+                cells = self.stage_score(plan)
             if "completions" in steps and self.experiment.completions.enabled:
-                self.stage_completions(cells_plan)
+                self.stage_completions(plan, cells)
         self.resources.release()
         self.write_manifest()
         if "report" in steps:
             self.stage_report()
         return cells
 
+    def preflight(self) -> None:
+        """Tokenizer checks (family words, position rules) with the tokenizer only: no model loads
+        and nothing is written until the battery passes."""
+        exp = self.experiment
+        tokenizer = load_tokenizer(exp)
+        check_against_tokenizer(self.battery, tokenizer, require_single_token=exp.single_token_families)
+
     def _stage_key(self, stage: str, payload: Any) -> str:
-        return stable_hash({"stage": stage, "version": STAGE_VERSIONS[stage], "payload": payload})
+        return stable_hash({"stage": stage, "code": stage_code_hash(stage), "payload": payload})
+
+    def model_identity(self) -> dict[str, Any]:
+        """The base model's id, revision and file hashes (cached: a warm run re-reads nothing)."""
+        if self._model_identity is None:
+            from steercmp.provenance import checkpoint_identity
+
+            spec = self.experiment.model
+            ident = checkpoint_identity(spec.id, spec.revision)
+            self._model_identity = {"id": spec.id, "revision": ident.get("revision"),
+                                    "files": ident.get("files", {})}
+        return self._model_identity
 
     def _reusable(self, stage: str, key: str, *paths: Path) -> bool:
         state_path = self.run_dir / "stages.json"
@@ -299,12 +371,17 @@ class Runner:
         state_path = self.run_dir / "stages.json"
         state = read_json(state_path) if state_path.exists() else {}
         state[stage] = key
+        self.stage_keys[stage] = key
         write_json(state_path, state)
 
     def extract_key(self) -> str:
         exp = self.experiment
-        return self._key_for("extract", {"model": attrs.asdict(exp.model), "layer": exp.layer,
-                                         "battery": self.battery.content_hash()})
+        model = attrs.asdict(exp.model)
+        model.pop("device", None)  # the same numbers are expected on any device of one dtype
+        model.pop("device_map", None)
+        return self._key_for("extract", {"model": model, "checkpoint": self.model_identity(),
+                                         "layer": exp.layer, "battery": self.battery.content_hash(),
+                                         "single_token_families": exp.single_token_families})
 
     def _key_for(self, stage: str, payload: Any) -> str:
         return self._stage_key(stage, payload)
@@ -329,6 +406,12 @@ class Runner:
         check_against_tokenizer(self.battery, lm.tokenizer, require_single_token=exp.single_token_families)
         contexts = extract(lm, exp.layer, self.battery.prompts, chat_template=exp.model.chat_template,
                            progress=self.progress)
+        for c in contexts:
+            if not torch.isfinite(c.resid).all():
+                raise NumericalError(
+                    f"the base model produced NaN or inf activations at layer {exp.layer} for prompt "
+                    f"{c.prompt.id!r}", where=f"{exp.source}: model.id",
+                    fix="check the checkpoint's weights, or use float32 instead of float16")
         write_tensors(act_path, {c.prompt.id: c.resid for c in contexts},
                       {"layer": str(exp.layer), "model": exp.model.id})
         write_json(meta_path, {c.prompt.id: {"input_ids": list(c.input_ids), "inject_pos": c.inject_pos,
@@ -348,7 +431,9 @@ class Runner:
 
     def propose_key(self, spec_key: str) -> str:
         spec = next(s for s in self.experiment.methods if s.key == spec_key)
+        cls = self.plugins.method(spec.name)
         return self._key_for("propose", {"extract": self.extract_key(), "method": spec.name,
+                                         "method_code": module_code_hash(cls.__module__),
                                          "options": dict(spec.options), "seed": self.experiment.seed})
 
     def stage_propose(self, contexts: list[PromptContext], run: bool = True) -> dict[str, list[Proposal]]:
@@ -373,12 +458,7 @@ class Runner:
                 _check_proposals(spec.key, proposals, contexts, self.experiment.scalings)
             except Exception as exc:
                 # one failing method must not cost the others' results: record it and go on
-                err = exc if isinstance(exc, SteercmpError) else PluginError(
-                    f"method {spec.key!r} raised while proposing: {type(exc).__name__}: {exc}",
-                    where=f"{self.experiment.source}: methods.{spec.key}",
-                    fix="see the method's documentation or report a bug to its author")
-                self.failures.append(err)
-                self.log(f"[propose] {spec.key} FAILED: {err.one_line()}")
+                self._fail(spec.key, "proposing", exc)
                 continue
             _save_proposals(tpath, jpath, proposals)
             self._mark_done(f"propose:{spec.key}", key)
@@ -387,45 +467,74 @@ class Runner:
         return out
 
     def build_cells(self, contexts: list[PromptContext], proposals: dict[str, list[Proposal]]) -> list[Cell]:
-        """Every prompt x method x condition x alpha x scaling, with the row to score."""
+        """Every prompt x method x condition x alpha x scaling, with the row to score.
+
+        A method whose proposals or controls cannot be turned into cells is recorded as a failure
+        and left out; the other methods' cells are kept."""
         exp = self.experiment
-        lm_tok = None
         plans: dict[str, FormPlan] = {}
         cells: list[Cell] = []
         for spec in exp.methods:
             if spec.key not in proposals:  # the method failed; its error is reported at the end
                 continue
-            method = self.methods[spec.key]
-            by_key = {(p.prompt_id, p.family): p for p in proposals[spec.key]}
-            for ctx in contexts:
-                pid = ctx.prompt.id
-                conditions: list[tuple[str, Proposal | None, str]] = []
-                target = by_key[(pid, "edited")]
-                conditions.append((TARGET_CONDITION, target, target.status))
-                unrelated = by_key[(pid, "unrelated")]
-                conditions.append((UNRELATED_CONDITION, unrelated, unrelated.status))
-                for cname, control in self.controls.items():
-                    if target.status == "dropped":
-                        conditions.append((cname, None, "dropped"))
-                    elif not control.applies_to(method):
-                        conditions.append((cname, None, "not_applicable"))
-                    else:
-                        gen = make_generator(exp.seed, spec.key, pid, cname)
-                        conditions.append((cname, control.derive(target, ctx, gen), target.status))
-                for cond, prop, status in conditions:
-                    for scaling in exp.scalings:
-                        for alpha in exp.alphas:
-                            if prop is None or status == "dropped":
-                                cells.append(Cell(pid, spec.key, cond, alpha, scaling, status, ctx.inject_pos,
-                                                  ctx.inject_pos, ctx.score_pos, 0.0, {}))
-                                continue
-                            if lm_tok is None:
-                                lm_tok = self._tokenizer()
-                            if pid not in plans:
-                                plans[pid] = plan_forms(lm_tok, ctx.prompt.families)
-                            cells.append(self._cell(ctx, spec.key, cond, prop, status, alpha, scaling,
-                                                    plans[pid]))
+            try:
+                cells.extend(self._method_cells(spec.key, contexts, proposals[spec.key], plans))
+            except Exception as exc:
+                self._fail(spec.key, "building its cells", exc)
+                proposals.pop(spec.key, None)
         return cells
+
+    def _method_cells(self, key: str, contexts: list[PromptContext], props: list[Proposal],
+                      plans: dict[str, FormPlan]) -> list[Cell]:
+        exp = self.experiment
+        method = self.methods[key]
+        by_key = {(p.prompt_id, p.family): p for p in props}
+        cells: list[Cell] = []
+        for ctx in contexts:
+            pid = ctx.prompt.id
+            conditions: list[tuple[str, Proposal | None, str]] = []
+            target = by_key[(pid, "edited")]
+            conditions.append((TARGET_CONDITION, target, target.status))
+            unrelated = by_key[(pid, "unrelated")]
+            conditions.append((UNRELATED_CONDITION, unrelated, unrelated.status))
+            for cname, control in self.controls.items():
+                if target.status == "dropped":
+                    conditions.append((cname, None, "dropped"))
+                elif not control.applies_to(method):
+                    conditions.append((cname, None, "not_applicable"))
+                else:
+                    gen = make_generator(exp.seed, key, pid, cname)
+                    derived = control.derive(target, ctx, gen)
+                    if derived.delta is not None and not torch.isfinite(derived.delta).all():
+                        raise NumericalError(f"control {cname!r} derived a NaN or inf delta from method "
+                                             f"{key!r}'s proposal for {pid!r}",
+                                             fix="check the method's delta norms")
+                    conditions.append((cname, derived, target.status))
+            for cond, prop, status in conditions:
+                for scaling in exp.scalings:
+                    for alpha in exp.alphas:
+                        if prop is None or status == "dropped":
+                            cells.append(Cell(pid, key, cond, alpha, scaling, status, ctx.inject_pos,
+                                              ctx.inject_pos, ctx.score_pos, 0.0, {}))
+                            continue
+                        if pid not in plans:
+                            plans[pid] = plan_forms(self._tokenizer(), ctx.prompt.families)
+                        cells.append(self._cell(ctx, key, cond, prop, status, alpha, scaling, plans[pid]))
+        return cells
+
+    def _fail(self, method: str, doing: str, exc: BaseException) -> None:
+        """Record one method's failure (its name in the message) and carry on with the others."""
+        if isinstance(exc, SteercmpError):
+            err = exc
+            where = exc.where or f"{self.experiment.source}: methods.{method}"
+            message = exc.message if method in exc.message else f"method {method!r}: {exc.message}"
+            err = type(exc)(message, where=where, fix=exc.fix)
+        else:
+            err = PluginError(f"method {method!r} raised while {doing}: {type(exc).__name__}: {exc}",
+                              where=f"{self.experiment.source}: methods.{method}",
+                              fix="see the method's documentation or report a bug to its author")
+        self.failures.append(err)
+        self.log(f"[{doing}] {method} FAILED: {err.one_line()}")
 
     def _tokenizer(self) -> Any:
         lm = self.resources.base()
@@ -451,22 +560,82 @@ class Runner:
         return Cell(ctx.prompt.id, method, cond, alpha, scaling, status, pos, ctx.inject_pos, ctx.score_pos,
                     norm, meta, row, baseline=zero_effect)
 
-    def score_key(self) -> str:
+    # ---------------------------------------------------------------- units
+    def _controls_identity(self) -> list[Any]:
         exp = self.experiment
-        return self._key_for("score", {"propose": {s.key: self.propose_key(s.key) for s in exp.methods},
-                                       "alphas": exp.alphas, "scalings": exp.scalings,
-                                       "controls": exp.controls, "control_options": exp.control_options})
+        return [[name, dict(exp.control_options.get(name, {})),
+                 module_code_hash(type(self.controls[name]).__module__)] for name in self.controls]
 
-    def stage_score(self, cells: list[Cell]) -> pl.DataFrame:
-        from steercmp.sweep import score_rows_fast
+    def _unit_payload(self, method: str, pid: str, alphas: Sequence[float]) -> dict[str, Any]:
+        exp = self.experiment
+        return {"propose": self.propose_key(method), "prompt": pid, "alphas": list(alphas),
+                "scalings": list(exp.scalings), "controls": self._controls_identity(), "seed": exp.seed}
 
-        key = self.score_key()
+    def score_unit_key(self, method: str, pid: str) -> str:
+        """What one (method, prompt) block of cells depends on, and nothing else."""
+        return stable_hash({"code": stage_code_hash("score"),
+                            **self._unit_payload(method, pid, self.experiment.alphas)})
+
+    def completion_unit_key(self, method: str, pid: str) -> str:
+        exp = self.experiment
+        alphas = [a for a in exp.alphas if a in exp.completions.alphas]
+        return stable_hash({"code": stage_code_hash("completions"), "score_code": stage_code_hash("score"),
+                            "completions": attrs.asdict(exp.completions),
+                            **self._unit_payload(method, pid, alphas)})
+
+    def _units(self, methods: Sequence[str], unit_key: Callable[[str, str], str]) -> list[tuple[str, str, str]]:
+        return [(m, p.id, unit_key(m, p.id)) for m in methods for p in self.battery.prompts]
+
+    def _unit_path(self, stage: str, key: str) -> Path:
+        return self.run_dir / "units" / stage / f"{key}.parquet"
+
+    def _unit_done(self, stage: str, key: str) -> bool:
+        return not self.fresh and self._unit_path(stage, key).exists()
+
+    def score_key(self) -> str:
+        methods = [s.key for s in self.experiment.methods]
+        return self._key_for("score", [u for _, _, u in self._units(methods, self.score_unit_key)])
+
+    def completions_key(self) -> str:
+        methods = [s.key for s in self.experiment.methods]
+        return self._key_for("completions", [u for _, _, u in self._units(methods, self.completion_unit_key)])
+
+    def stage_score(self, plan: _LazyCells) -> pl.DataFrame:
+        """Score every cell, one (method, prompt) unit at a time; finished units are reused."""
         path = self.run_dir / "cells.parquet"
+        units = self._units(plan.methods, self.score_unit_key)
+        key = self._key_for("score", [u for _, _, u in units])
         if self._reusable("score", key, path):
             self.reused.append("score")
-            return pl.read_parquet(path)
+            df = pl.read_parquet(path)
+            self._report_error_cells(df)
+            return df
         t = time.perf_counter()
-        lm = self.resources.base()
+        todo = [u for u in units if not self._unit_done("score", u[2])]
+        if todo:  # building cells may drop a failing method: its units then go too
+            plan.build()
+            units = [u for u in units if u[0] in plan.methods]
+            todo = [u for u in todo if u[0] in plan.methods]
+            key = self._key_for("score", [u for _, _, u in units])
+        self.reused_units["score"] = {"reused": len(units) - len(todo), "computed": len(todo)}
+        self.log(f"[score] {len(units)} units (method x prompt): {len(units) - len(todo)} reused, "
+                 f"{len(todo)} to compute")
+        for method, pid, ukey in self.progress(todo, "score units", len(todo)):
+            records = self._score_unit(plan.cells(method, pid))
+            write_parquet(self._unit_path("score", ukey), pl.DataFrame(records, schema=CELL_SCHEMA))
+        frames = [pl.read_parquet(self._unit_path("score", u)) for _, _, u in units]
+        df = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=CELL_SCHEMA)
+        write_parquet(path, df)
+        self._mark_done("score", key)
+        if todo:
+            self.resources.note("score")
+        self.timings["score"] = time.perf_counter() - t
+        self._report_error_cells(df)
+        return df
+
+    def _score_unit(self, cells: Sequence[Cell]) -> list[dict[str, Any]]:
+        from steercmp.sweep import score_rows_fast
+
         # identical rows (every alpha-0 or zero-delta row of a context is the unsteered model) score once
         unique: dict[Any, int] = {}
         rows: list[ScoreRow] = []
@@ -481,45 +650,103 @@ class Runner:
                 unique[ukey] = len(rows)
                 rows.append(r if not c.baseline else attrs.evolve(r, alpha=0.0))
             index.append(unique[ukey])
-        self.log(f"[score] {len(cells)} cells, {len(rows)} distinct forward rows")
-        masses = score_rows_fast(lm, self.experiment.layer, rows, batch_size=self.experiment.batch_size,
-                                 progress=self.progress)
+        lm, layer = self.resources.base(), self.experiment.layer
+        try:
+            masses = score_rows_fast(lm, layer, rows, batch_size=self.experiment.batch_size) if rows else {}
+        except NumericalError:
+            # some row overflowed: score row by row so only the rows at fault become errors
+            masses = {f: torch.full((len(rows),), float("nan")) for f in ("edited", "original", "unrelated")}
+            for j, r in enumerate(rows):
+                try:
+                    one = score_rows_fast(lm, layer, [r], batch_size=1)
+                except NumericalError:
+                    continue
+                for f in masses:
+                    masses[f][j] = one[f][0]
         records = []
         for c, i in zip(cells, index, strict=True):
             vals = {f: (float(masses[f][i]) if i is not None else None) for f in ("edited", "original", "unrelated")}
-            score = None if i is None else vals["edited"] - vals["original"]  # type: ignore[operator]
+            status, meta = c.status, dict(c.meta)
+            if i is not None and not all(math.isfinite(v) for v in vals.values()):  # type: ignore[arg-type]
+                status, meta["error"] = "error", "NaN or inf logits"
+                vals = {f: None for f in vals}
+            score = None if vals["edited"] is None else vals["edited"] - vals["original"]  # type: ignore[operator]
             records.append({
                 "prompt_id": c.prompt_id, "method": c.method, "condition": c.condition, "alpha": c.alpha,
                 "scaling": c.scaling, "position": c.position, "inject_pos": c.inject_pos,
                 "score_pos": c.score_pos, "delta_norm": c.delta_norm,
                 "logmass_edited": vals["edited"], "logmass_original": vals["original"],
-                "logmass_unrelated": vals["unrelated"], "score": score, "status": c.status,
-                "meta": json.dumps(c.meta, sort_keys=True, default=str),
+                "logmass_unrelated": vals["unrelated"], "score": score, "status": status,
+                "meta": json.dumps(meta, sort_keys=True, default=str),
             })
-        df = pl.DataFrame(records, schema=CELL_SCHEMA)
-        write_parquet(path, df)
-        self._mark_done("score", key)
-        self.resources.note("score")
-        self.timings["score"] = time.perf_counter() - t
-        return df
+        return records
 
-    def stage_completions(self, cells: list[Cell]) -> None:
-        from steercmp.completions import sample_completions
+    def _report_error_cells(self, df: pl.DataFrame) -> None:
+        """NaN/inf logits never become numbers: the cells say ``error`` and the run exits 2."""
+        bad = df.filter(pl.col("status") == "error")
+        for method in bad["method"].unique(maintain_order=True).to_list():
+            rows = bad.filter(pl.col("method") == method)
+            r = rows.row(0, named=True)
+            self.failures.append(NumericalError(
+                f"method {method!r}: {rows.height} cells have NaN or inf logits (first: prompt "
+                f"{r['prompt_id']!r}, {r['condition']}, alpha {r['alpha']:g}, {r['scaling']}); they are "
+                "kept with status=error and no score",
+                where=f"{self.experiment.source}: methods.{method}",
+                fix="lower the alphas or the method's delta norm, or use float32"))
+
+    def stage_completions(self, plan: _LazyCells, scored: pl.DataFrame | None = None) -> None:
+        """Sample completions one (method, prompt) unit at a time; finished units are reused."""
+        from steercmp.completions import COMPLETION_SCHEMA, sample_completions
 
         exp = self.experiment
-        key = self._key_for("completions", {"score": self.score_key(),
-                                            "completions": attrs.asdict(exp.completions), "seed": exp.seed})
         path = self.run_dir / "completions.parquet"
+        units = self._units(plan.methods, self.completion_unit_key)
+        key = self._key_for("completions", [u for _, _, u in units])
         if self._reusable("completions", key, path):
             self.reused.append("completions")
             return
         t = time.perf_counter()
-        lm = self.resources.base()
-        chosen = [c for c in cells if c.alpha in exp.completions.alphas]
-        df = sample_completions(lm, exp, chosen, self.battery, progress=self.progress, log=self.log)
+        if scored is None and (self.run_dir / "cells.parquet").exists():
+            scored = pl.read_parquet(self.run_dir / "cells.parquet")
+        errors = set()
+        if scored is not None:
+            errors = set(scored.filter(pl.col("status") == "error")
+                         .select("prompt_id", "method", "condition", "alpha", "scaling").iter_rows())
+        todo = [u for u in units if not self._unit_done("completions", u[2])]
+        if todo:
+            plan.build()
+            units = [u for u in units if u[0] in plan.methods]
+            todo = [u for u in todo if u[0] in plan.methods]
+            key = self._key_for("completions", [u for _, _, u in units])
+        self.reused_units["completions"] = {"reused": len(units) - len(todo), "computed": len(todo)}
+        self.log(f"[completions] {len(units)} units (method x prompt): {len(units) - len(todo)} reused, "
+                 f"{len(todo)} to compute")
+        failed: set[str] = set()
+        for method, pid, ukey in self.progress(todo, "completion units", len(todo)):
+            if method in failed:
+                continue
+            chosen = []
+            for c in plan.cells(method, pid):
+                if c.alpha not in exp.completions.alphas:
+                    continue
+                if (c.prompt_id, c.method, c.condition, c.alpha, c.scaling) in errors:
+                    c = attrs.evolve(c, row=None, status="error")
+                chosen.append(c)
+            try:
+                df = sample_completions(self.resources.base(), exp, chosen, self.battery)
+            except Exception as exc:
+                self._fail(method, "sampling completions", exc)
+                failed.add(method)
+                continue
+            write_parquet(self._unit_path("completions", ukey), df)
+        frames = [pl.read_parquet(self._unit_path("completions", u)) for m, _, u in units if m not in failed]
+        df = (pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=COMPLETION_SCHEMA))
+        df = df.sort("method", "condition", "scaling", "alpha", "prompt_id", "seed", nulls_last=True)
         write_parquet(path, df)
-        self._mark_done("completions", key)
-        self.resources.note("completions")
+        if not failed:
+            self._mark_done("completions", key)
+        if todo:
+            self.resources.note("completions")
         self.timings["completions"] = time.perf_counter() - t
 
     def stage_report(self) -> Path | None:
@@ -536,6 +763,96 @@ class Runner:
 
         manifest = build_manifest(self)
         write_json(self.run_dir / "manifest.json", manifest)
+
+
+class _LazyCells:
+    """The cells plan, built only when a unit has to be computed (it needs the tokenizer, so the
+    base model): a fully reused run never loads a model for scoring or completions."""
+
+    def __init__(self, runner: Runner, contexts: list[PromptContext], proposals: dict[str, list[Proposal]]):
+        self.runner = runner
+        self.contexts = contexts
+        self.proposals = proposals
+        self._groups: dict[tuple[str, str], list[Cell]] | None = None
+
+    @property
+    def methods(self) -> list[str]:
+        return [s.key for s in self.runner.experiment.methods if s.key in self.proposals]
+
+    def build(self) -> None:
+        if self._groups is None:
+            groups: dict[tuple[str, str], list[Cell]] = {}
+            for c in self.runner.build_cells(self.contexts, self.proposals):
+                groups.setdefault((c.method, c.prompt_id), []).append(c)
+            self._groups = groups
+
+    def all(self) -> list[Cell]:
+        self.build()
+        assert self._groups is not None
+        return [c for cells in self._groups.values() for c in cells]
+
+    def cells(self, method: str, prompt_id: str) -> list[Cell]:
+        self.build()
+        assert self._groups is not None
+        return self._groups.get((method, prompt_id), [])
+
+
+def _in_file(exc: SteercmpError, source: str, field: str) -> SteercmpError:
+    """A plugin's error with the experiment file and field in front (the user edits that file)."""
+    where = exc.where or ""
+    if source in where:
+        return exc
+    where = f"{source}: {where}" if where.startswith(("methods", "control_options")) else \
+        f"{source}: {field}" + (f" ({where})" if where else "")
+    return type(exc)(exc.message, where=where, fix=exc.fix)
+
+
+def check_model_source(exp: Experiment) -> None:
+    """A local model directory must exist, hold config.json and safetensors weights (pickled
+    ``.bin`` weights are refused: loading them can run code)."""
+    from steercmp.embedded import is_embedded
+
+    mid = exp.model.id
+    if is_embedded(mid):
+        return
+    path = Path(mid).expanduser()
+    looks_local = mid.startswith(("/", ".", "~")) or path.exists()
+    if not looks_local:
+        return  # an HF id: resolved through the cache when the model loads
+    where = f"{exp.source}: model.id"
+    if not path.exists():
+        raise ConfigError(f"model directory {mid!r} does not exist", where=where,
+                          fix="give a local checkpoint directory, an HF id (owner/name) or embedded:gemma-3-270m")
+    if not path.is_dir():
+        raise ConfigError(f"model path {mid!r} is a file, not a checkpoint directory", where=where,
+                          fix="point model.id at the directory holding config.json")
+    if not (path / "config.json").exists():
+        raise ConfigError(f"model directory {mid!r} has no config.json", where=where,
+                          fix="point model.id at a Hugging Face checkpoint directory")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise ConfigError(
+            f"model directory {mid!r} has no safetensors weights"
+            + (f" (found pickled {', '.join(pickled)}, which steercmp refuses to load)" if pickled else ""),
+            where=where, fix="convert the weights to safetensors (model.save_pretrained(dir, safe_serialization=True))")
+
+
+def load_tokenizer(exp: Experiment) -> Any:
+    """The base model's tokenizer alone (no weights), for checks before any model loads."""
+    from transformers import AutoTokenizer
+
+    from steercmp.models import resolve_source
+
+    spec = exp.model
+    path = resolve_source(spec.id, progress=False)
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=spec.revision,
+                                             trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the tokenizer of {spec.id!r}: {str(exc).splitlines()[0]}",
+                          where=f"{exp.source}: model.id",
+                          fix="give a checkpoint directory with tokenizer files, a cached HF id "
+                              "(HF_HUB_OFFLINE=1 uses the cache), or embedded:gemma-3-270m") from None
 
 
 CELL_SCHEMA = {

@@ -53,8 +53,11 @@ def write_parquet(path: Path, df: pl.DataFrame) -> Path:
 
 
 def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+    """Atomic safetensors write. The metadata goes in as ONE key holding sorted JSON: safetensors
+    serialises a metadata map in hash order, so several keys would make the bytes differ run to run."""
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write(path, lambda p: save_file(clean, str(p), metadata=dict(metadata or {})))
+    meta = {"steercmp": json.dumps(dict(metadata), sort_keys=True)} if metadata else None
+    return atomic_write(path, lambda p: save_file(clean, str(p), metadata=meta))
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -41,10 +41,10 @@ def test_bad_config_one_line_exit_2(tmp_path, capsys, exp, needle):
 def test_position_rule_matching_nothing(tmp_path, capsys):
     battery = {"prompts": [{"id": "a", "text": "one line only", "inject": "regex:zzz",
                             "families": {"original": ["dream"], "edited": ["beam"], "unrelated": ["stone"]}}]}
+    from tiny import tiny_tokenizer
+
     from steercmp.battery import Battery, check_against_tokenizer
     from steercmp.errors import ConfigError
-
-    from tiny import tiny_tokenizer
 
     bat = Battery.from_dict(battery, source="bat.yaml")
     with pytest.raises(ConfigError, match=r"prompt a\.inject: position rule 'regex:zzz' matches nothing"):
