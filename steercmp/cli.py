@@ -31,6 +31,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     experiment = _load_experiment(args.experiment)
     plugins = _plugin_set(args)
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     out = Path(args.out) if args.out else Path("artifacts") / experiment.name
     steps = STAGES if args.step in (None, "all") else (args.step,)
     runner = Runner(experiment, plugins, out, fresh=args.fresh, progress=not args.no_progress)
