@@ -37,6 +37,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     out = Path(args.out) if args.out else Path("artifacts") / experiment.name
     steps = STAGES if args.step in (None, "all") else (args.step,)
+    if args.processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _run_distributed(args, experiment, out, steps)
     runner = Runner(experiment, plugins, out, fresh=args.fresh, progress=not args.no_progress)
     cells = runner.run(steps)
     summary_path = out / "report" / "summary.parquet"
@@ -64,6 +66,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"steercmp: error: {failure.one_line()}", file=sys.stderr)
         return 2
     return 0
+
+
+def _run_distributed(args: argparse.Namespace, experiment, out: Path, steps) -> int:
+    """Shard prompts over ``--processes`` local workers (or ranks of ``accelerate launch``)."""
+    from steercmp.distributed import PluginSpec, run_rank, run_sharded
+    from steercmp.runner import format_table, summary_frame
+
+    plugins = PluginSpec(plugins_dir=args.plugins_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        run_rank(experiment, out, plugins=plugins, steps=steps, fresh=args.fresh)
+        return 0
+    cells, failures = run_sharded(experiment, out, args.processes, plugins=plugins, steps=steps,
+                                  fresh=args.fresh)
+    if cells is not None:
+        print(format_table(summary_frame(cells)))
+    print(f"\nrun directory: {out} ({args.processes} processes)")
+    for failure in failures:
+        print(f"steercmp: error: {failure}", file=sys.stderr)
+    return 2 if failures else 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -120,6 +141,8 @@ def build_parser(plugin_commands: Sequence[tuple] = ()) -> argparse.ArgumentPars
                      help="run one stage (earlier stages must exist in the run directory)")
     run.add_argument("--fresh", action="store_true", help="ignore finished stages in the run directory")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--processes", type=int, default=1,
+                     help="shard prompts over N local processes (merged into one run directory)")
     run.set_defaults(func=cmd_run)
 
     plan = sub.add_parser("plan", help="validate a config; print stages, models and peak memory")
@@ -136,9 +159,9 @@ def build_parser(plugin_commands: Sequence[tuple] = ()) -> argparse.ArgumentPars
     report.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="benchmark steercmp's sweep against the usual loops")
-    bench.add_argument("--out", default="artifacts/bench.json")
-    bench.add_argument("--battery", default=None)
-    bench.add_argument("--quick", action="store_true", help="a small grid (smoke test)")
+    from steercmp.bench import add_arguments
+
+    add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
     for name, help_text, configure, handler in plugin_commands:

@@ -49,33 +49,52 @@ def family_hits(line: str, words: Sequence[str]) -> tuple[bool, bool]:
 @torch.no_grad()
 def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Injection,
                   generators: Sequence[torch.Generator], *, max_new_tokens: int, temperature: float,
-                  top_p: float = 1.0, stop_on_newline: bool = True) -> list[list[int]]:
-    """Sample one continuation per row of ``inj`` from the same context; returns new token ids."""
+                  top_p: float = 1.0, stop_on_newline: bool = True, share_prefix: bool = True
+                  ) -> list[list[int]]:
+    """Sample one continuation per row of ``inj`` from the same context; returns new token ids.
+
+    With ``share_prefix`` the positions before the earliest injection are prefilled once and
+    their KV cache is shared by every row (the result is the same as a full prefill per row).
+    """
     model = lm.model
     n = len(inj)
     device = lm.input_device
-    ids = torch.as_tensor([list(context)] * n, device=device)
     newline_ids = _newline_ids(lm.tokenizer)
     eos = lm.tokenizer.eos_token_id
     out: list[list[int]] = [[] for _ in range(n)]
     done = torch.zeros(n, dtype=torch.bool)
-    with injecting(model, layer, inj, once=True):
-        res = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    # positions before the earliest injection are the same for every row: prefill them once
+    p_min = min(int(inj.positions.min()), len(context) - 1)
+    cache = None
+    if share_prefix and p_min > 0:
+        pre = model(input_ids=torch.as_tensor([list(context[:p_min])], device=device), use_cache=True,
+                    logits_to_keep=1)
+        cache = pre.past_key_values
+        cache.batch_repeat_interleave(n)
+    else:
+        p_min = 0
+    ids = torch.as_tensor([list(context[p_min:])] * n, device=device)
+    with injecting(model, layer, inj, once=True, offset=p_min):
+        res = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = res.past_key_values
         logits = res.logits[:, -1].float().cpu()
-        for _step in range(max_new_tokens):
-            nxt = torch.empty(n, dtype=torch.long)
-            for i in range(n):
-                nxt[i] = _sample(logits[i], generators[i], temperature, top_p)
-            for i in range(n):
-                if not done[i]:
-                    tok = int(nxt[i])
-                    out[i].append(tok)
-                    if tok == eos or (stop_on_newline and tok in newline_ids):
-                        done[i] = True
-            if bool(done.all()):
+        active = torch.arange(n)  # rows still decoding; logits and cache rows follow this order
+        for step in range(max_new_tokens):
+            nxt = torch.empty(len(active), dtype=torch.long)
+            for j, i in enumerate(active.tolist()):
+                tok = _sample(logits[j], generators[i], temperature, top_p)
+                nxt[j] = tok
+                out[i].append(tok)
+                if tok == eos or (stop_on_newline and tok in newline_ids):
+                    done[i] = True
+            keep = ~done[active]
+            if not bool(keep.any()) or step == max_new_tokens - 1:
                 break
-            res = model(input_ids=nxt.view(n, 1).to(device), past_key_values=cache, use_cache=True)
+            if not bool(keep.all()):  # finished rows leave the batch (and the cache)
+                sel = keep.nonzero().squeeze(-1)
+                cache.batch_select_indices(sel.to(device))
+                active, nxt = active[sel], nxt[sel]
+            res = model(input_ids=nxt.view(-1, 1).to(device), past_key_values=cache, use_cache=True)
             cache = res.past_key_values
             logits = res.logits[:, -1].float().cpu()
     return out
