@@ -129,7 +129,11 @@ def sample_completions(lm: LoadedModel, experiment: Experiment, cells: Sequence[
 
     spec = experiment.completions
     prompts = battery.by_id()
-    work: dict[tuple[int, ...], list[tuple[Any, int]]] = {}
+    # Every unsteered cell (alpha 0 or a zero delta, e.g. noop) samples the SAME distribution, so
+    # its seeds are drawn once per (method, prompt text, scaling-free) and shared: a sample's
+    # identity is (prompt, context, "unsteered", seed), not the condition that asked for it.
+    work: dict[tuple[int, ...], dict[tuple[Any, ...], tuple[Any, int]]] = {}
+    wanted: list[tuple[Any, int, tuple[Any, ...]]] = []
     records: list[dict[str, Any]] = []
     for c in cells:
         if c.row is None:
@@ -139,37 +143,43 @@ def sample_completions(lm: LoadedModel, experiment: Experiment, cells: Sequence[
                             "end_original": None, "end_edited": None, "end_unrelated": None,
                             "status": c.status})
             continue
+        unsteered = c.row.alpha == 0.0 or float(c.row.delta.norm()) == 0.0
         for seed in range(spec.seeds):
-            work.setdefault(c.row.context, []).append((c, seed))
+            key = ((c.prompt_id, c.method, "unsteered", seed) if unsteered else
+                   (c.prompt_id, c.method, c.condition, c.alpha, c.scaling, seed))
+            work.setdefault(c.row.context, {}).setdefault(key, (c, seed))
+            wanted.append((c, seed, key))
     if log:
-        log(f"[completions] {sum(len(v) for v in work.values())} samples, {spec.seeds} seeds, "
-            f"alphas {list(spec.alphas)}")
-    batches = [(ctx, items[s:s + batch_rows]) for ctx, items in work.items()
+        log(f"[completions] {sum(len(v) for v in work.values())} distinct samples for {len(wanted)} rows, "
+            f"{spec.seeds} seeds, alphas {list(spec.alphas)}")
+    batches = [(ctx, list(items.items())[s:s + batch_rows]) for ctx, items in work.items()
                for s in range(0, len(items), batch_rows)]
     if progress is not None:
         batches = progress(batches, "sample completions", len(batches))
+    texts: dict[tuple[Any, ...], str] = {}
     for context, items in batches:
-        inj = Injection.build([c.row.delta for c, _ in items], [c.row.alpha for c, _ in items],
-                              [c.row.position for c, _ in items], [c.row.scaling for c, _ in items])
+        inj = Injection.build([c.row.delta for _, (c, _) in items], [c.row.alpha for _, (c, _) in items],
+                              [c.row.position for _, (c, _) in items], [c.row.scaling for _, (c, _) in items])
         gens = []
-        for c, seed in items:
+        for key, _ in items:
             g = torch.Generator()
-            g.manual_seed(derive_seed(experiment.seed, "completion", c.prompt_id, c.method, c.condition,
-                                      c.alpha, c.scaling, seed))
+            g.manual_seed(derive_seed(experiment.seed, "completion", *key))
             gens.append(g)
         new = generate_rows(lm, experiment.layer, context, inj, gens, max_new_tokens=spec.max_new_tokens,
                             temperature=spec.temperature, top_p=spec.top_p)
-        for (c, seed), toks in zip(items, new, strict=True):
-            text = lm.tokenizer.decode(toks, skip_special_tokens=True)
-            line = first_line(text)
-            fams = prompts[c.prompt_id].families
-            row = {"prompt_id": c.prompt_id, "method": c.method, "condition": c.condition,
-                   "alpha": c.alpha, "scaling": c.scaling, "seed": seed, "text": text, "line": line,
-                   "status": c.status}
-            for fam in ("original", "edited", "unrelated"):
-                hit, end = family_hits(line, fams[fam])
-                row[f"hit_{fam}"] = hit
-                row[f"end_{fam}"] = end
-            records.append(row)
+        for (key, _), toks in zip(items, new, strict=True):
+            texts[key] = lm.tokenizer.decode(toks, skip_special_tokens=True)
+    for c, seed, key in wanted:
+        text = texts[key]
+        line = first_line(text)
+        fams = prompts[c.prompt_id].families
+        row = {"prompt_id": c.prompt_id, "method": c.method, "condition": c.condition,
+               "alpha": c.alpha, "scaling": c.scaling, "seed": seed, "text": text, "line": line,
+               "status": c.status}
+        for fam in ("original", "edited", "unrelated"):
+            hit, end = family_hits(line, fams[fam])
+            row[f"hit_{fam}"] = hit
+            row[f"end_{fam}"] = end
+        records.append(row)
     df = pl.DataFrame(records, schema=COMPLETION_SCHEMA)
     return df.sort("method", "condition", "scaling", "alpha", "prompt_id", "seed", nulls_last=True)

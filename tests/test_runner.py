@@ -77,6 +77,9 @@ def test_end_to_end_cells_schema(tmp_path, tiny_ckpt):
     for f in ("config.yaml", "activations.safetensors", "cells.parquet", "completions.parquet", "manifest.json"):
         assert (run_dir / f).exists(), f
     comp = pl.read_parquet(run_dir / "completions.parquet")
+    # unsteered cells (alpha 0, noop) share one set of samples per method, prompt and seed
+    shared = comp.filter((pl.col("alpha") == 0) | (pl.col("condition") == "noop"))
+    assert shared.group_by("method", "prompt_id", "seed").agg(pl.col("text").n_unique())["text"].max() == 1
     assert comp.height == 3 * 5 * 2 * 2 * 2  # prompts x conditions x alphas x scalings x seeds
     for f in ("summary.parquet", "paired.parquet", "verdict.json", "summary.md", "report.html"):
         assert (run_dir / "report" / f).exists(), f
