@@ -6,9 +6,9 @@ template, ``nla_meta.yaml``; the AR adds ``value_head.safetensors`` and is trunc
 0..12). It is then loaded by the same loader as the released checkpoints.
 
 Data: couplets (:func:`steercmp.rhymes.make_couplets` plus the same first-line templates over a
-wider CMU lexicon, so the AV learns to read words it has not seen), with every battery word held
-out. Gold vectors are the base model's layer-12 output at the first line break (the planning
-position). Explanations are templated: they name the line-end word, its spelled rhyme ending and
+wider CMU lexicon, so the AV learns to read words it has not seen), with every battery PROMPT held
+out (battery words appear in other training couplets, so the AV can name them). Gold vectors
+are the base model's layer-12 output at the first line break (the planning position). Explanations are templated: they name the line-end word, its spelled rhyme ending and
 two plan words.
 
 Training (CPU-sized): the AV is the base model with blocks 13..17 fine-tuned on cached block-12
@@ -67,8 +67,9 @@ SECOND_LINES = (
 )
 N_COUPLETS = 400       # from steercmp.rhymes.make_couplets
 N_LEXICON = 700        # extra couplets over the wider lexicon
-N_EVAL_EXTRA = 16      # held-out couplets over battery line-end words (plus the battery prompts)
-N_EVAL_MAX = 40
+N_EVAL_EXTRA = 0       # extra template couplets in the evaluation (0: battery prompts only)
+N_EVAL_MAX = 32        # held-out evaluation prompts: the shipped batteries' couplets
+N_BATTERY_WORD_COUPLETS = 4  # training couplets per battery line-end word (other contexts)
 TRAIN_FROM_BLOCK = 13  # AV blocks 13..17 are fine-tuned
 AV_EPOCHS = 2
 AV_BATCH = 16
@@ -151,6 +152,28 @@ def _lexicon(tokenizer, banned: set[str]) -> list[tuple[str, list[str]]]:  # noq
     return out
 
 
+def battery_word_couplets(seed: int = SEED) -> list[dict[str, Any]]:
+    """Template couplets over each battery prompt's line-end word, planning its original family.
+
+    The battery PROMPTS stay held out (their texts never appear in training); their words do
+    appear, in other contexts, so the AV can learn to name them and the text edit has terms to
+    edit. Without this every battery prompt falls back (the AV cannot name a word it never saw).
+    """
+    _, prompts = battery_words()
+    rng = random.Random(f"nla-mini-battery:{seed}")
+    texts = {str(p.get("text")) for p in prompts}
+    items = []
+    for p in prompts:
+        first = str(p["text"]).split("\n", 1)[0]
+        end = first.split()[-1].strip(".,;:!?\"'()").lower()
+        plans = [str(w).lower() for w in (p.get("families") or {}).get("original", [])][:2] or [end]
+        for first_t in rng.sample(FIRST_LINES, N_BATTERY_WORD_COUPLETS):
+            text = first_t.format(w=end) + "\n" + rng.choice(SECOND_LINES)
+            if text not in texts:
+                items.append({"text": text, "line_end": end, "plans": plans})
+    return items
+
+
 def make_training_couplets(tokenizer, banned: set[str], seed: int = SEED  # noqa: ANN001
                            ) -> list[dict[str, Any]]:
     from steercmp.rhymes import make_couplets, rhyme_group, single_token_filter
@@ -169,6 +192,9 @@ def make_training_couplets(tokenizer, banned: set[str], seed: int = SEED  # noqa
         plans = rng.sample(group, 2)
         text = rng.choice(FIRST_LINES).format(w=word) + "\n" + rng.choice(SECOND_LINES)
         items.append({"text": text, "line_end": word, "plans": plans})
+    items.extend(battery_word_couplets(seed))
+    held_out = {str(p.get("text")) for p in battery_words()[1]}
+    items = [it for it in items if it["text"] not in held_out]  # battery prompts stay unseen
     for it in items:
         it["explanation"] = explanation_for(it["line_end"], it["plans"])
     return items
@@ -300,8 +326,10 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED) -> d
     lm = load_base_model(EMBEDDED_ID, dtype="float32", device="cpu", progress=progress)
     tok, model = lm.tokenizer, lm.model
     d = lm.d_model
-    banned, _ = battery_words()
+    battery_vocab, _ = battery_words()
+    banned: set[str] = set()  # words are not held out; battery prompt texts are (see below)
     train = make_training_couplets(tok, banned, seed)
+    log["battery_words_in_training"] = len(battery_vocab)
     evals = make_eval_items(tok, seed)
     log.update(n_train=len(train), n_eval=len(evals), held_out_words=sorted(banned))
     bar = tqdm(total=len(train) + len(evals), desc="nla mini: layer-12 activations",
