@@ -55,14 +55,24 @@ def skipping_blocks(model: torch.nn.Module, upto: int) -> Iterator[None]:
             layers[i] = block
 
 
+#: working memory a scoring batch may use, as a fraction of the model's own bytes: keeps the
+#: staged pipeline's peak within 1.25x the largest model (issue target), on CPU and GPU alike
+BATCH_MEMORY_FRACTION = 0.2
+
+
 def auto_batch_size(lm: LoadedModel, seq_len: int, n_branches: int, keep: int) -> int:
-    """Rows per batch from available memory: the logits (keep x vocab per sequence) dominate."""
+    """Rows per batch from available memory: the logits (keep x vocab per sequence) dominate.
+
+    The budget is the smallest of: a fraction of free memory, :data:`BATCH_MEMORY_FRACTION` of
+    the model's weights, and 2 GiB (beyond that a CPU batch gains nothing)."""
+    from steercmp.memory import model_bytes
+
     vocab = lm.model.get_output_embeddings().weight.shape[0]
     d = lm.d_model
     per_row = n_branches * (keep * vocab * 4 * 3 + seq_len * d * 4 * 24)
     if torch.cuda.is_available() and lm.input_device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(lm.input_device)
-        budget = free * 0.5
+        budget = min(free * 0.5, BATCH_MEMORY_FRACTION * model_bytes(lm.model))
     else:
         try:
             import os
@@ -70,7 +80,7 @@ def auto_batch_size(lm: LoadedModel, seq_len: int, n_branches: int, keep: int) -
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError):
             avail = 4 * 2**30
-        budget = min(avail * 0.25, 2 * 2**30)  # beyond ~2 GiB a CPU batch gains nothing
+        budget = min(avail * 0.25, BATCH_MEMORY_FRACTION * model_bytes(lm.model), 2 * 2**30)
     return max(1, min(512, int(budget // max(per_row, 1))))
 
 

@@ -294,7 +294,7 @@ def extract_gold(lm, items: Sequence[dict[str, Any]], bar=None, batch: int = 16 
     for s in range(0, len(items), batch):
         chunk = items[s:s + batch]
         seqs = [tok(it["text"])["input_ids"] for it in chunk]
-        pos = [find_position(tok, ids, it["text"], "first_line_break") for ids, it in zip(seqs, chunk)]
+        pos = [find_position(tok, ids, it["text"], "first_line_break") for ids, it in zip(seqs, chunk, strict=True)]
         ids, mask = _pad(seqs, tok.pad_token_id or 0)
         with torch.no_grad():
             h = _block_output(lm.model, LAYER, input_ids=ids, attention_mask=mask)
@@ -541,7 +541,7 @@ def evaluate(av_dir: Path, ar_dir: Path, items: Sequence[dict[str, Any]], gold: 
         gens = [torch.Generator().manual_seed(seed * 1000 + i * 10 + s) for i, s in chunk]
         outs = av.explain(gold[[i for i, _ in chunk]], generators=gens, temperature=1.0,
                           max_new_tokens=48)
-        for (i, s), (expl, raw, _complete) in zip(chunk, outs):
+        for (i, s), (expl, _raw, _complete) in zip(chunk, outs, strict=True):
             it = items[i]
             named = bool(mentions(expl, [it["line_end"], *it["plans"]]))
             rows.append({"item": i, "sample": s, "explanation": expl, "named": named})
@@ -551,11 +551,11 @@ def evaluate(av_dir: Path, ar_dir: Path, items: Sequence[dict[str, Any]], gold: 
     ar = ActivationReconstructor.load(ar_dir)
     base = baseline_variance(gold)
     preds = ar.reconstruct([r["explanation"] for r in rows])
-    fves = [fidelity(p, gold[r["item"]], base).fve_nrm for p, r in zip(preds, rows)]
+    fves = [fidelity(p, gold[r["item"]], base).fve_nrm for p, r in zip(preds, rows, strict=True)]
     tmpl = ar.reconstruct([explanation_for(it["line_end"], it["plans"] or ["?"]) for it in items])
     fves_t = [fidelity(p, gold[i], base).fve_nrm for i, p in enumerate(tmpl)]
     ar.unload()
-    for r, f in zip(rows, fves):
+    for r, f in zip(rows, fves, strict=True):
         r["fve_nrm"] = f
     return {
         "n_eval_prompts": len(items), "samples_per_prompt": n,

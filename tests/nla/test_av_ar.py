@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import nla_tiny as tiny
+import pytest
 import torch
 from safetensors.torch import load_file
 from steercmp_plugins.nla.ar import ActivationReconstructor, ar_prompt_ids
@@ -142,7 +142,7 @@ def test_ar_bos_and_last_token_readout(ar, pair_dir):
     for i, t in enumerate(texts):
         store = []
         h = full.model.layers[-1].register_forward_hook(
-            lambda m, inp, out: store.append(out[0] if isinstance(out, tuple) else out))
+            lambda m, inp, out, store=store: store.append(out[0] if isinstance(out, tuple) else out))
         with torch.no_grad():
             full(torch.tensor([ar_prompt_ids(tok, meta, t)]))
         h.remove()

@@ -101,8 +101,8 @@ def _contexts(n=3, d=64, orig=("quux", "zorp")):
         p = Prompt(id=f"p{i}", text="the stream ,\nand the",
                    families={"original": orig, "edited": ("gleam", "beam"),
                              "unrelated": ("stone", "bone")},
-                   edits={"edited": dict(zip(orig, ("gleam", "beam"))),
-                          "unrelated": dict(zip(orig, ("stone", "bone")))})
+                   edits={"edited": dict(zip(orig, ("gleam", "beam"), strict=False)),
+                          "unrelated": dict(zip(orig, ("stone", "bone"), strict=False))})
         out.append(PromptContext(prompt=p, input_ids=(2, 3, 4, 5), inject_pos=2, score_pos=3,
                                  layer=2, resid=torch.randn(4, d)))
     return out
