@@ -219,6 +219,12 @@ class Experiment:
         if missing:
             raise ConfigError(f"decision alpha {missing[0]} is not in the alpha sweep",
                               where=f"{source}: decision.alphas", fix="pick decision alphas from `alphas`")
+        unsampled = [a for a in decision_alphas if a not in completions.alphas]
+        if completions.enabled and unsampled:
+            # the decision rule needs completions at every decision alpha, or no method can win
+            raise ConfigError(f"decision alpha {unsampled[0]:g} has no completions",
+                              where=f"{source}: completions.alphas",
+                              fix=f"add {unsampled[0]:g} to completions.alphas or drop it from decision.alphas")
         batch_size = data.get("batch_size", "auto")
         if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
             raise ConfigError(f"batch_size {batch_size!r} is invalid", where=f"{source}: batch_size",

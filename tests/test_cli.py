@@ -29,6 +29,7 @@ def write(tmp: Path, exp: dict, battery: dict | None = None) -> Path:
     ({"alphas": [1, "two"]}, "non-numeric value 'two'"),
     ({"scalings": ["sideways"]}, "unknown scaling 'sideways'"),
     ({"decision": {"alphas": [3]}}, "decision alpha 3.0 is not in the alpha sweep"),
+    ({"decision": {"alphas": [4]}, "completions": {"alphas": [0, 2]}}, "decision alpha 4 has no completions"),
 ])
 def test_bad_config_one_line_exit_2(tmp_path, capsys, exp, needle):
     code = main(["plan", str(write(tmp_path, exp))])

@@ -323,3 +323,21 @@ def test_format_summary_table_columns():
     header = text.splitlines()[0].split()
     assert header[:7] == ["method", "scaling", "condition", "alpha", "mean", "median", "positive"]
     assert len(text.splitlines()) == 2 + 4 and "2/3" in text
+
+
+def test_verdict_skips_controls_marked_not_applicable():
+    import polars as pl
+
+    from steercmp import stats
+
+    rows = []
+    for control in ("noop", "unrelated_edit"):
+        rows.append({"method": "prompting", "scaling": "raw", "alpha": 2.0, "control": control, "n": 8,
+                     "mean_diff": 1.0, "ci_low": 0.5, "ci_high": 1.5, "p_value": 0.004, "p_holm": 0.008})
+    paired = pl.DataFrame(rows)
+    base = stats.verdict(paired, None, decision_alphas=[2.0], methods=[("prompting", "raw")])[0]
+    assert base["verdict"] == "not supported"  # missing random_delta / wrong_position count as losses
+    v = stats.verdict(paired, None, decision_alphas=[2.0], methods=[("prompting", "raw")],
+                      not_applicable={"prompting": ["random_delta", "wrong_position"]})[0]
+    assert v["verdict"] == "probability shift only"
+    assert v["controls_not_applicable"] == ["random_delta", "wrong_position"]

@@ -273,8 +273,14 @@ def write_report(
         paired_hits = stats.paired_hits(completions, n_boot=n_boot, seed=seed)
     method_pairs = sorted({(r["method"], r["scaling"])
                            for r in cells.select("method", "scaling").unique().to_dicts()})
+    # controls whose every cell is not_applicable for a method (e.g. wrong_position for prompting)
+    status = cells.group_by("method", "condition").agg(
+        na=(pl.col("status") == "not_applicable").all())
+    not_applicable: dict[str, list[str]] = {}
+    for r in status.filter(pl.col("na")).iter_rows(named=True):
+        not_applicable.setdefault(r["method"], []).append(r["condition"])
     verdicts = stats.verdict(paired_score, paired_hits, decision_alphas=alphas,
-                             methods=method_pairs)
+                             methods=method_pairs, not_applicable=not_applicable)
 
     summary.write_parquet(out / "summary.parquet")
     paired_score.write_parquet(out / "paired.parquet")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import polars as pl
@@ -47,6 +47,7 @@ def verdict(
     controls: Sequence[str] = CONTROLS,
     level: float = 0.05,
     methods: Sequence[tuple[str, str]] | None = None,
+    not_applicable: Mapping[str, Sequence[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Apply the decision rule to paired tables from :func:`steercmp.stats.paired` (logmass
     score) and :func:`steercmp.stats.paired_hits` (edited-family completion hits).
@@ -62,6 +63,10 @@ def verdict(
     Returns JSON-ready dicts: method, scaling, verdict, decision_alphas, controls, level,
     logmass_wins, completions_wins, failures (checks that failed, each with metric, alpha,
     control, n, mean_diff, ci_low, ci_high, p_value, p_holm, reason), checks (all), explanation.
+
+    ``not_applicable`` maps a method to controls that make no sense for it (e.g. wrong_position
+    for a prompting baseline, whose cells say ``not_applicable``): those are left out of its rule
+    and listed under ``controls_not_applicable``, never counted as wins.
     """
     if not decision_alphas:
         raise ValueError("decision_alphas must name at least one pre-declared alpha")
@@ -74,10 +79,13 @@ def verdict(
     out = []
     for method, scaling in methods:
         checks: list[dict] = []
+        skipped = sorted(set((not_applicable or {}).get(method, ())) & set(controls))
         for metric in METRICS:
             table = tables[metric]
             for a in alphas:
                 for ctrl in controls:
+                    if ctrl in skipped:
+                        continue
                     row = None
                     if table is not None and not table.is_empty():
                         hit = table.filter(
@@ -108,7 +116,8 @@ def verdict(
                     by_metric.append(f"{m}: fails vs {', '.join(names)}")
             expl = f"at alpha {alist}: " + "; ".join(by_metric)
         out.append(dict(method=method, scaling=scaling, verdict=v, decision_alphas=alphas,
-                        controls=list(controls), level=level, logmass_wins=wins["logmass"],
+                        controls=[c for c in controls if c not in skipped],
+                        controls_not_applicable=skipped, level=level, logmass_wins=wins["logmass"],
                         completions_wins=wins["completions"], explanation=expl,
                         failures=failures, checks=checks))
     return out
