@@ -485,8 +485,13 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED) -> d
             best = (mse, lam)
     lam = best[1]
     w = _ridge(feats, target, lam)
+    # the ridge fits unit-scale (sqrt(d)-normalised) targets; a released AR outputs vectors in the
+    # activation's own scale, and deltas AR(edited) - AR(original) are injected raw, so rescale the
+    # head to the mean gold norm (fidelity is measured after normalising, so it is unchanged)
+    w = w * activation_scale(gold_train)
     save_file({"weight": w.T.contiguous()}, str(tmp / "ar" / VALUE_HEAD_NAME))
     log["ar_ridge_lambda"] = lam
+    log["ar_output_scale"] = activation_scale(gold_train)
     ar.unload()
 
     # ---- quality on held-out prompts, through the released-layout loaders
@@ -502,6 +507,11 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED) -> d
               f" (templated: {quality['fve_nrm_template']:.3f})\n"
               f"  AV names the rhyme word or an original plan word: {quality['name_rate']:.1%}")
     return log
+
+
+def activation_scale(gold: torch.Tensor) -> float:
+    """Factor from sqrt(d)-normalised vectors to the activations' mean norm."""
+    return float(gold.norm(dim=-1).mean()) / math.sqrt(gold.shape[-1])
 
 
 def common_suffix(seqs) -> list[int]:  # noqa: ANN001
