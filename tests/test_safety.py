@@ -196,10 +196,13 @@ def test_embedded_model_exception_mid_generation_leaves_no_hook(embedded_lm, mon
         raise Boom
 
     monkeypatch.setattr(completions, "_sample", boom)
+    # transformers 5 keeps its own output-capturing hooks once output_hidden_states was used,
+    # so compare against what was attached before, not against zero
+    before = attached_hooks(embedded_lm.model)
     d = embedded_lm.d_model
     inj = Injection.build(torch.ones(1, d), [1.0], [2], "norm_relative")
     ids = embedded_lm.tokenizer("Roses are red,\nviolets")["input_ids"]
     with pytest.raises(Boom):
         completions.generate_rows(embedded_lm, 6, ids, inj, [torch.Generator()], max_new_tokens=3,
                                   temperature=1.0)
-    assert attached_hooks(embedded_lm.model) == 0
+    assert attached_hooks(embedded_lm.model) == before
