@@ -104,6 +104,9 @@ _FIRST_LINES: tuple[str, ...] = (
     "The children laughed and pointed at the {w},",
 )
 
+#: public: other generators (the mini NLA pair's training data) reuse the same first lines
+FIRST_LINE_TEMPLATES = _FIRST_LINES
+
 _SECOND_LINES: tuple[str, ...] = (
     "And then I turned and gazed upon the",
     "And all the while I thought about the",

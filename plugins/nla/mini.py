@@ -35,6 +35,7 @@ import yaml
 from safetensors.torch import save_file
 
 from steercmp.embedded import EMBEDDED_ID, cache_root
+from steercmp.rhymes import FIRST_LINE_TEMPLATES
 
 MINI_NAME = "gemma-3-270m-L12-mini-v1"
 LAYER = 12
@@ -47,16 +48,7 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<start_of_turn>"
                  "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
                  "{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
                  "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-FIRST_LINES = (
-    "I wandered slowly down beside the {w},",
-    "We sat together quietly by the {w},",
-    "She lingered for a moment near the {w},",
-    "He told me stories all about the {w},",
-    "The morning found us waiting by the {w},",
-    "Through all the years I still recall the {w},",
-    "My grandfather would often paint the {w},",
-    "The children laughed and pointed at the {w},",
-)
+FIRST_LINES = FIRST_LINE_TEMPLATES  # the battery generator's first lines (steercmp.rhymes)
 SECOND_LINES = (
     "And then I turned and gazed upon the",
     "And all the while I thought about the",
