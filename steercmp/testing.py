@@ -169,17 +169,24 @@ def tiny_tokenizer(words: Iterable[str], vocab_size: int = 512) -> Any:
     return fast
 
 
-def tiny_model(seed: int = 0, **overrides: Any) -> torch.nn.Module:
-    """A ~200k-parameter random Gemma 3 text model (widened init, so layers actually mix)."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+def tiny_config(**overrides: Any) -> Any:
+    """A ~200k-parameter Gemma 3 text config (vocabulary 512); override any field."""
+    from transformers import Gemma3TextConfig
 
     cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
                num_key_value_heads=1, head_dim=32, vocab_size=512, max_position_embeddings=256,
                sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
                pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_implementation="eager")
     cfg.update(overrides)
+    return Gemma3TextConfig(**cfg)
+
+
+def tiny_model(seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A ~200k-parameter random Gemma 3 text model (widened init, so layers actually mix)."""
+    from transformers import Gemma3ForCausalLM
+
     gen = torch.Generator().manual_seed(seed)
-    model = Gemma3ForCausalLM(Gemma3TextConfig(**cfg)).eval()
+    model = Gemma3ForCausalLM(tiny_config(**overrides)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
