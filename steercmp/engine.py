@@ -61,22 +61,34 @@ def extract(lm: LoadedModel, layer: int, prompts: Sequence[Prompt], *, chat_temp
             batch_size: int = 8, progress: Any = None) -> list[PromptContext]:
     """Capture the residual stream at the output of block ``layer`` for every prompt."""
     tokenized = [tokenize_prompt(lm, p, chat_template) for p in prompts]
-    out: list[PromptContext] = []
+    resids = capture_residuals(lm, layer, [t[0] for t in tokenized], batch_size=batch_size,
+                               progress=progress)
+    return [PromptContext(prompt=p, input_ids=ids, inject_pos=inj, score_pos=score, layer=layer,
+                          resid=resid)
+            for p, (ids, inj, score), resid in zip(prompts, tokenized, resids, strict=True)]
+
+
+@torch.no_grad()
+def capture_residuals(lm: LoadedModel, layer: int, sequences: Sequence[Sequence[int]], *,
+                      batch_size: int = 8, progress: Any = None) -> list[torch.Tensor]:
+    """The output of block ``layer`` for each token sequence, float32 on CPU, ``[len, d_model]``.
+
+    Sequences are right-padded in batches (causal attention: padding never reaches real tokens).
+    Plugins that need activations of their own texts (e.g. contrastive methods) use this too.
+    """
+    out: list[torch.Tensor] = []
     pad = lm.tokenizer.pad_token_id or 0
-    starts = range(0, len(prompts), batch_size)
+    starts = range(0, len(sequences), batch_size)
     if progress is not None:
         starts = progress(starts, "extract activations", len(starts))
     for start in starts:
-        chunk = tokenized[start:start + batch_size]
-        ids, mask, _ = pad_batch([c[0] for c in chunk], pad, side="right")
+        chunk = sequences[start:start + batch_size]
+        ids, mask, _ = pad_batch(chunk, pad, side="right")
         with capturing(lm.model, layer) as store:
             lm.model(input_ids=ids.to(lm.input_device), attention_mask=mask.to(lm.input_device),
                      logits_to_keep=1)
         resid = store[0].float().cpu()
-        for i, (tok_ids, inj, score) in enumerate(chunk):
-            out.append(PromptContext(prompt=prompts[start + i], input_ids=tok_ids, inject_pos=inj,
-                                     score_pos=score, layer=layer,
-                                     resid=resid[i, : len(tok_ids)].clone()))
+        out.extend(resid[i, : len(seq)].clone() for i, seq in enumerate(chunk))
     return out
 
 

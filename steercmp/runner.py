@@ -600,6 +600,23 @@ class Runner:
         methods = [s.key for s in self.experiment.methods]
         return self._key_for("completions", [u for _, _, u in self._units(methods, self.completion_unit_key)])
 
+    def _pending_units(self, stage: str, units: list, key: str, plan: _LazyCells
+                       ) -> tuple[list, list, str]:
+        """Split a stage's (method, prompt) units into all and still-to-compute, and log it.
+
+        Building cells may drop a failing method; its units then leave the stage (and its key).
+        """
+        todo = [u for u in units if not self._unit_done(stage, u[2])]
+        if todo:
+            plan.build()
+            units = [u for u in units if u[0] in plan.methods]
+            todo = [u for u in todo if u[0] in plan.methods]
+            key = self._key_for(stage, [u for _, _, u in units])
+        self.reused_units[stage] = {"reused": len(units) - len(todo), "computed": len(todo)}
+        self.log(f"[{stage}] {len(units)} units (method x prompt): {len(units) - len(todo)} reused, "
+                 f"{len(todo)} to compute")
+        return units, todo, key
+
     def stage_score(self, plan: _LazyCells) -> pl.DataFrame:
         """Score every cell, one (method, prompt) unit at a time; finished units are reused."""
         path = self.run_dir / "cells.parquet"
@@ -611,15 +628,7 @@ class Runner:
             self._report_error_cells(df)
             return df
         t = time.perf_counter()
-        todo = [u for u in units if not self._unit_done("score", u[2])]
-        if todo:  # building cells may drop a failing method: its units then go too
-            plan.build()
-            units = [u for u in units if u[0] in plan.methods]
-            todo = [u for u in todo if u[0] in plan.methods]
-            key = self._key_for("score", [u for _, _, u in units])
-        self.reused_units["score"] = {"reused": len(units) - len(todo), "computed": len(todo)}
-        self.log(f"[score] {len(units)} units (method x prompt): {len(units) - len(todo)} reused, "
-                 f"{len(todo)} to compute")
+        units, todo, key = self._pending_units("score", units, key, plan)
         for method, pid, ukey in self.progress(todo, "score units", len(todo)):
             records = self._score_unit(plan.cells(method, pid))
             write_parquet(self._unit_path("score", ukey), pl.DataFrame(records, schema=CELL_SCHEMA))
@@ -712,15 +721,7 @@ class Runner:
         if scored is not None:
             errors = set(scored.filter(pl.col("status") == "error")
                          .select("prompt_id", "method", "condition", "alpha", "scaling").iter_rows())
-        todo = [u for u in units if not self._unit_done("completions", u[2])]
-        if todo:
-            plan.build()
-            units = [u for u in units if u[0] in plan.methods]
-            todo = [u for u in todo if u[0] in plan.methods]
-            key = self._key_for("completions", [u for _, _, u in units])
-        self.reused_units["completions"] = {"reused": len(units) - len(todo), "computed": len(todo)}
-        self.log(f"[completions] {len(units)} units (method x prompt): {len(units) - len(todo)} reused, "
-                 f"{len(todo)} to compute")
+        units, todo, key = self._pending_units("completions", units, key, plan)
         failed: set[str] = set()
         for method, pid, ukey in self.progress(todo, "completion units", len(todo)):
             if method in failed:

@@ -107,8 +107,7 @@ class DiffMean(Method):
     @torch.no_grad()
     def _activations(self, wanted: dict[tuple[str, str], Prompt], runtime: MethodRuntime, chat: bool,
                      batch_size: int, layer: int) -> dict[tuple[str, str], torch.Tensor]:
-        from steercmp.engine import tokenize_prompt
-        from steercmp.injection import capturing, pad_batch
+        from steercmp.engine import capture_residuals, tokenize_prompt
 
         acts: dict[tuple[str, str], torch.Tensor] = {}
         with runtime.base() as lm:
@@ -122,16 +121,9 @@ class DiffMean(Method):
                 except ConfigError:  # a position rule that the swapped text no longer satisfies
                     continue
                 items.append((key, ids[: inject + 1], inject))
-            pad = lm.tokenizer.pad_token_id or 0
-            for start in range(0, len(items), batch_size):
-                chunk = items[start:start + batch_size]
-                ids, mask, _ = pad_batch([c[1] for c in chunk], pad, side="right")
-                with capturing(lm.model, layer) as store:
-                    lm.model(input_ids=ids.to(lm.input_device), attention_mask=mask.to(lm.input_device),
-                             logits_to_keep=1)
-                resid = store[0].float().cpu()
-                for i, (key, _ids, inject) in enumerate(chunk):
-                    acts[key] = resid[i, inject].clone()
+            resids = capture_residuals(lm, layer, [ids for _, ids, _ in items], batch_size=batch_size)
+            for (key, _ids, inject), resid in zip(items, resids, strict=True):
+                acts[key] = resid[inject]
         return acts
 
 
