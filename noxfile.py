@@ -27,9 +27,10 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff over the package, plugins, tests and scripts."""
-    session.install("ruff")
+    """ruff over the package, plugins, tests and scripts; import-linter's architecture contracts."""
+    _install(session, "[dev]")
     session.run("ruff", "check", "steercmp", "plugins", "tests", "scripts", *session.posargs)
+    session.run("lint-imports")
 
 
 @nox.session(python=PYTHON)

@@ -2,34 +2,16 @@
 
 ``delta = unit(mean_u(target family) - mean_u(original family)) * norm_fraction * ||h||``
 where ``u(w)`` is the output-embedding row of the word's leading-space token scaled by the final
-norm's gain. No extra model: it reads the base model's own readout, so it needs only the base.
+norm's gain (:func:`steercmp.lm.readout.readout_directions`, which also reads the gain inside
+Gemma 3's multimodal wrapper). No extra model: it reads the base model's own readout.
 """
 
 from __future__ import annotations
 
-import torch
-
 from steercmp.api import PROPOSAL_FAMILIES, Method, Proposal
-from steercmp.battery import encode_form
 from steercmp.errors import ConfigError
 from steercmp.hookspecs import hookimpl
-
-
-def readout_directions(lm, words) -> torch.Tensor:
-    """Residual-space directions that raise each word's leading-space first token's logit."""
-    w_u = lm.model.get_output_embeddings().weight.detach().float()
-    norm = getattr(getattr(lm.model, "model", lm.model), "norm", None)
-    gain = None
-    if norm is not None and getattr(norm, "weight", None) is not None:
-        # Gemma's RMSNorm multiplies by (1 + weight); other families by weight
-        w = norm.weight.detach().float()
-        gain = 1.0 + w if "Gemma" in type(norm).__name__ else w
-    rows = []
-    for word in words:
-        tok = encode_form(lm.tokenizer, " " + word)[0]
-        row = w_u[tok]
-        rows.append(row * gain if gain is not None else row)
-    return torch.stack(rows)
+from steercmp.lm.readout import readout_directions
 
 
 class UnembedDirection(Method):

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=5, help="top next tokens to show")
     args = ap.parse_args(argv)
 
-    from steercmp.models import load_base_model
+    from steercmp.lm.load import load_base_model
 
     with open(args.battery) as fh:
         battery = yaml.safe_load(fh)

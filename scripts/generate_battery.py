@@ -27,7 +27,7 @@ NOTE8_IDS = {"bird_word", "fire_desire", "hill_still", "night_light", "rain_pane
 def load_tokenizer():
     from transformers import AutoTokenizer
 
-    from steercmp.embedded import ensure_embedded_model
+    from steercmp.lm.embedded import ensure_embedded_model
 
     return AutoTokenizer.from_pretrained(ensure_embedded_model())
 

@@ -34,8 +34,8 @@ def gib(n: float | int | None) -> str:
 
 def import_baseline() -> int:
     """RSS of a fresh interpreter after importing torch, transformers and steercmp (no model)."""
-    code = ("import torch, transformers, steercmp.runner, steercmp.sweep; "
-            "from steercmp.memory import rss_bytes; print(rss_bytes())")
+    code = ("import torch, transformers, steercmp.run.runner, steercmp.score.sweep; "
+            "from steercmp.lm.memory import rss_bytes; print(rss_bytes())")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     try:
         return int(res.stdout.strip().splitlines()[-1])

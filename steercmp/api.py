@@ -25,6 +25,9 @@ TARGET_CONDITION = "target_edit"
 UNRELATED_CONDITION = "unrelated_edit"
 FAMILY_OF_CONDITION = {TARGET_CONDITION: "edited", UNRELATED_CONDITION: "unrelated"}
 SCALINGS: tuple[str, ...] = ("raw", "norm_relative")
+#: statuses a proposal may carry: ``ok``; NLA selection outcomes ``editable`` / ``fallback``;
+#: ``dropped`` (excluded from the analysis, visibly)
+PROPOSAL_STATUSES: tuple[str, ...] = ("ok", "editable", "fallback", "dropped")
 
 
 def _frozen_dict(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -37,7 +40,7 @@ class Prompt:
 
     ``families`` maps ``original`` / ``edited`` / ``unrelated`` to word lists; ``edits`` maps the
     same target families to explanation edit maps (e.g. ``{"edited": {"dream": "gleam"}}``).
-    ``inject`` and ``score`` are position rules (see :mod:`steercmp.positions`).
+    ``inject`` and ``score`` are position rules (see :data:`steercmp.battery.RULE_KINDS`).
     """
 
     id: str
@@ -136,13 +139,19 @@ class Resource:
 
 
 class MethodRuntime(abc.ABC):
-    """What the runner lends a method while it proposes: staged loading, seeds, artifact I/O."""
+    """What the runner lends a method while it proposes: staged loading, captures, seeds, I/O.
+
+    Attributes: ``seed`` (the run seed), ``layer`` (the experiment's layer: the output of block
+    ``layer``), ``device`` and ``dtype`` (the base model's), ``run_dir`` (the run directory, or
+    ``None`` in tests). A method never registers hooks itself: :meth:`capture` reads activations
+    of any text, and the shared engine injects whatever the method proposes.
+    """
 
     seed: int
     layer: int
     device: str
     dtype: torch.dtype
-    run_dir: Any  # pathlib.Path of the run directory
+    run_dir: Any  # pathlib.Path of the run directory, or None
 
     @abc.abstractmethod
     def load(self, resource: Resource) -> AbstractContextManager[Any]:
@@ -150,7 +159,19 @@ class MethodRuntime(abc.ABC):
 
     @abc.abstractmethod
     def base(self) -> AbstractContextManager[Any]:
-        """Yield the base model as a :class:`steercmp.models.LoadedModel` (loading it if needed)."""
+        """Yield the base model as a :class:`steercmp.lm.load.LoadedModel` (loading it if needed)."""
+
+    @abc.abstractmethod
+    def capture(self, inputs: Sequence[str | Sequence[int]], positions: Sequence[int | str] | None = None,
+                *, layer: int | None = None, batch_size: int = 8) -> list[torch.Tensor]:
+        """Residual stream of the base model at the output of block ``layer`` (default: the
+        experiment's) for each input, float32 on CPU.
+
+        An input is a text (tokenized like a battery prompt: BOS, or the chat prefix when the
+        experiment uses one) or a sequence of token ids. Without ``positions`` each result is
+        ``[len, d_model]``; with one position per input (an absolute index, negative from the end,
+        or a position rule such as ``"first_line_break"`` for texts) each result is ``[d_model]``.
+        """
 
     @abc.abstractmethod
     def generator(self, *key: object) -> torch.Generator:
@@ -217,3 +238,44 @@ class Control(abc.ABC):
         self, target: Proposal, context: PromptContext, generator: torch.Generator
     ) -> Proposal:
         """Build the control's proposal from the target proposal for the same prompt."""
+
+
+@attrs.frozen
+class SectionContent:
+    """What a report section shows: an Altair chart (or ``None``), tables as
+    ``(subheading, polars.DataFrame)`` pairs, and a one-paragraph note."""
+
+    chart: Any = None
+    tables: Sequence[tuple[str, Any]] = ()
+    note: str = ""
+
+
+@attrs.frozen(eq=False)
+class ReportInputs:
+    """What a report section may read about a finished run.
+
+    ``cells`` and ``completions`` are the run's polars frames (``completions`` may be ``None``);
+    :meth:`method_tables` returns ``{method: DataFrame}`` for the tables methods wrote with
+    :meth:`MethodRuntime.write_table`.
+    """
+
+    run_dir: Any
+    cells: Any
+    completions: Any
+    decision_alphas: tuple[float, ...]
+    seed: int
+    read_tables: Callable[[str], Mapping[str, Any]] = attrs.field(repr=False)
+
+    def method_tables(self, name: str) -> Mapping[str, Any]:
+        return self.read_tables(name)
+
+
+@attrs.frozen
+class ReportSection:
+    """A section a plugin adds to every report. ``build`` returns its content, or ``None`` when
+    the run has nothing for it (the report then says "not available" with ``missing``)."""
+
+    name: str
+    title: str
+    build: Callable[[ReportInputs], SectionContent | None] = attrs.field(repr=False)
+    missing: str = "not produced by this run"

@@ -2,7 +2,12 @@
 
 A battery is a tuple of :class:`steercmp.api.Prompt`. Structural checks (ids, families, edit
 maps, position-rule syntax) run on load; tokenizer checks (family words known to the vocabulary,
-position rules that resolve) run in :func:`check_against_tokenizer` once a tokenizer exists.
+position rules that resolve) run in :func:`steercmp.lm.prompts.check_against_tokenizer` once a
+tokenizer exists.
+
+Position rules are strings so batteries stay plain YAML: ``first_line_break`` (the token holding
+the first "\\n"), ``last``, ``token:N`` (absolute index, negative from the end) and
+``regex:PATTERN`` (the token where the single match starts).
 """
 
 from __future__ import annotations
@@ -19,9 +24,31 @@ import yaml
 
 from steercmp.api import Prompt
 from steercmp.errors import ConfigError
-from steercmp.positions import check_rule_syntax, find_position
 
 FAMILIES = ("original", "edited", "unrelated")
+RULE_KINDS = ("first_line_break", "last", "token:N", "regex:PATTERN")
+
+
+def check_rule_syntax(rule: str) -> None:
+    """Validate a rule's spelling without a tokenizer (config validation, before models load)."""
+    if rule in ("first_line_break", "last"):
+        return
+    if rule.startswith("token:"):
+        try:
+            int(rule.split(":", 1)[1])
+        except ValueError:
+            raise ConfigError(f"position rule {rule!r} needs an integer after 'token:'",
+                              fix="write e.g. token:-1") from None
+        return
+    if rule.startswith("regex:"):
+        try:
+            re.compile(rule.split(":", 1)[1])
+        except re.error as exc:
+            raise ConfigError(f"position rule {rule!r} is not a valid regex ({exc})",
+                              fix="escape special characters") from None
+        return
+    raise ConfigError(f"unknown position rule {rule!r}", fix=f"use one of {', '.join(RULE_KINDS)}")
+
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 WORD_PATTERN = re.compile(r"^[A-Za-z][A-Za-z'\-]*$")
 
@@ -153,38 +180,3 @@ def _parse_prompt(raw: Any, defaults: Mapping[str, Any], where: str) -> Prompt:
             raise ConfigError(exc.message, where=f"{where}.{field}", fix=exc.fix) from None
     return Prompt(id=pid, text=text, families=families, edits=edits, inject=inject, score=score,
                   rhyme=str(raw.get("rhyme", "")), meta=dict(raw.get("meta") or {}))
-
-
-def word_forms(word: str) -> tuple[str, ...]:
-    """The surface forms a family word is scored under: with/without leading space, lower/capitalised."""
-    lower, cap = word.lower(), word[:1].upper() + word[1:].lower()
-    return tuple(dict.fromkeys((" " + lower, " " + cap, lower, cap)))
-
-
-def encode_form(tokenizer, form: str) -> tuple[int, ...]:
-    """Token ids of a surface form with no special tokens (Gemma has no leading-space prefix)."""
-    return tuple(tokenizer(form, add_special_tokens=False)["input_ids"])
-
-
-def check_against_tokenizer(battery: Battery, tokenizer, *, require_single_token: bool = True) -> None:
-    """Tokenizer checks: family words known to the vocabulary and position rules that resolve."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-    for p in battery.prompts:
-        where = f"{battery.source}: prompt {p.id}"
-        for fam, words in p.families.items():
-            for w in words:
-                ids = encode_form(tokenizer, " " + w)
-                if not ids or (unk is not None and unk in ids):
-                    raise ConfigError(f"family word {w!r} is missing from the tokenizer's vocabulary",
-                                      where=f"{where}.families.{fam}", fix="choose a word the model knows")
-                if require_single_token and len(ids) != 1:
-                    raise ConfigError(
-                        f"family word {w!r} is not one token (' {w}' -> {len(ids)} tokens)",
-                        where=f"{where}.families.{fam}",
-                        fix="choose a single-token word or set single_token_families: false in the experiment")
-        ids = tokenizer(p.text)["input_ids"]
-        for field, rule in (("inject", p.inject), ("score", p.score)):
-            try:
-                find_position(tokenizer, ids, p.text, rule)
-            except ConfigError as exc:
-                raise ConfigError(exc.message, where=f"{where}.{field}", fix=exc.fix) from None

@@ -27,68 +27,13 @@ def _load_experiment(path: str | None):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from steercmp.runner import STAGES, Runner, format_table, summary_frame
+    from steercmp.commands.run import run_command
 
-    experiment = _load_experiment(args.experiment)
-    plugins = _plugin_set(args)
-    if args.no_progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    out = Path(args.out) if args.out else Path("artifacts") / experiment.name
-    steps = STAGES if args.step in (None, "all") else (args.step,)
-    if args.processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return _run_distributed(args, experiment, out, steps)
-    runner = Runner(experiment, plugins, out, fresh=args.fresh, progress=not args.no_progress)
-    cells = runner.run(steps)
-    summary_path = out / "report" / "summary.parquet"
-    if cells is not None or summary_path.exists():
-        print(f"\nsteercmp {experiment.name}: {len(runner.battery)} prompts, layer {experiment.layer}, "
-              f"model {experiment.model.id} (score = logmass(edited) - logmass(original))")
-        if summary_path.exists():
-            import polars as pl
-
-            from steercmp.report import format_summary_table
-
-            print(format_summary_table(pl.read_parquet(summary_path)))
-        else:
-            print(format_table(summary_frame(cells)))
-    verdict = out / "report" / "verdict.json"
-    if verdict.exists():
-        import json
-
-        print("\nverdicts (decision alphas " + ", ".join(f"{a:g}" for a in experiment.decision_alphas) + "):")
-        for row in json.loads(verdict.read_text()).get("verdicts", []):
-            print(f"  {row.get('method')} [{row.get('scaling')}]: {row.get('verdict')}")
-    print(f"\nrun directory: {out}")
-    if runner.failures:
-        for failure in runner.failures:
-            print(f"steercmp: error: {failure.one_line()}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _run_distributed(args: argparse.Namespace, experiment, out: Path, steps) -> int:
-    """Shard prompts over ``--processes`` local workers (or ranks of ``accelerate launch``)."""
-    from steercmp.distributed import PluginSpec, run_rank, run_sharded
-    from steercmp.runner import format_table, summary_frame
-
-    plugins = PluginSpec(plugins_dir=args.plugins_dir)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        run_rank(experiment, out, plugins=plugins, steps=steps, fresh=args.fresh)
-        return 0
-    cells, failures = run_sharded(experiment, out, args.processes, plugins=plugins, steps=steps,
-                                  fresh=args.fresh)
-    if cells is not None:
-        print(format_table(summary_frame(cells)))
-    print(f"\nrun directory: {out} ({args.processes} processes)")
-    for failure in failures:
-        print(f"steercmp: error: {failure}", file=sys.stderr)
-    return 2 if failures else 0
+    return run_command(args, _load_experiment(args.experiment), _plugin_set(args))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from steercmp.plan import describe_plan
+    from steercmp.commands.plan import describe_plan
 
     experiment = _load_experiment(args.experiment)
     print(describe_plan(experiment, _plugin_set(args)))
@@ -96,35 +41,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    plugins = _plugin_set(args)
-    print("plugins loaded:")
-    for name, origin in plugins.sources:
-        print(f"  {name}  ({origin})")
-    print("methods:")
-    for name, reg in sorted(plugins.methods.items()):
-        print(f"  {name:<20} {reg.plugin} ({reg.origin})  {getattr(reg.cls, 'description', '')}")
-    print("controls:")
-    for name, reg in sorted(plugins.controls.items()):
-        print(f"  {name:<20} {reg.plugin} ({reg.origin})  {getattr(reg.cls, 'description', '')}")
-    return 0
+    from steercmp.commands.plugins import plugins_command
+
+    return plugins_command(_plugin_set(args))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from steercmp.report import write_report
+    from steercmp.commands.report import report_command
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "cells.parquet").exists():
-        from steercmp.errors import ConfigError
-
-        raise ConfigError("no cells.parquet in the run directory", where=str(run_dir),
-                          fix="point at a run directory written by `steercmp run`")
-    out = write_report(run_dir, decision_alphas=args.alphas, n_boot=args.n_boot)
-    print(f"report written to {out}")
-    return 0
+    return report_command(args, _plugin_set(args))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from steercmp.bench import main as bench_main
+    from steercmp.commands.bench import main as bench_main
 
     return bench_main(args)
 
@@ -138,7 +67,8 @@ def build_parser(plugin_commands: Sequence[tuple] = ()) -> argparse.ArgumentPars
     run.add_argument("experiment", nargs="?", help="experiment YAML (default experiments/embedded.yaml)")
     run.add_argument("--out", help="run directory (default artifacts/<experiment name>)")
     run.add_argument("--step", choices=("all", "extract", "propose", "score", "completions", "report"),
-                     help="run one stage (earlier stages must exist in the run directory)")
+                     help="run one stage (earlier stages must exist in the run directory); "
+                          "report re-reads the run directory")
     run.add_argument("--fresh", action="store_true", help="ignore finished stages in the run directory")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--processes", type=int, default=1,
@@ -159,7 +89,7 @@ def build_parser(plugin_commands: Sequence[tuple] = ()) -> argparse.ArgumentPars
     report.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="benchmark steercmp's sweep against the usual loops")
-    from steercmp.bench import add_arguments
+    from steercmp.commands.bench import add_arguments
 
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)

@@ -14,8 +14,9 @@ import yaml
 
 from steercmp.api import SCALINGS
 from steercmp.battery import Battery, read_yaml
-from steercmp.embedded import EMBEDDED_ID, is_embedded
+from steercmp.catalog import EMBEDDED_ID, is_embedded
 from steercmp.errors import ConfigError
+from steercmp.redact import redact
 
 DEFAULT_CONTROLS = ("noop", "random_delta", "wrong_position")
 PACKAGE_EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -63,6 +64,7 @@ class Experiment:
     model: ModelSpec
     layer: int
     battery_path: str
+    battery: Battery = attrs.field(eq=False, repr=False)
     alphas: tuple[float, ...]
     scalings: tuple[str, ...]
     methods: tuple[MethodSpec, ...]
@@ -78,14 +80,15 @@ class Experiment:
 
     @property
     def base_dir(self) -> Path:
-        return Path(self.source).resolve().parent if self.source.endswith((".yaml", ".yml")) else Path.cwd()
+        return _base_dir(self.source)
 
-    def battery(self) -> Battery:
-        return Battery.from_yaml(self.resolve(self.battery_path))
+    def with_prompts(self, prompt_ids: Sequence[str]) -> Experiment:
+        """The same experiment on a subset of its battery (a shard of a distributed run)."""
+        return attrs.evolve(self, battery=self.battery.subset(prompt_ids))
 
     def resolve(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else self.base_dir / p
+        """A path from the experiment file, relative to that file's folder."""
+        return _resolve(self.source, path)
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -100,8 +103,6 @@ class Experiment:
         data.setdefault("decision", {})
         data["decision"] = {**dict(data["decision"] or {}), "alphas": list(self.decision_alphas)}
         data["battery"] = str(self.resolve(self.battery_path))
-        from steercmp.provenance import redact
-
         return yaml.safe_dump(redact(data), sort_keys=False)
 
     @classmethod
@@ -111,7 +112,9 @@ class Experiment:
         return cls.from_dict(data, source=str(path))
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<experiment>") -> Experiment:
+    def from_dict(cls, data: Any, source: str = "<experiment>", *, battery: Battery | None = None) -> Experiment:
+        """Validate ``data`` (a parsed experiment YAML) and load its battery, relative to
+        ``source``'s folder; ``battery`` supplies an in-memory battery instead (tests, the kit)."""
         if not isinstance(data, Mapping):
             raise ConfigError("an experiment must be a YAML mapping", where=source,
                               fix="see experiments/embedded.yaml")
@@ -140,8 +143,9 @@ class Experiment:
             raise ConfigError(f"unknown dtype {model.dtype!r}", where=f"{source}: model.dtype",
                               fix="use float32 or bfloat16")
         layer = f.integer(data, "layer", required=True, minimum=0)
-        battery = data.get("battery")
-        if not isinstance(battery, str) or not battery:
+        battery_obj = battery
+        battery_name = data.get("battery")
+        if not isinstance(battery_name, str) or not battery_name:
             raise ConfigError("`battery` is missing", where=f"{source}: battery",
                               fix="name a battery YAML file, e.g. batteries/note8.yaml")
         alphas = f.numbers(data, "alphas", default=(-2, -1, 0, 1, 2, 4, 8))
@@ -237,7 +241,8 @@ class Experiment:
             name=str(data.get("name") or Path(source).stem),
             model=model,
             layer=layer,
-            battery_path=battery,
+            battery_path=battery_name,
+            battery=battery_obj if battery_obj is not None else Battery.from_yaml(_resolve(source, battery_name)),
             alphas=alphas,
             scalings=scalings,
             methods=tuple(methods),
@@ -251,6 +256,15 @@ class Experiment:
             source=source,
             raw=dict(data),
         )
+
+
+def _base_dir(source: str) -> Path:
+    return Path(source).resolve().parent if source.endswith((".yaml", ".yml")) else Path.cwd()
+
+
+def _resolve(source: str, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else _base_dir(source) / p
 
 
 _MODEL_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
@@ -330,17 +344,23 @@ class _Fields:
         return tuple(out)
 
 
+def experiments_dir() -> Path:
+    """The shipped ``experiments/`` folder: the source tree's, or the installed package's
+    (``steercmp_experiments``)."""
+    if (PACKAGE_EXPERIMENTS / "embedded.yaml").exists():
+        return PACKAGE_EXPERIMENTS
+    try:
+        import steercmp_experiments
+    except ImportError:
+        return PACKAGE_EXPERIMENTS
+    return Path(steercmp_experiments.__file__).resolve().parent
+
+
 def default_experiment_path() -> Path:
     """``experiments/embedded.yaml`` from the source tree, or the copy shipped in the package."""
-    try:  # installed: experiments/ ships as the package ``steercmp_experiments``
-        import steercmp_experiments
-
-        installed = Path(steercmp_experiments.__file__).resolve().parent / "embedded.yaml"
-    except ImportError:
-        installed = PACKAGE_EXPERIMENTS / "embedded.yaml"
-    for candidate in (PACKAGE_EXPERIMENTS / "embedded.yaml", installed):
-        if candidate.exists():
-            return candidate
+    candidate = experiments_dir() / "embedded.yaml"
+    if candidate.exists():
+        return candidate
     raise ConfigError("the default experiment file is missing", where="experiments/embedded.yaml",
                       fix="pass an experiment YAML explicitly")
 

@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import re
-
-_SECRET_ENV = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)", re.IGNORECASE)
-_SECRET_SHAPE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{20,}|ghp_[A-Za-z0-9]{20,})\b")
-
-
-def redact_text(text: str) -> str:
-    """Remove credentials from a message: values of secret-looking environment variables
-    (``HF_TOKEN``, ``*_API_KEY``...) and token-shaped strings (``hf_...``, ``sk-...``)."""
-    for name, value in os.environ.items():
-        if len(value) >= 6 and _SECRET_ENV.search(name):
-            text = text.replace(value, "<redacted>")
-    return _SECRET_SHAPE.sub("<redacted>", text)
+from steercmp.redact import redact_text
 
 
 class SteercmpError(Exception):

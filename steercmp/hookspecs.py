@@ -1,8 +1,11 @@
-"""pluggy hook specifications: how plugins hand methods, controls and commands to steercmp.
+"""pluggy hook specifications: how plugins hand methods, controls, report sections and
+commands to steercmp.
 
-Every hook is a registration hook. It is called ONCE, when a plugin manager is built by
-:func:`steercmp.plugin_manager.build_plugin_manager`, and receives a typed ``register`` callable;
-plugins call it with classes instead of returning loose values. Registering a name twice raises.
+Every hook is a registration hook and receives a typed ``register`` callable; plugins call it
+with classes or objects instead of returning loose values. Registering a name twice raises.
+Methods and controls register when a plugin manager is built
+(:func:`steercmp.plugin_manager.build_plugin_manager`); report sections each time a report is
+written; commands when the CLI is built.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ def register_methods(register: Callable[[type], None]) -> None:
 def register_controls(register: Callable[[type], None]) -> None:
     """Called once at plugin-manager build time; call ``register(ControlSubclass)`` for each
     :class:`steercmp.api.Control` the plugin provides. Returns nothing."""
+
+
+@hookspec
+def register_report_sections(register: Callable[[Any], None]) -> None:
+    """Called once each time a report is written; call ``register(ReportSection(...))`` for each
+    :class:`steercmp.api.ReportSection` (a chart and tables built from the run's data) the plugin
+    adds after the core sections. Returns nothing."""
 
 
 @hookspec

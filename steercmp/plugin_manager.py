@@ -18,7 +18,7 @@ import attrs
 import pluggy
 
 from steercmp import hookspecs
-from steercmp.api import Control, Method
+from steercmp.api import Control, Method, ReportSection
 from steercmp.errors import PluginError
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -85,6 +85,24 @@ class PluginSet:
 
     def control(self, name: str) -> type[Control]:
         return self.controls[name].cls  # type: ignore[return-value]
+
+    def report_sections(self) -> list[Any]:
+        """Every plugin's :class:`steercmp.api.ReportSection` objects, in plugin load order."""
+        found: list[ReportSection] = []
+
+        def register(section: Any) -> None:
+            if not isinstance(section, ReportSection):
+                raise PluginError(f"register_report_sections got {section!r}, not a steercmp.api.ReportSection",
+                                  fix="register ReportSection objects")
+            if any(s.name == section.name for s in found):
+                raise PluginError(f"report section {section.name!r} is registered twice", fix="rename one")
+            found.append(section)
+
+        for name, _origin in self.sources:  # load order (pluggy's own call order is the reverse)
+            impl = getattr(self.pm.get_plugin(name), "register_report_sections", None)
+            if impl is not None:
+                impl(register=register)
+        return found
 
     def commands(self) -> list[tuple[str, str, Any, Any]]:
         found: list[tuple[str, str, Any, Any]] = []

@@ -19,6 +19,14 @@ def register_methods(register) -> None:  # noqa: ANN001
 
 
 @hookimpl
+def register_report_sections(register) -> None:  # noqa: ANN001
+    """Register the NLA fidelity and selection section."""
+    from .report import SECTION
+
+    register(SECTION)
+
+
+@hookimpl
 def register_commands(register) -> None:  # noqa: ANN001
     """Register ``steercmp nla explain|reconstruct|build-mini``."""
     from .cli import configure, handler

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from steercmp.errors import ConfigError
-from steercmp.models import LoadedModel, text_config
+from steercmp.lm.load import LoadedModel, text_config
 
 from .checkpoint import hidden_size, load_lm, read_meta, resolve_checkpoint
 from .meta import VALUE_HEAD_NAME, NlaMeta

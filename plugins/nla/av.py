@@ -18,7 +18,7 @@ import attrs
 import torch
 
 from steercmp.errors import ConfigError, NumericalError
-from steercmp.models import LoadedModel
+from steercmp.lm.load import LoadedModel
 
 from .checkpoint import as_id_list, hidden_size, load_lm, read_meta, resolve_checkpoint
 from .meta import NlaMeta

@@ -1,4 +1,4 @@
-"""Finding an NLA checkpoint directory (local dir, HF id, or the ``mini`` alias) and its weights."""
+"""Finding an NLA checkpoint directory (local dir or HF id) and loading its language model."""
 
 from __future__ import annotations
 
@@ -8,25 +8,15 @@ from typing import Any
 import torch
 
 from steercmp.errors import ConfigError
-from steercmp.models import LoadedModel, load_base_model, text_config
+from steercmp.lm.load import LoadedModel, load_base_model, text_config
 
 from .meta import SIDECAR_NAME, NlaMeta
 
-MINI_ALIAS = "mini"
-
 
 def resolve_checkpoint(source: str, role: str, *, progress: bool = True) -> Path:
-    """A local directory holding the checkpoint named by ``source``.
-
-    ``mini`` builds (once) or reuses steercmp's miniature pair for the embedded model. A local
-    directory is used as is; anything else is treated as a Hugging Face id and resolved through
-    the HF cache (``HF_HUB_OFFLINE=1`` keeps it offline).
-    """
-    if source == MINI_ALIAS:
-        from .mini import ensure_mini_pair
-
-        av, ar = ensure_mini_pair(progress=progress)
-        return av if role == "av" else ar
+    """A local directory holding the checkpoint named by ``source``: a local directory as is;
+    anything else is a Hugging Face id resolved through the HF cache (``HF_HUB_OFFLINE=1``
+    keeps it offline)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path

@@ -13,6 +13,10 @@ from typing import Any
 import torch
 
 from steercmp.errors import ConfigError
+from steercmp.lm.capture import capture_at
+from steercmp.lm.load import load_base_model
+
+from .method import checkpoint_source
 
 VECTOR_KEY = "vector"
 
@@ -67,27 +71,14 @@ def read_vector(path: str) -> torch.Tensor:
 
 def prompt_activation(text: str, rule: str, base: str, layer: int | None,
                       dtype: str, device: str) -> torch.Tensor:
-    from steercmp.models import load_base_model
-    from steercmp.positions import find_position
-
     if layer is None:
         raise ConfigError("--prompt needs --layer", where="--layer", fix="pass the NLA's layer K")
     lm = load_base_model(base, dtype=dtype, device=device)
     try:
-        ids = list(lm.tokenizer(text)["input_ids"])
-        pos = find_position(lm.tokenizer, ids, text, rule)
         if not 0 <= layer < lm.num_layers:
             raise ConfigError(f"layer {layer} is outside 0..{lm.num_layers - 1}", where="--layer",
                               fix="pick a layer of the base model")
-        store: list[torch.Tensor] = []
-        handle = lm.layers[layer].register_forward_hook(
-            lambda _m, _i, out: store.append(out[0] if isinstance(out, tuple) else out))
-        try:
-            with torch.no_grad():
-                lm.model(torch.tensor([ids], device=lm.input_device))
-        finally:
-            handle.remove()
-        return store[0][0, pos].float().cpu()
+        return capture_at(lm, layer, [text], [rule])[0]
     finally:
         lm.unload()
 
@@ -102,7 +93,7 @@ def _explain(args: argparse.Namespace) -> int:
     else:
         vec = prompt_activation(args.prompt, args.position, args.base, args.layer,
                                 args.dtype, args.device)
-    av = ActivationVerbalizer.load(args.av, dtype=args.dtype, device=args.device)
+    av = ActivationVerbalizer.load(checkpoint_source(args.av, "av"), dtype=args.dtype, device=args.device)
     av.meta.check_compatible(d_model=int(vec.shape[0]),
                              layer=args.layer if args.prompt else None)
     gens = [torch.Generator().manual_seed(args.seed * 100003 + i) for i in range(args.n)]
@@ -113,7 +104,7 @@ def _explain(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = [{"sample": i, "explanation": e, "raw": r, "complete": c}
                                   for i, (e, r, c) in enumerate(outs)]
     if args.ar:
-        ar = ActivationReconstructor.load(args.ar, dtype=args.dtype, device=args.device)
+        ar = ActivationReconstructor.load(checkpoint_source(args.ar, "ar"), dtype=args.dtype, device=args.device)
         recon = ar.reconstruct([r["explanation"] for r in rows])
         ar.unload()
         for r, p in zip(rows, recon, strict=True):
@@ -134,7 +125,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
     from .ar import ActivationReconstructor
 
-    ar = ActivationReconstructor.load(args.ar, dtype=args.dtype, device=args.device)
+    ar = ActivationReconstructor.load(checkpoint_source(args.ar, "ar"), dtype=args.dtype, device=args.device)
     vec = ar.reconstruct([args.text])[0].contiguous()
     ar.unload()
     if args.out:

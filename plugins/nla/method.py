@@ -24,39 +24,38 @@ import attrs
 import torch
 
 from steercmp.api import PROPOSAL_FAMILIES, Method, MethodRuntime, PromptContext, Proposal, Resource
+from steercmp.catalog import EMBEDDED_ID, known_model, nla_pair
 from steercmp.errors import ConfigError
-from steercmp.models import parse_dtype, resolve_device
+from steercmp.lm.load import parse_dtype, resolve_device
 
-from .checkpoint import MINI_ALIAS
 from .fidelity import baseline_variance, fidelity
 from .select import SELECTIONS, apply_edit, mentions, select_explanation
 
-# (params of the AV, decoder layers, d_model) of the released bases, for ``steercmp plan``
-# estimates without downloading. The AR keeps K+1 of the layers plus a d x d head.
-KNOWN_PAIRS: dict[str, tuple[float, int, int, int]] = {
-    "kitft/nla-gemma3-12b-L32": (12.2e9, 48, 32, 3840),
-    "kitft/nla-gemma3-27b-L41": (27.4e9, 62, 41, 5376),
-    "kitft/nla-qwen2.5-7b-L20": (7.6e9, 28, 20, 3584),
-    "kitft/Llama-3.3-70B-NLA-L53": (70.6e9, 80, 53, 8192),
-    MINI_ALIAS: (268e6, 18, 12, 640),
-}
+#: the miniature pair steercmp builds for the embedded Gemma 3 270M (:mod:`.mini`)
+MINI_ALIAS = "mini"
+MINI_PAIR = (EMBEDDED_ID, 12)
 
 
-def _known(source: str) -> tuple[float, int, int, int] | None:
-    for prefix, info in KNOWN_PAIRS.items():
-        if source == prefix or source.removesuffix("-av").removesuffix("-ar") == prefix:
-            return info
-    return None
+def checkpoint_source(source: str, role: str, *, progress: bool = True) -> str:
+    """The checkpoint to load for ``source``: ``mini`` builds (once) or reuses the miniature
+    pair and names its directory; anything else passes through to the loader."""
+    if source != MINI_ALIAS:
+        return source
+    from .mini import ensure_mini_pair
+
+    av, ar = ensure_mini_pair(progress=progress)
+    return str(av if role == "av" else ar)
 
 
 def estimate_params(source: str, role: str) -> int | None:
-    """Parameter count of an AV/AR without loading it (known ids, or local safetensors sizes)."""
-    info = _known(source)
-    if info is not None:
-        total, layers, k, d = info
+    """Parameter count of an AV/AR without loading it (the model catalogue, or local safetensors
+    sizes). An AR keeps blocks 0..K of its base plus a d x d value head."""
+    pair = MINI_PAIR if source == MINI_ALIAS else nla_pair(source)
+    info = known_model(pair[0]) if pair is not None else None
+    if pair is not None and info is not None and info.params and info.layers and info.d_model:
         if role == "av":
-            return int(total)
-        return int(total * (k + 1) / layers + d * d)
+            return int(info.params)
+        return int(info.params * (pair[1] + 1) / info.layers + info.d_model ** 2)
     path = Path(source).expanduser()
     if path.is_dir():
         nbytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
@@ -187,11 +186,13 @@ class NlaTextEdit(Method):
         bpp = torch.finfo(dtype).bits / 8
         return (
             Resource(name="nla_av", kind="nla_av", source=o.av,
-                     loader=lambda: ActivationVerbalizer.load(o.av, dtype=dtype, device=device),
+                     loader=lambda: ActivationVerbalizer.load(checkpoint_source(o.av, "av"), dtype=dtype,
+                                                              device=device),
                      params=estimate_params(o.av, "av"), bytes_per_param=bpp,
                      note="activation verbalizer (explain)"),
             Resource(name="nla_ar", kind="nla_ar", source=o.ar,
-                     loader=lambda: ActivationReconstructor.load(o.ar, dtype=dtype, device=device),
+                     loader=lambda: ActivationReconstructor.load(checkpoint_source(o.ar, "ar"), dtype=dtype,
+                                                                 device=device),
                      params=estimate_params(o.ar, "ar"), bytes_per_param=bpp,
                      note="activation reconstructor (truncated backbone + value head)"),
         )

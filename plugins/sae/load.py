@@ -24,11 +24,11 @@ from typing import Any
 
 import attrs
 
+from steercmp.catalog import known_model
 from steercmp.errors import ConfigError
 
 __all__ = [
     "EMBEDDED_PATH",
-    "KNOWN_D_MODEL",
     "SaeSource",
     "check_compatible",
     "hook_layer",
@@ -37,14 +37,6 @@ __all__ = [
 ]
 
 EMBEDDED_PATH = "embedded"
-#: hidden sizes of the models sae-lens releases name, for plan-time estimates without downloads
-KNOWN_D_MODEL = {
-    "google/gemma-3-270m": 640, "google/gemma-3-270m-it": 640,
-    "google/gemma-3-1b-pt": 1152, "google/gemma-3-1b-it": 1152,
-    "google/gemma-3-4b-pt": 2560, "google/gemma-3-4b-it": 2560,
-    "google/gemma-3-12b-pt": 3840, "google/gemma-3-12b-it": 3840,
-    "google/gemma-3-27b-pt": 5376, "google/gemma-3-27b-it": 5376,
-}
 _OPT = "methods.sae_features"
 
 # (pattern, offset): layer = int(group 1) + offset
@@ -57,6 +49,12 @@ _HOOK_PATTERNS: tuple[tuple[re.Pattern[str], int], ...] = (
     # Gemma Scope 2 ids and folders: layer_12_width_16k_l0_medium, resid_post/layer_12_...
     (re.compile(r"^(?:resid_post(?:_all)?/)?layer_(\d+)(?:_|$)"), 0),
 )
+
+
+def _d_model_of(model_id: str, default: int | None) -> int | None:
+    """A release's model width from the model catalogue (``default`` when unknown)."""
+    info = known_model(model_id)
+    return info.d_model if info is not None and info.d_model else default
 
 
 def hook_layer(name: str | None) -> int | None:
@@ -172,7 +170,7 @@ class SaeSource:
                 hook = f"blocks.{layer}.hook_resid_post" if layer is not None else None
             else:
                 hook = folder  # not a residual-stream SAE: check_compatible names it
-            return {"hook_name": hook, "d_in": KNOWN_D_MODEL.get(entry.model, d_model),
+            return {"hook_name": hook, "d_in": _d_model_of(entry.model, d_model),
                     "d_sae": _width_from_id(self.sae_id), "model": entry.model}
         cfg = _read_cfg(Path(str(self.path)).expanduser())
         return {"hook_name": _cfg_hook(cfg), "d_in": cfg.get("d_in"), "d_sae": cfg.get("d_sae")}

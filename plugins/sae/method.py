@@ -28,6 +28,12 @@ from functools import partial
 from typing import Any, ClassVar
 
 import torch
+
+from steercmp.api import PROPOSAL_FAMILIES, Method, MethodRuntime, PromptContext, Proposal, Resource
+from steercmp.catalog import known_model
+from steercmp.errors import ConfigError
+from steercmp.lm.readout import final_norm_gain
+from steercmp.rhymes import make_couplets, rhyme_part
 from steercmp_plugins.sae.load import SaeSource, check_compatible, load_sae
 from steercmp_plugins.sae.select import (
     Readout,
@@ -36,9 +42,6 @@ from steercmp_plugins.sae.select import (
     select_contrast,
     select_unembed,
 )
-
-from steercmp.api import PROPOSAL_FAMILIES, Method, MethodRuntime, PromptContext, Proposal, Resource
-from steercmp.errors import ConfigError
 
 __all__ = ["SaeFeatures", "feature_swap_delta", "additive_delta"]
 
@@ -80,24 +83,8 @@ def additive_delta(W_dec: torch.Tensor, features: Sequence[int], scores: Sequenc
 
 def _rhyme_of(words: Sequence[str]) -> str:
     """The most common CMU rhyme sound of ``words`` ('' when none is in the dictionary)."""
-    from steercmp.rhymes import rhyme_part
-
     parts = [p for p in (rhyme_part(w) for w in words) if p]
     return Counter(parts).most_common(1)[0][0] if parts else ""
-
-
-def _final_norm_gain(model: Any) -> torch.Tensor | None:
-    """The final RMSNorm's effective gain: ``1 + weight`` for Gemma norms, ``weight`` otherwise."""
-    norm = None
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):
-        dec = get_decoder()
-        norm = getattr(dec, "norm", None) or getattr(getattr(dec, "language_model", None), "norm", None)
-    w = getattr(norm, "weight", None)
-    if w is None:
-        return None
-    w = w.detach().float().cpu()
-    return 1.0 + w if "Gemma" in type(norm).__name__ else w
 
 
 class SaeFeatures(Method):
@@ -126,14 +113,8 @@ class SaeFeatures(Method):
 
     def _d_model_hint(self) -> int | None:
         """The model's hidden size if known without loading it (embedded or a known HF id)."""
-        from steercmp_plugins.sae.load import KNOWN_D_MODEL
-
-        from steercmp.embedded import is_embedded
-
-        mid = self._model_id()
-        if is_embedded(mid):
-            return 640
-        return KNOWN_D_MODEL.get(mid)
+        info = known_model(self._model_id())
+        return info.d_model if info is not None else None
 
     def source(self) -> SaeSource:
         return SaeSource.from_options(self.options)
@@ -197,9 +178,9 @@ class SaeFeatures(Method):
                                                                 ctx.prompt.families[fam])
                 all_ids = [t for ids in fam_tokens.values() for t in ids]
                 readout = Readout.build(lm.model.get_output_embeddings().weight, all_ids,
-                                        _final_norm_gain(lm.model))
+                                        final_norm_gain(lm.model))
             elif self.contrast_couplets:
-                extra_acts, extra_rhymes = self._contrast_activations(contexts, lm, layer, runtime)
+                extra_acts, extra_rhymes = self._contrast_activations(contexts, layer, runtime)
 
         resource = self._resource(d_model)
         with runtime.load(resource) as sae:
@@ -267,14 +248,10 @@ class SaeFeatures(Method):
         runtime.write_table("features", rows)
         return proposals
 
-    def _contrast_activations(self, contexts: Sequence[PromptContext], lm: Any, layer: int,
+    def _contrast_activations(self, contexts: Sequence[PromptContext], layer: int,
                               runtime: MethodRuntime) -> tuple[torch.Tensor, list[str]]:
         """Planning-position activations of generated couplets for rule (b), every battery word
         excluded (so no battery prompt, in particular the scored one, is among them)."""
-        from steercmp.api import Prompt
-        from steercmp.engine import extract
-        from steercmp.rhymes import make_couplets
-
         banned = sorted({w for c in contexts for ws in c.prompt.families.values() for w in ws}
                         | {c.prompt.line_end_word for c in contexts})
         seed = int(getattr(runtime, "seed", 0))
@@ -284,12 +261,8 @@ class SaeFeatures(Method):
                "chat": chat, "banned": hashlib.sha256(json.dumps(banned).encode()).hexdigest()[:16]}
 
         def compute() -> list[list[float]]:
-            prompts = [Prompt(id=f"sae_contrast_{j}", text=c.text,
-                              families={"original": (c.plan,), "edited": (c.plan,),
-                                        "unrelated": (c.plan,)}, rhyme=c.rhyme)
-                       for j, c in enumerate(couplets)]
-            ctxs = extract(lm, layer, prompts, chat_template=chat)
-            return [c.activation.tolist() for c in ctxs]
+            acts = runtime.capture([c.text for c in couplets], ["first_line_break"] * len(couplets), layer=layer)
+            return [a.tolist() for a in acts]
 
         acts = runtime.cached("sae_contrast_activations", key, compute)
         return torch.tensor(acts, dtype=torch.float32), [c.rhyme for c in couplets]

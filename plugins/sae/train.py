@@ -33,9 +33,11 @@ from typing import Any
 
 import attrs
 import torch
-from steercmp_plugins.sae.corpus import corpus_documents, corpus_fingerprint, pack_tokens
 
-from steercmp.embedded import EMBEDDED_ID, cache_root
+from steercmp.catalog import EMBEDDED_ID
+from steercmp.lm.capture import capture_tokens
+from steercmp.lm.embedded import cache_root
+from steercmp_plugins.sae.corpus import corpus_documents, corpus_fingerprint, pack_tokens
 
 __all__ = [
     "EMBEDDED_SAE_NAME",
@@ -87,42 +89,20 @@ def embedded_sae_dir() -> Path:
     return cache_root() / "sae" / EMBEDDED_SAE_NAME
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook to skip every block after the captured one."""
-
-
 @torch.no_grad()
 def collect_activations(
     lm: Any, tokens: torch.Tensor, layer: int, *, batch_rows: int = 8, progress: bool = True,
     desc: str = "SAE activations",
 ) -> torch.Tensor:
     """Residual stream at the output of block ``layer`` for ``tokens`` ``[rows, ctx]``, BOS
-    position dropped: float32 ``[rows * (ctx - 1), d_model]``.
-
-    ``lm`` is a :class:`steercmp.models.LoadedModel`. The hook raises after block ``layer`` so the
-    rest of the model never runs; it is removed even if the forward fails.
-    """
+    position dropped: float32 ``[rows * (ctx - 1), d_model]`` (the forward stops after block
+    ``layer``; see :func:`steercmp.lm.capture.capture_tokens`)."""
     from tqdm.auto import tqdm
 
     captured: list[torch.Tensor] = []
-
-    def hook(_module: Any, _inputs: Any, output: Any) -> None:
-        hidden = output[0] if isinstance(output, tuple) else output
+    for start in tqdm(range(0, tokens.shape[0], batch_rows), desc=desc, disable=not progress, unit="batch"):
+        hidden = capture_tokens(lm, layer, tokens[start: start + batch_rows])
         captured.append(hidden[:, 1:, :].detach().float().cpu())
-        raise _StopForward
-
-    handle = lm.layers[layer].register_forward_hook(hook)
-    device = lm.input_device
-    try:
-        for start in tqdm(range(0, tokens.shape[0], batch_rows), desc=desc, disable=not progress,
-                          unit="batch"):
-            batch = tokens[start : start + batch_rows].to(device)
-            try:
-                lm.model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
     return torch.cat(captured).reshape(-1, captured[0].shape[-1])
 
 
@@ -228,7 +208,7 @@ def ensure_embedded_sae(progress: bool = True, *, settings: TrainSettings | None
 
     The cache is reused when its marker matches the settings and the corpus fingerprint; training
     writes to a temporary directory and renames it into place. ``lm`` may pass an already loaded
-    :class:`steercmp.models.LoadedModel` of the embedded model (else it is loaded and released).
+    :class:`steercmp.lm.load.LoadedModel` of the embedded model (else it is loaded and released).
     """
     settings = settings or TrainSettings()
     target = embedded_sae_dir()
@@ -249,7 +229,7 @@ def ensure_embedded_sae(progress: bool = True, *, settings: TrainSettings | None
         except (OSError, ValueError):
             pass
 
-    from steercmp.models import load_base_model, parse_dtype, release
+    from steercmp.lm.load import load_base_model, parse_dtype, release
 
     own_model = lm is None
     if own_model:

@@ -1,6 +1,5 @@
-"""The comparison report: polars transforms -> Altair chart builders -> one writer."""
+"""The comparison report: statistics -> polars transforms -> Altair charts -> pages."""
 
 from steercmp.report.writer import write_report
-from steercmp.stats.format import format_summary_table
 
-__all__ = ["format_summary_table", "write_report"]
+__all__ = ["write_report"]

@@ -112,22 +112,8 @@ def hit_rate_chart(df: pl.DataFrame) -> alt.FacetChart:
     ).properties(title="Completion hit rates with 95% bootstrap CI over prompts")
 
 
-def nla_chart(df: pl.DataFrame) -> alt.FacetChart:
-    """NLA fidelity (cosine, FVE, delta norm) per prompt, coloured by selection status."""
-    sel = ["editable", "fallback", "dropped"]
-    return alt.Chart(df).mark_bar().encode(
-        y=alt.Y("prompt_id:N", title=None),
-        x=alt.X("value:Q", title=None),
-        color=alt.Color("selection:N", scale=alt.Scale(
-            domain=sel, range=["#2ca02c", "#ff7f0e", "#7f7f7f"]), title="selection",
-            legend=alt.Legend(orient="top")),
-        tooltip=["prompt_id", "selection", "metric", alt.Tooltip("value:Q", format=".4f")],
-    ).properties(width=200).facet(column=alt.Column("metric:N", title=None)).resolve_scale(
-        x="independent").properties(title="NLA reconstruction fidelity and selection per prompt")
-
-
 def matched_norm_chart(df: pl.DataFrame) -> alt.Chart:
-    """Target-edit score vs injected norm (delta_norm × |alpha|), NLA vs SAE, with 95% CI."""
+    """Target-edit score vs injected norm (delta_norm × |alpha|) per method, with 95% CI."""
     base = alt.Chart(df).encode(
         x=alt.X("injected_norm:Q", title="injected norm  ‖δ‖·|α|"),
         color=alt.Color("method:N", title="method"))
@@ -138,4 +124,4 @@ def matched_norm_chart(df: pl.DataFrame) -> alt.Chart:
                  alt.Tooltip("mean:Q", format="+.3f")])
     err = base.mark_rule().encode(y="ci_low:Q", y2="ci_high:Q")
     return alt.layer(err, line).properties(
-        width=420, height=260, title="NLA vs SAE at matched delta norm")
+        width=420, height=260, title="Target effect against injected norm (methods at matched ‖δ‖)")

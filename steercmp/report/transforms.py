@@ -9,9 +9,6 @@ from collections.abc import Sequence
 
 import polars as pl
 
-NLA_METHOD = "nla_text_edit"
-SAE_METHOD = "sae_features"
-
 
 def panel_label() -> pl.Expr:
     """``"method · scaling"``: the facet label used by every chart."""
@@ -77,38 +74,31 @@ def hits_frame(hit_rates: pl.DataFrame) -> pl.DataFrame:
              "n_completions", "rate", "ci_low", "ci_high")
 
 
-def nla_frame(selections: pl.DataFrame) -> pl.DataFrame:
-    """NLA fidelity per prompt in long form: metric (cosine, fve_nrm, delta_norm) and value,
-    with the selection status (editable / fallback / dropped)."""
-    metrics = [c for c in ("cosine", "fve_nrm", "delta_norm") if c in selections.columns]
-    base = selections.select("prompt_id", pl.col("selection").cast(pl.String), *metrics)
-    return base.unpivot(index=["prompt_id", "selection"], on=metrics,
-                        variable_name="metric", value_name="value").with_columns(
-        pl.col("value").cast(pl.Float64)
-    ).sort("metric", "prompt_id")
-
-
 def matched_norm_frame(
     cells: pl.DataFrame,
     *,
-    methods: Sequence[str] = (NLA_METHOD, SAE_METHOD),
+    methods: Sequence[str] | None = None,
     condition: str = "target_edit",
     n_boot: int = 2_000,
     seed: int = 0,
 ) -> pl.DataFrame:
     """Target-edit score against the injected norm ``delta_norm * |alpha|`` per method.
 
-    Uses ``raw`` scaling rows when there are any (there the injected norm is exactly
+    ``methods`` defaults to every method with a non-zero delta (activation methods). Uses
+    ``raw`` scaling rows when there are any (there the injected norm is exactly
     ``delta_norm * |alpha|``), else all rows. One row per method, scaling and alpha: mean
     injected norm, mean score and its percentile bootstrap CI over prompts.
     """
     from steercmp.stats import summarize
     from steercmp.stats.summary import usable
 
+    if methods is None:
+        methods = cells.filter(pl.col("delta_norm") > 0)["method"].unique().sort().to_list()
     df = cells.filter(pl.col("method").is_in(list(methods)) & (pl.col("condition") == condition))
     if (df["scaling"] == "raw").any():
         df = df.filter(pl.col("scaling") == "raw")
-    df = df.filter(usable(df) & pl.col("delta_norm").is_not_null())
+    df = df.filter(usable(df) & pl.col("delta_norm").is_not_null()
+                   & (pl.col("delta_norm") * pl.col("alpha").abs()).is_finite())
     if df.is_empty():
         return pl.DataFrame(schema={"method": pl.String, "scaling": pl.String,
                                     "alpha": pl.Float64, "injected_norm": pl.Float64,

@@ -6,8 +6,9 @@
 The contrastive texts are the battery's own couplets with the first line's last word swapped
 (``...beside the stream,`` -> ``...beside the gleam,``), so positives and negatives differ in one
 word and the difference isolates "the line ended on the target word". Activations come from the
-base model through ``runtime.base()`` and :func:`steercmp.injection.capturing`, at the position
-the prompt's own ``inject`` rule names (the first line break) and the experiment's layer.
+base model at the position the prompt's own ``inject`` rule names (the first line break) and the
+experiment's layer, read with :meth:`steercmp.api.MethodRuntime.capture` (a plugin never
+registers hooks itself).
 """
 
 from __future__ import annotations
@@ -61,7 +62,6 @@ class DiffMean(Method):
         own_only = self.options.get("contexts", "all") == "own"
         frac = self.options.get("norm_fraction")
         batch_size = int(self.options.get("batch_size", 16))
-        chat = bool(getattr(getattr(self.experiment, "model", None), "chat_template", False))
         prompts = [c.prompt for c in contexts]
 
         def templates(ctx: PromptContext) -> list[Prompt]:
@@ -75,7 +75,7 @@ class DiffMean(Method):
                 for fam in ("original", *PROPOSAL_FAMILIES):
                     for word in fams[fam]:
                         wanted[(tmpl.id, word)] = tmpl
-        acts = self._activations(wanted, runtime, chat, batch_size, layer=contexts[0].layer if contexts else 0)
+        acts = self._activations(wanted, runtime, batch_size)
 
         out = []
         for ctx in contexts:
@@ -104,27 +104,23 @@ class DiffMean(Method):
                                           "raw_norm": raw_norm, "norm_fraction": frac}))
         return out
 
-    @torch.no_grad()
-    def _activations(self, wanted: dict[tuple[str, str], Prompt], runtime: MethodRuntime, chat: bool,
-                     batch_size: int, layer: int) -> dict[tuple[str, str], torch.Tensor]:
-        from steercmp.engine import capture_residuals, tokenize_prompt
-
-        acts: dict[tuple[str, str], torch.Tensor] = {}
-        with runtime.base() as lm:
-            items = []
-            for key, tmpl in wanted.items():
-                text = swap_line_end(tmpl.text, key[1])
-                if text is None:
-                    continue
+    def _activations(self, wanted: dict[tuple[str, str], Prompt], runtime: MethodRuntime,
+                     batch_size: int) -> dict[tuple[str, str], torch.Tensor]:
+        """Each (template prompt, word) text's activation at the template's injection rule; a text
+        whose rule no longer resolves after the swap is skipped."""
+        items = [(key, text, tmpl.inject) for key, tmpl in wanted.items()
+                 if (text := swap_line_end(tmpl.text, key[1])) is not None]
+        try:
+            vectors = runtime.capture([t for _, t, _ in items], [r for _, _, r in items], batch_size=batch_size)
+            return {key: vec for (key, _, _), vec in zip(items, vectors, strict=True)}
+        except ConfigError:  # some swapped text broke its position rule: keep the others
+            acts: dict[tuple[str, str], torch.Tensor] = {}
+            for key, text, rule in items:
                 try:
-                    ids, inject, _score = tokenize_prompt(lm, tmpl, chat, text=text)
-                except ConfigError:  # a position rule that the swapped text no longer satisfies
+                    acts[key] = runtime.capture([text], [rule])[0]
+                except ConfigError:
                     continue
-                items.append((key, ids[: inject + 1], inject))
-            resids = capture_residuals(lm, layer, [ids for _, ids, _ in items], batch_size=batch_size)
-            for (key, _ids, inject), resid in zip(items, resids, strict=True):
-                acts[key] = resid[inject]
-        return acts
+            return acts
 
 
 @hookimpl

@@ -33,7 +33,7 @@ def test_mean_difference():
 
 def test_delta_is_the_contrast_of_captured_activations():
     """With contexts: own, the edited delta is exactly mean(target lines) - mean(original lines)."""
-    from steercmp.engine import extract
+    from steercmp.lm.capture import extract
 
     report = steercmp.testing.check_method(DiffMean, options={"contexts": "own"})
     ctx = report.contexts[0]

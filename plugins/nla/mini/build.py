@@ -1,0 +1,261 @@
+"""Building the mini pair: the AV's top blocks fine-tuned on cached block-12 outputs with a
+restricted output vocabulary, the AR's value head fit in closed form on the frozen truncated
+backbone, both written in the released layout."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from steercmp.catalog import EMBEDDED_ID
+from steercmp.lm.blocks import top_blocks_only, truncate_blocks
+from steercmp.lm.capture import capture_embeds
+from steercmp.lm.load import load_base_model
+from steercmp.lm.prompts import pad_batch
+
+from ..ar import ActivationReconstructor
+from ..checkpoint import as_id_list
+from ..fidelity import normalise
+from ..meta import SIDECAR_NAME, VALUE_HEAD_NAME
+from .data import (
+    AR_TEMPLATE,
+    AV_BATCH,
+    AV_EPOCHS,
+    AV_LR,
+    AV_TEMPLATE,
+    CHAT_TEMPLATE,
+    INJECTION_CANDIDATES,
+    LAYER,
+    MINI_NAME,
+    N_NEGATIVES,
+    SEED,
+    TRAIN_FROM_BLOCK,
+    battery_words,
+    extract_gold,
+    make_eval_items,
+    make_training_couplets,
+)
+from .evaluate import evaluate
+
+
+def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED) -> dict[str, Any]:
+    """Build the miniature pair into ``root/{av,ar}`` and write ``root/quality.json``."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "av").mkdir(parents=True)
+    (tmp / "ar").mkdir(parents=True)
+    log: dict[str, Any] = {"seed": seed, "layer": LAYER, "base": EMBEDDED_ID}
+
+    lm = load_base_model(EMBEDDED_ID, dtype="float32", device="cpu", progress=progress)
+    tok, model = lm.tokenizer, lm.model
+    d = lm.d_model
+    battery_vocab, _ = battery_words()
+    banned: set[str] = set()  # words are not held out; battery prompt texts are (see below)
+    train = make_training_couplets(tok, banned, seed)
+    log["battery_words_in_training"] = len(battery_vocab)
+    evals = make_eval_items(tok, seed)
+    log.update(n_train=len(train), n_eval=len(evals), held_out_words=sorted(banned))
+    bar = tqdm(total=len(train) + len(evals), desc="nla mini: layer-12 activations",
+               disable=not progress)
+    gold_train = extract_gold(lm, train, bar)
+    gold_eval = extract_gold(lm, evals, bar)
+    bar.close()
+    scale = float(gold_train.norm(dim=-1).mean())
+
+    # ---- the AV tokenizer: the base tokenizer plus a chat template and an injection char
+    tok.chat_template = CHAT_TEMPLATE
+    inj = next(c for c in INJECTION_CANDIDATES
+               if len(tok.encode(c, add_special_tokens=False)) == 1)
+    inj_id = tok.encode(inj, add_special_tokens=False)[0]
+    content = AV_TEMPLATE.format(injection_char=inj)
+    prompt = as_id_list(tok.apply_chat_template([{"role": "user", "content": content}],
+                                                tokenize=True, add_generation_prompt=True))
+    site = prompt.index(inj_id)
+    av_meta = {
+        "kind": "nla_model", "role": "av", "d_model": d, "base_model": EMBEDDED_ID,
+        "extraction_layer_index": LAYER, "mini_version": MINI_NAME,
+        "extraction": {"injection_scale": round(scale, 3), "mse_scale": "sqrt_d_model"},
+        "tokens": {"injection_char": inj, "injection_token_id": inj_id,
+                   "injection_left_neighbor_id": prompt[site - 1],
+                   "injection_right_neighbor_id": prompt[site + 1]},
+        "prompt_templates": {"av": AV_TEMPLATE, "ar": AR_TEMPLATE},
+    }
+
+    # ---- AV: fine-tune blocks 13..17 on cached block-12 outputs, restricted vocabulary
+    end_id = tok.convert_tokens_to_ids("<end_of_turn>")
+    targets = [tok.encode(f"<explanation>{it['explanation']}</explanation>",
+                          add_special_tokens=False) + [end_id] for it in train]
+    sub_ids = sorted({t for tt in targets for t in tt})
+    held = {tid for w in banned for tid in tok.encode(" " + w, add_special_tokens=False)}
+    rng = random.Random(f"nla-mini-neg:{seed}")
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    negatives = [t for t in rng.sample(range(vocab_size), N_NEGATIVES) if t not in held]
+    sub_ids = sorted(set(sub_ids) | set(negatives))
+    remap = torch.full((vocab_size,), -100, dtype=torch.long)
+    remap[torch.tensor(sub_ids)] = torch.arange(len(sub_ids))
+    embed_w = model.get_input_embeddings().weight.detach()
+    w_sub = embed_w[torch.tensor(sub_ids)].clone()
+
+    decoder = model.get_decoder()
+    embed = model.get_input_embeddings()
+    base_prompt = embed(torch.tensor([prompt])).detach()[0]
+    n_prompt = len(prompt)
+    cached: list[torch.Tensor] = []
+    bar = tqdm(total=len(train), desc="nla mini: AV inputs", disable=not progress)
+    order = list(range(len(train)))
+    for s in range(0, len(train), AV_BATCH):
+        idx = order[s:s + AV_BATCH]
+        seqs = [targets[i] for i in idx]
+        ids, _, _ = pad_batch(seqs, tok.pad_token_id or 0)
+        with torch.no_grad():
+            emb = torch.cat([base_prompt.expand(len(idx), -1, -1), embed(ids)], dim=1)
+            v = gold_train[idx]
+            emb[:, site] = v / v.norm(dim=-1, keepdim=True) * scale
+            h = capture_embeds(model, TRAIN_FROM_BLOCK - 1, emb)
+        cached.extend(h[i, : n_prompt + len(seqs[i])].clone() for i in range(len(idx)))
+        bar.update(len(idx))
+    bar.close()
+
+    trainable = [p for blk in list(decoder.layers)[TRAIN_FROM_BLOCK:] for p in blk.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=AV_LR, weight_decay=0.0)
+    steps_total = AV_EPOCHS * math.ceil(len(train) / AV_BATCH)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps_total))
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=steps_total, desc="nla mini: train AV", disable=not progress)
+    losses = []
+    model.train()
+    for _ in range(AV_EPOCHS):
+        perm = torch.randperm(len(train), generator=g).tolist()
+        for s in range(0, len(perm), AV_BATCH):
+            idx = perm[s:s + AV_BATCH]
+            width = max(cached[i].shape[0] for i in idx)
+            x = torch.zeros(len(idx), width, d)
+            labels = torch.full((len(idx), width), -100, dtype=torch.long)
+            for j, i in enumerate(idx):
+                n = cached[i].shape[0]
+                x[j, :n] = cached[i]
+                labels[j, n_prompt - 1: n - 1] = remap[torch.tensor(targets[i])]
+            with top_blocks_only(model, TRAIN_FROM_BLOCK) as top:
+                hid = top(inputs_embeds=x, use_cache=False).last_hidden_state
+            sel = labels != -100
+            logits = hid[sel] @ w_sub.T
+            loss = torch.nn.functional.cross_entropy(logits, labels[sel])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    bar.close()
+    model.eval()
+    model.requires_grad_(False)
+    log["av_loss_final"] = sum(losses[-10:]) / max(1, len(losses[-10:]))
+    del cached
+    model.save_pretrained(tmp / "av", safe_serialization=True)
+    tok.save_pretrained(tmp / "av")
+    (tmp / "av" / SIDECAR_NAME).write_text(yaml.safe_dump(av_meta, allow_unicode=True,
+                                                          sort_keys=False))
+    lm.unload()
+    del model, decoder, embed
+
+    # ---- AR: base truncated to blocks 0..12, value head by ridge regression
+    lm = load_base_model(EMBEDDED_ID, dtype="float32", device="cpu", progress=False)
+    tok = lm.tokenizer
+    truncate_blocks(lm.model, LAYER + 1)
+    lm.model.save_pretrained(tmp / "ar", safe_serialization=True)
+    tok.save_pretrained(tmp / "ar")
+    suffix = common_suffix(tok(AR_TEMPLATE.format(explanation=e))["input_ids"]
+                           for e in ("The line ends with x.", "planning dream or seem", "-eam"))
+    ar_meta = {
+        "kind": "nla_model", "role": "ar", "d_model": d, "base_model": EMBEDDED_ID,
+        "extraction_layer_index": LAYER, "mini_version": MINI_NAME,
+        "ar": {"num_hidden_layers": LAYER},
+        "extraction": {"injection_scale": None, "mse_scale": "sqrt_d_model"},
+        "tokens": {"critic_suffix_ids": suffix},
+        "prompt_templates": {"av": AV_TEMPLATE, "ar": AR_TEMPLATE},
+    }
+    (tmp / "ar" / SIDECAR_NAME).write_text(yaml.safe_dump(ar_meta, sort_keys=False))
+    save_file({"weight": torch.eye(d)}, str(tmp / "ar" / VALUE_HEAD_NAME))
+    lm.unload()
+
+    ar = ActivationReconstructor.load(tmp / "ar")
+    bar = tqdm(total=1, desc="nla mini: AR features", disable=not progress)
+    feats = ar.features([it["explanation"] for it in train])
+    bar.update(1)
+    bar.close()
+    target = normalise(gold_train)
+    n_fit = int(len(train) * 0.85)
+    best = None
+    for lam in (1e-2, 1e-1, 1.0, 10.0, 100.0):
+        w = _ridge(feats[:n_fit], target[:n_fit], lam)
+        pred = feats[n_fit:] @ w
+        mse = float(((normalise(pred) - target[n_fit:]) ** 2).mean())
+        if best is None or mse < best[0]:
+            best = (mse, lam)
+    lam = best[1]
+    w = _ridge(feats, target, lam)
+    # the ridge fits unit-scale (sqrt(d)-normalised) targets; a released AR outputs vectors in the
+    # activation's own scale, and deltas AR(edited) - AR(original) are injected raw, so rescale the
+    # head to the mean gold norm (fidelity is measured after normalising, so it is unchanged)
+    w = w * activation_scale(gold_train)
+    save_file({"weight": w.T.contiguous()}, str(tmp / "ar" / VALUE_HEAD_NAME))
+    log["ar_ridge_lambda"] = lam
+    log["ar_output_scale"] = activation_scale(gold_train)
+    ar.unload()
+
+    # ---- quality on held-out prompts, through the released-layout loaders
+    quality = evaluate(tmp / "av", tmp / "ar", evals, gold_eval, progress=progress, seed=seed)
+    log.update(quality)
+    log["build_seconds"] = round(time.time() - t0, 1)
+    (tmp / "quality.json").write_text(json.dumps(log, indent=2))
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.replace(root)
+    if progress:
+        print(f"nla mini pair built in {log['build_seconds']:.0f} s -> {root}\n"
+              f"  held-out AR fve_nrm (from AV explanations): {quality['fve_nrm_av']:.3f}"
+              f" (templated: {quality['fve_nrm_template']:.3f})\n"
+              f"  AV names the rhyme word or an original plan word: {quality['name_rate']:.1%}")
+    return log
+
+
+def activation_scale(gold: torch.Tensor) -> float:
+    """Factor from sqrt(d)-normalised vectors to the activations' mean norm."""
+    return float(gold.norm(dim=-1).mean()) / math.sqrt(gold.shape[-1])
+
+
+def common_suffix(seqs) -> list[int]:  # noqa: ANN001
+    """The longest common tail of token sequences (the stable end of the AR prompt)."""
+    seqs = [list(s) for s in seqs]
+    out: list[int] = []
+    while all(len(s) > len(out) for s in seqs) and len({s[-1 - len(out)] for s in seqs}) == 1:
+        out.insert(0, seqs[0][-1 - len(out)])
+    return out
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
+    """``W`` minimising ``||x W - y||^2 + lam * n * ||W||^2`` (no bias), fp64 solve."""
+    x64, y64 = x.double(), y.double()
+    gram = x64.T @ x64
+    reg = lam * torch.trace(gram) / gram.shape[0]
+    return torch.linalg.solve(gram + reg * torch.eye(gram.shape[0], dtype=torch.float64),
+                              x64.T @ y64).float()
+
+

@@ -1,0 +1,80 @@
+"""``steercmp run``: run an experiment's stages, then write its report and print the verdicts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import polars as pl
+
+from steercmp.config import Experiment
+from steercmp.plugin_manager import PluginSet
+from steercmp.report import write_report
+from steercmp.run.keys import STAGES
+from steercmp.run.rundir import RunDir
+from steercmp.run.runner import Runner
+from steercmp.stats import format_summary_table, summarize
+
+STEPS = ("all", *STAGES, "report")
+
+
+def run_command(args: argparse.Namespace, experiment: Experiment, plugins: PluginSet) -> int:
+    """Run ``args.step`` (default all stages, then the report) into ``args.out``."""
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    out = Path(args.out) if args.out else Path("artifacts") / experiment.name
+    steps = STEPS[1:] if args.step in (None, "all") else (args.step,)
+    stages = [s for s in steps if s in STAGES]
+    failures: list[str] = []
+    if args.processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        main_process, failures = _run_distributed(args, experiment, out, stages)
+        if not main_process:
+            return 0
+    elif stages:
+        runner = Runner(experiment, plugins, out, fresh=args.fresh, progress=not args.no_progress)
+        runner.run(stages)
+        failures = [f.one_line() for f in runner.failures]
+    run = RunDir(out)
+    if "report" in steps and run.cells.exists():
+        write_report(out, decision_alphas=list(experiment.decision_alphas), seed=experiment.seed,
+                     plugins=plugins)
+    _print_results(experiment, run)
+    for failure in failures:
+        print(f"steercmp: error: {failure}", file=sys.stderr)
+    return 2 if failures else 0
+
+
+def _run_distributed(args: argparse.Namespace, experiment: Experiment, out: Path,
+                     stages: list[str]) -> tuple[bool, list[str]]:
+    """Shard prompts over ``--processes`` local workers (or ranks of ``accelerate launch``)."""
+    from steercmp.run.distributed import PluginSpec, run_rank, run_sharded
+
+    plugins = PluginSpec(plugins_dir=args.plugins_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _cells, main_process = run_rank(experiment, out, plugins=plugins, steps=stages, fresh=args.fresh)
+        return main_process, []
+    _cells, failures = run_sharded(experiment, out, args.processes, plugins=plugins, steps=stages,
+                                   fresh=args.fresh)
+    print(f"run directory: {out} ({args.processes} processes)", file=sys.stderr)
+    return True, failures
+
+
+def _print_results(experiment: Experiment, run: RunDir) -> None:
+    summary_path = run.report / "summary.parquet"
+    if summary_path.exists() or run.cells.exists():
+        print(f"\nsteercmp {experiment.name}: {len(experiment.battery)} prompts, layer {experiment.layer}, "
+              f"model {experiment.model.id} (score = logmass(edited) - logmass(original))")
+        summary = pl.read_parquet(summary_path) if summary_path.exists() else \
+            summarize(pl.read_parquet(run.cells), n_boot=1_000, seed=experiment.seed)
+        print(format_summary_table(summary))
+    verdict = run.report / "verdict.json"
+    if verdict.exists():
+        print("\nverdicts (decision alphas " + ", ".join(f"{a:g}" for a in experiment.decision_alphas) + "):")
+        for row in json.loads(verdict.read_text()).get("verdicts", []):
+            print(f"  {row.get('method')} [{row.get('scaling')}]: {row.get('verdict')}")
+    print(f"\nrun directory: {run.root}")

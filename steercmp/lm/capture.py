@@ -1,0 +1,103 @@
+"""Capturing the residual stream: the battery's prompts, or any texts a method or builder needs.
+
+"Layer K" is the OUTPUT of decoder block K (``hidden_states[K+1]``); every capture in steercmp
+(extraction, methods' contrastive texts, the SAE corpus, the mini NLA pair's gold vectors) goes
+through :func:`capture_residuals`, which stops the forward after block K.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from steercmp.api import Prompt, PromptContext
+from steercmp.lm.hooks import layer_outputs
+from steercmp.lm.load import LoadedModel
+from steercmp.lm.prompts import pad_batch, resolve_rule, tokenize_prompt, tokenize_text
+
+
+@torch.no_grad()
+def capture_residuals(lm: LoadedModel, layer: int, sequences: Sequence[Sequence[int]], *,
+                      batch_size: int = 8, progress: Any = None) -> list[torch.Tensor]:
+    """The output of block ``layer`` for each token sequence, float32 on CPU, ``[len, d_model]``.
+
+    Sequences are right-padded in batches (causal attention: padding never reaches real tokens).
+    """
+    out: list[torch.Tensor] = []
+    pad = lm.tokenizer.pad_token_id or 0
+    starts = range(0, len(sequences), batch_size)
+    if progress is not None:
+        starts = progress(starts, "extract activations", len(starts))
+    for start in starts:
+        chunk = sequences[start:start + batch_size]
+        ids, mask, _ = pad_batch(chunk, pad, side="right")
+        resid = layer_outputs(lm.model, layer, ids.to(lm.input_device),
+                              attention_mask=mask.to(lm.input_device)).float().cpu()
+        out.extend(resid[i, : len(seq)].clone() for i, seq in enumerate(chunk))
+    return out
+
+
+@torch.no_grad()
+def capture_tokens(lm: LoadedModel, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+    """The output of block ``layer`` for a ``[rows, ctx]`` batch of unpadded token ids (packed
+    training text), in the model's dtype on its device: ``[rows, ctx, d_model]``."""
+    return layer_outputs(lm.model, layer, tokens.to(lm.input_device))
+
+
+def capture_embeds(model: torch.nn.Module, layer: int, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """The output of block ``layer`` for input embeddings (a builder's injected prompts);
+    gradients are not tracked by the caller's choice (wrap in ``torch.no_grad()``)."""
+    return layer_outputs(model, layer, inputs_embeds=inputs_embeds)
+
+
+@torch.no_grad()
+def extract(lm: LoadedModel, layer: int, prompts: Sequence[Prompt], *, chat_template: bool = False,
+            batch_size: int = 8, progress: Any = None) -> list[PromptContext]:
+    """One :class:`PromptContext` per battery prompt: its tokens, positions and residual stream."""
+    tokenized = [tokenize_prompt(lm.tokenizer, p, chat_template) for p in prompts]
+    resids = capture_residuals(lm, layer, [t.ids for t in tokenized], batch_size=batch_size,
+                               progress=progress)
+    return [PromptContext(prompt=p, input_ids=t.ids, inject_pos=t.inject_pos, score_pos=t.score_pos,
+                          layer=layer, resid=resid)
+            for p, t, resid in zip(prompts, tokenized, resids, strict=True)]
+
+
+@torch.no_grad()
+def capture_at(lm: LoadedModel, layer: int, inputs: Sequence[str | Sequence[int]],
+               positions: Sequence[int | str] | None = None, *, chat_template: bool = False,
+               batch_size: int = 8) -> list[torch.Tensor]:
+    """Residuals of texts or token-id sequences (what :meth:`steercmp.api.MethodRuntime.capture`
+    serves). A text is tokenized like a battery prompt (chat prefix if the experiment has one,
+    BOS). ``positions`` (one per input) is an absolute index (negative from the end) or a
+    position rule such as ``first_line_break``; with it each result is ``[d_model]`` and the
+    forward stops at that token, without it each result is ``[len, d_model]``."""
+    if positions is not None and len(positions) != len(inputs):
+        raise ValueError(f"capture got {len(inputs)} inputs but {len(positions)} positions")
+    seqs: list[tuple[int, ...]] = []
+    where: list[int | None] = []
+    for i, item in enumerate(inputs):
+        if isinstance(item, str):
+            ids, prefix = tokenize_text(lm.tokenizer, item, chat_template)
+        else:
+            ids, prefix = tuple(int(t) for t in item), ""
+        pos: int | None = None
+        if positions is not None:
+            rule = positions[i]
+            if isinstance(rule, str):
+                if not isinstance(item, str):
+                    raise ValueError("a position rule needs a text input, not token ids")
+                pos = resolve_rule(lm.tokenizer, ids, item, rule, prefix=prefix, chat_template=chat_template)
+            else:
+                pos = int(rule) if int(rule) >= 0 else len(ids) + int(rule)
+                if not 0 <= pos < len(ids):
+                    raise ValueError(f"position {rule} is outside input {i} ({len(ids)} tokens)")
+            ids = ids[: pos + 1]  # causal: later tokens cannot change this position
+        seqs.append(ids)
+        where.append(pos)
+    resids = capture_residuals(lm, layer, seqs, batch_size=batch_size)
+    return [r if p is None else r[p].clone() for r, p in zip(resids, where, strict=True)]
+
+
+__all__ = ["capture_at", "capture_embeds", "capture_residuals", "capture_tokens", "extract"]

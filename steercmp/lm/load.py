@@ -1,0 +1,226 @@
+"""Loading and unloading models and tokenizers, and finding their text decoder blocks.
+
+Layer convention (shared with NLA checkpoints, sae-lens and Gemma Scope 2): "layer K" is the
+OUTPUT of decoder block K, 0-indexed = ``hidden_states[K+1]`` = ``blocks.K.hook_resid_post``.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from steercmp.catalog import EMBEDDED_ID, is_embedded
+from steercmp.errors import ConfigError
+from steercmp.lm.embedded import ensure_embedded_model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}", fix=f"use one of {sorted(DTYPES)}") from None
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` picks cuda, then mps, then cpu."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The text decoder blocks of a causal LM or of Gemma 3's multimodal wrapper."""
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        dec = get_decoder()
+        layers = getattr(dec, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+        lm = getattr(dec, "language_model", None)
+        if lm is not None and isinstance(getattr(lm, "layers", None), torch.nn.ModuleList):
+            return lm.layers
+    for path in ("model.layers", "model.language_model.layers", "model.model.language_model.layers",
+                 "language_model.model.layers"):
+        obj: Any = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise ConfigError(
+        f"cannot find the text decoder blocks of {type(model).__name__}",
+        fix="use a Gemma 3 / Llama-style causal LM or add its layout to steercmp.lm.load.decoder_layers",
+    )
+
+
+def text_config(config: Any) -> Any:
+    """The text config of a model config (Gemma 3 12B nests it under ``text_config``)."""
+    return getattr(config, "text_config", None) or config
+
+
+@attrs.define
+class LoadedModel:
+    """A resident base model with its tokenizer and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    source: str
+    path: str
+    dtype: torch.dtype
+    device: str
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return decoder_layers(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(text_config(self.model.config).hidden_size)
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def unload(self) -> None:
+        """Drop every reference this object holds and release allocator memory."""
+        release(self)
+
+
+def resolve_source(model_id: str, progress: bool = True) -> str:
+    """Map the embedded alias to its converted cache dir; pass HF ids and local dirs through."""
+    if is_embedded(model_id):
+        return str(ensure_embedded_model(progress=progress))
+    return model_id
+
+
+def load_base_model(
+    model_id: str = EMBEDDED_ID,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a causal LM (HF id, local directory or the embedded default) in eval mode.
+
+    ``device_map`` (e.g. ``"auto"``) spreads a model larger than one device via accelerate;
+    otherwise the whole model goes to ``device``. Weights load from safetensors only.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    device = resolve_device(device)
+    path = resolve_source(model_id, progress=progress)
+    if not is_embedded(model_id) and Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"model path {path!r} is a file", fix="point model.id at a directory")
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
+                              "use_safetensors": True}
+    if revision:
+        kwargs["revision"] = revision
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                            revision=revision)
+        model_cls: Any = AutoModelForCausalLM
+        if type(config).__name__ == "Gemma3Config":  # the multimodal 4B/12B/27B wrapper
+            from transformers import Gemma3ForConditionalGeneration
+
+            model_cls = Gemma3ForConditionalGeneration
+        model = model_cls.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision,
+                                                  trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot load model {model_id!r}: {str(exc).splitlines()[0]}",
+            where="model.id",
+            fix="give a local directory with config.json and safetensors weights, a cached HF id "
+                "(HF_HUB_OFFLINE=1 uses the cache), or 'embedded:gemma-3-270m'",
+        ) from exc
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=model_id, path=str(path),
+                       dtype=torch_dtype, device=device)
+
+
+def release(obj: Any) -> None:
+    """Release a model's memory: drop references, collect garbage, empty device caches."""
+    if isinstance(obj, LoadedModel):
+        model = obj.model
+        obj.model = None
+        obj.tokenizer = None
+        del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:  # return freed heap pages to the OS so resident memory really drops on CPU
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def check_model_source(model_id: str, where: str = "model.id") -> None:
+    """A local model directory must exist, hold config.json and safetensors weights (pickled
+    ``.bin`` weights are refused: loading them can run code). HF ids pass: they resolve through
+    the cache when the model loads."""
+    if is_embedded(model_id):
+        return
+    path = Path(model_id).expanduser()
+    looks_local = model_id.startswith(("/", ".", "~")) or path.exists()
+    if not looks_local:
+        return
+    if not path.exists():
+        raise ConfigError(f"model directory {model_id!r} does not exist", where=where,
+                          fix="give a local checkpoint directory, an HF id (owner/name) or embedded:gemma-3-270m")
+    if not path.is_dir():
+        raise ConfigError(f"model path {model_id!r} is a file, not a checkpoint directory", where=where,
+                          fix="point model.id at the directory holding config.json")
+    if not (path / "config.json").exists():
+        raise ConfigError(f"model directory {model_id!r} has no config.json", where=where,
+                          fix="point model.id at a Hugging Face checkpoint directory")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise ConfigError(
+            f"model directory {model_id!r} has no safetensors weights"
+            + (f" (found pickled {', '.join(pickled)}, which steercmp refuses to load)" if pickled else ""),
+            where=where, fix="convert the weights to safetensors (model.save_pretrained(dir, safe_serialization=True))")
+
+
+def load_tokenizer(model_id: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                   where: str = "model.id") -> Any:
+    """A model's tokenizer alone (no weights), for checks before any model loads."""
+    from transformers import AutoTokenizer
+
+    path = resolve_source(model_id, progress=False)
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the tokenizer of {model_id!r}: {str(exc).splitlines()[0]}",
+                          where=where,
+                          fix="give a checkpoint directory with tokenizer files, a cached HF id "
+                              "(HF_HUB_OFFLINE=1 uses the cache), or embedded:gemma-3-270m") from None

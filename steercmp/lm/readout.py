@@ -1,0 +1,53 @@
+"""The model's own readout: the final norm's gain and the unembedding directions of words.
+
+One helper for the final RMSNorm gain serves the text-only Gemma 3 (``model.model.norm``) and the
+multimodal 12B/27B wrapper (``model.model.language_model.norm``): Gemma multiplies by
+``1 + weight``, other families by ``weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from steercmp.lm.prompts import encode_form
+
+
+def final_norm(model: Any) -> torch.nn.Module | None:
+    """The final norm of a causal LM's text decoder (also inside Gemma 3's multimodal wrapper)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        dec = get_decoder()
+        for owner in (dec, getattr(dec, "language_model", None)):
+            norm = getattr(owner, "norm", None)
+            if norm is not None:
+                return norm
+    inner = getattr(model, "model", None)
+    return getattr(inner, "norm", None) if inner is not None else None
+
+
+def final_norm_gain(model: Any) -> torch.Tensor | None:
+    """The final norm's effective per-dimension gain, float32 on CPU (``None`` without a norm)."""
+    norm = final_norm(model)
+    w = getattr(norm, "weight", None)
+    if w is None:
+        return None
+    w = w.detach().float().cpu()
+    return 1.0 + w if "Gemma" in type(norm).__name__ else w
+
+
+def readout_directions(lm: Any, words: Sequence[str]) -> torch.Tensor:
+    """Residual-space directions that raise each word's leading-space first token's logit:
+    the output-embedding row times the final norm's gain, ``[len(words), d_model]``."""
+    w_u = lm.model.get_output_embeddings().weight.detach().float().cpu()
+    gain = final_norm_gain(lm.model)
+    rows = []
+    for word in words:
+        row = w_u[encode_form(lm.tokenizer, " " + word)[0]]
+        rows.append(row * gain if gain is not None else row)
+    return torch.stack(rows)
+
+
+__all__ = ["final_norm", "final_norm_gain", "readout_directions"]

@@ -1,0 +1,80 @@
+"""The report's core sections, in reading order, built from the statistics frames.
+
+A :class:`Section` names its chart (a file stem, or ``None``), its tables and a note; plugins
+add sections through the ``register_report_sections`` hook (:mod:`steercmp.report.writer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import polars as pl
+
+from steercmp import stats
+from steercmp.report.tables import (
+    COND_RANK,
+    Table,
+    frame_table,
+    hits_table,
+    noop_table,
+    paired_table,
+    peaks_table,
+    per_panel,
+    summary_table,
+)
+
+
+@attrs.frozen
+class Section:
+    heading: str
+    chart: str | None
+    tables: Sequence[tuple[str, Table]] = ()
+    note: str = ""
+
+
+def _het_tables(het: pl.DataFrame, alphas: Sequence[float]) -> list[tuple[str, Table]]:
+    out = []
+    for panel, part in per_panel(het):
+        m, s = part["method"][0], part["scaling"][0]
+        for a in alphas:
+            t = stats.heterogeneity_table(part, method=m, scaling=s, alpha=a)
+            if t.height:
+                cols = ["prompt_id", "selection"] + sorted(
+                    (c for c in t.columns if c not in ("prompt_id", "selection")),
+                    key=lambda c: COND_RANK.get(c, 99))
+                out.append((f"{panel} · α={a:g}", frame_table(t.select(cols))))
+    return out
+
+
+def core_sections(alphas: Sequence[float], summary: pl.DataFrame, paired_score: pl.DataFrame,
+                  paired_hits: pl.DataFrame | None, hits: pl.DataFrame | None, rel: pl.DataFrame,
+                  peaks: pl.DataFrame, het: pl.DataFrame) -> list[Section]:
+    at_decision = summary.filter(pl.any_horizontal([(pl.col("alpha") - a).abs() < 1e-9 for a in alphas]))
+    return [
+        Section("Logmass score at the decision alphas", "dose_response",
+                [(p, summary_table(df)) for p, df in per_panel(at_decision)],
+                "mean / median of edited − original next-token log-prob mass over prompts; "
+                "positive = prompts with score > 0; 95% CI = percentile bootstrap over prompts."),
+        Section("Logmass score, full alpha sweep", None,
+                [(p, summary_table(df)) for p, df in per_panel(summary)]),
+        Section("Paired comparisons: logmass (target_edit − control)", "forest",
+                [(p, paired_table(df)) for p, df in per_panel(paired_score)],
+                "per-prompt differences; exact sign-flip permutation test (Monte Carlo above "
+                "20 prompts), Holm-adjusted across controls within method, scaling, alpha."),
+        Section("Completion hit rates", "hit_rates", [(p, hits_table(df)) for p, df in per_panel(hits)],
+                "seeds averaged within each prompt first; 95% CI = percentile bootstrap over prompts."),
+        Section("Paired comparisons: edited-family completion hits", None,
+                [(p, paired_table(df)) for p, df in per_panel(paired_hits)],
+                "per-prompt seed-averaged edited-family hit rate, target minus control."),
+        Section("Effect relative to noop", None, [(p, noop_table(df)) for p, df in per_panel(rel)],
+                "condition − noop per prompt (unadjusted p)."),
+        Section("Dose-response peaks (descriptive; not used for the verdict)", None,
+                [(p, peaks_table(df)) for p, df in per_panel(peaks)]),
+        Section("Per-prompt heterogeneity", "per_prompt_heatmap", _het_tables(het, alphas),
+                "score per prompt and condition at the decision alphas; selection = status "
+                "of the prompt's target_edit row."),
+        Section("Target effect against injected norm", "injected_norm", [],
+                "target_edit score against the injected norm ‖δ‖·|α| for every activation method "
+                "(raw scaling when available): methods compared at matched delta norm."),
+    ]

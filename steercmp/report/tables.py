@@ -1,0 +1,98 @@
+"""Plain tables for the report: number formatting and the table builders every page uses.
+
+A :data:`Table` is ``(header, rows)`` of strings, rendered to Markdown or HTML by
+:mod:`steercmp.report.pages`; builders take the statistics frames of :mod:`steercmp.stats`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import polars as pl
+
+from steercmp.report.charts import CONDITION_ORDER
+
+Table = tuple[list[str], list[list[str]]]
+COND_RANK = {c: i for i, c in enumerate(CONDITION_ORDER)}
+
+
+def fmt(x: Any, spec: str = "+.3f") -> str:
+    """A number with ``spec``; ``NA`` for missing values."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "NA"
+    if isinstance(x, float):
+        return format(x, spec)
+    return str(x)
+
+
+def fmt_p(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "NA"
+    return f"{x:.4f}" if x >= 1e-4 else f"{x:.1e}"
+
+
+def fmt_ci(lo: Any, hi: Any, spec: str = "+.3f") -> str:
+    return "NA" if lo is None else f"[{fmt(lo, spec)}, {fmt(hi, spec)}]"
+
+
+def condition_sorted(df: pl.DataFrame, col: str = "condition") -> pl.DataFrame:
+    """``df`` with a ``_rank`` column ordering conditions as the charts do."""
+    return df.with_columns(
+        pl.col(col).replace_strict(COND_RANK, default=99, return_dtype=pl.Int64).alias("_rank"))
+
+
+def per_panel(df: pl.DataFrame | None) -> list[tuple[str, pl.DataFrame]]:
+    """``("method · scaling", rows)`` for each method and scaling in ``df``."""
+    if df is None or df.is_empty():
+        return []
+    pairs = sorted({(r["method"], r["scaling"]) for r in df.select("method", "scaling").unique().to_dicts()})
+    return [(f"{m} · {s}", df.filter((pl.col("method") == m) & (pl.col("scaling") == s))) for m, s in pairs]
+
+
+def summary_table(summary: pl.DataFrame) -> Table:
+    df = condition_sorted(summary).sort("alpha", "_rank", "condition")
+    rows = [[r["condition"], f"{r['alpha']:g}", fmt(r["mean"]), fmt(r["median"]),
+             f"{r['n_positive']}/{r['n']}", fmt_ci(r["ci_low"], r["ci_high"]), str(r["n_excluded"])]
+            for r in df.iter_rows(named=True)]
+    return (["condition", "alpha", "mean edited−original logmass", "median", "positive prompts",
+             "95% CI (mean)", "excluded"], rows)
+
+
+def paired_table(paired: pl.DataFrame, spec: str = "+.3f") -> Table:
+    df = condition_sorted(paired, "control").sort("alpha", "_rank")
+    rows = [[f"{r['alpha']:g}", r["control"], str(r["n"]), fmt(r["mean_diff"], spec),
+             fmt_ci(r["ci_low"], r["ci_high"], spec), fmt_p(r["p_value"]), fmt_p(r["p_holm"])]
+            for r in df.iter_rows(named=True)]
+    return (["alpha", "control", "n", "mean diff (target − control)", "95% CI", "p (sign-flip)",
+             "p (Holm)"], rows)
+
+
+def hits_table(hits: pl.DataFrame) -> Table:
+    df = condition_sorted(hits).sort("alpha", "_rank", "family")
+    rows = [[r["condition"], f"{r['alpha']:g}", r["family"], fmt(r["rate"], ".3f"),
+             fmt_ci(r["ci_low"], r["ci_high"], ".3f"), str(r["n_prompts"]), str(r["n_completions"])]
+            for r in df.iter_rows(named=True)]
+    return (["condition", "alpha", "family", "hit rate", "95% CI", "prompts", "completions"], rows)
+
+
+def noop_table(rel: pl.DataFrame) -> Table:
+    df = condition_sorted(rel).sort("alpha", "_rank")
+    rows = [[r["condition"], f"{r['alpha']:g}", str(r["n"]), fmt(r["mean_diff"]),
+             fmt_ci(r["ci_low"], r["ci_high"]), fmt_p(r["p_value"])] for r in df.iter_rows(named=True)]
+    return (["condition", "alpha", "n", "mean diff vs noop", "95% CI", "p (unadjusted)"], rows)
+
+
+def peaks_table(pk: pl.DataFrame) -> Table:
+    df = condition_sorted(pk).sort("_rank")
+    rows = [[r["condition"], f"{r['peak_alpha']:g}", fmt(r["peak_mean"]),
+             fmt_ci(r["peak_ci_low"], r["peak_ci_high"]), str(r["n_alphas"])]
+            for r in df.iter_rows(named=True)]
+    return (["condition", "peak alpha", "mean at peak", "95% CI", "alphas swept"], rows)
+
+
+def frame_table(df: pl.DataFrame) -> Table:
+    """Any polars frame as a table (floats signed to 3 decimals)."""
+    rows = [[fmt(v, "+.3f") if isinstance(v, float) else ("" if v is None else str(v))
+             for v in r] for r in df.iter_rows()]
+    return (list(df.columns), rows)

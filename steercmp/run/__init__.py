@@ -1,0 +1,1 @@
+"""Running an experiment: stages, cells, proposals, resume keys, the run directory, shards."""

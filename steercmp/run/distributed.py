@@ -1,0 +1,262 @@
+"""Scale-out: shard an experiment's prompts across processes and merge the shards.
+
+``steercmp run --processes N`` (or N ranks under ``accelerate launch -m steercmp run``) splits the
+battery into N contiguous blocks of prompts. Each worker runs the ordinary
+:class:`steercmp.run.runner.Runner` on its block into ``<run>/shards/<k>/`` (with its own stage cache, so a rerun resumes per shard);
+the parent then merges the shards into the files a single process writes: ``cells.parquet`` and
+``completions.parquet`` (row order restored, byte-for-byte equal), ``activations.safetensors``,
+``contexts.json``, ``proposals/``, ``methods/<m>/<table>.parquet``, ``stages.json`` (the
+single-process stage keys, so a later single-process run reuses the merged results) and a
+``manifest.json`` whose ``memory`` and ``timings_seconds`` hold every shard's readings.
+
+Why the merge equals a single run: every random choice in steercmp derives from the run seed and
+the row identity (prompt, method, condition, alpha, seed), never from call order; scoring and
+sampling batch rows per prompt, so a prompt's rows meet the same batches in either layout. Keep
+``batch_size`` fixed (not ``auto``) when byte equality matters: ``auto`` reads free memory.
+
+With ``accelerate launch``, each rank runs :func:`run_rank` (rank and world size from the
+environment) and rank 0 merges after a barrier; ``device`` ``cuda`` maps rank k to GPU
+``LOCAL_RANK``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import polars as pl
+import torch
+
+from steercmp.config import Experiment
+from steercmp.plugin_manager import DEFAULT_PLUGINS, PluginSet, build_plugin_manager
+from steercmp.run.keys import STAGES, RunKeys
+from steercmp.run.rundir import (
+    RunDir,
+    read_json,
+    read_tensors,
+    write_json,
+    write_parquet,
+    write_tensors,
+    write_text,
+)
+from steercmp.run.runner import Runner
+from steercmp.run.validate import validate_experiment
+
+
+@attrs.frozen
+class PluginSpec:
+    """How to rebuild the plugin set in a worker (a PluginSet itself does not cross processes)."""
+
+    builtins: tuple[str, ...] = tuple(DEFAULT_PLUGINS)
+    entry_points: bool = True
+    plugins_dir: str | None = None
+
+    def build(self) -> PluginSet:
+        return build_plugin_manager(self.builtins, entry_points=self.entry_points,
+                                    plugins_dir=self.plugins_dir)
+
+
+def shard_prompt_ids(prompt_ids: Sequence[str], processes: int) -> list[list[str]]:
+    """Contiguous, near-equal blocks of prompt ids (block k before block k+1 in battery order)."""
+    if processes < 1:
+        raise ValueError("processes must be >= 1")
+    n = len(prompt_ids)
+    processes = min(processes, n) or 1
+    bounds = [round(k * n / processes) for k in range(processes + 1)]
+    return [list(prompt_ids[bounds[k]:bounds[k + 1]]) for k in range(processes)]
+
+
+def run_shard(experiment: Experiment, plugins: PluginSpec, run_dir: str | Path, k: int,
+              prompt_ids: Sequence[str], steps: Sequence[str] = STAGES, *, fresh: bool = False,
+              threads: int | None = None, device: str | None = None) -> list[str]:
+    """Run one shard (a worker's whole job); returns the one-line failures of its methods."""
+    if threads:
+        torch.set_num_threads(threads)
+    if device is not None:
+        experiment = attrs.evolve(experiment, model=attrs.evolve(experiment.model, device=device))
+    out = RunDir(run_dir).shard(k).root
+    runner = Runner(experiment.with_prompts(prompt_ids), plugins.build(), out, fresh=fresh, progress=False,
+                    log=lambda msg: print(f"[shard {k}] {msg}", flush=True))
+    runner.run([s for s in steps if s in STAGES])
+    return [f.one_line() for f in runner.failures]
+
+
+def _worker(payload: tuple[Any, ...]) -> list[str]:
+    experiment, plugins, run_dir, k, ids, steps, fresh, threads, device = payload
+    return run_shard(experiment, plugins, run_dir, k, ids, steps, fresh=fresh, threads=threads, device=device)
+
+
+def _worker_device(experiment: Experiment, k: int) -> str | None:
+    """Worker k's device: ``cuda:k mod n_gpus`` for a CUDA experiment without a device_map."""
+    if experiment.model.device_map is not None or experiment.model.device not in ("cuda", "auto"):
+        return None
+    n = torch.cuda.device_count()
+    return f"cuda:{k % n}" if n else None
+
+
+def run_sharded(experiment: Experiment, run_dir: str | Path, processes: int, *,
+                plugins: PluginSpec = PluginSpec(), steps: Sequence[str] = STAGES,
+                fresh: bool = False, threads: int | None = None) -> tuple[pl.DataFrame | None, list[str]]:
+    """Run ``experiment`` as ``processes`` CPU worker processes and merge into ``run_dir``.
+
+    Returns ``(cells or None, failures)``. Threads per worker default to the cores divided by the
+    number of workers.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shards = shard_prompt_ids([p.id for p in experiment.battery.prompts], processes)
+    threads = threads or max(1, (os.cpu_count() or 1) // len(shards))
+    payloads = [(experiment, plugins, str(run_dir), k, block, tuple(steps), fresh, threads,
+                 _worker_device(experiment, k)) for k, block in enumerate(shards)]
+    t = time.perf_counter()
+    if len(shards) == 1:
+        results = [_worker(payloads[0])]
+    else:
+        with mp.get_context("spawn").Pool(len(shards)) as pool:
+            results = pool.map(_worker, payloads)
+    failures = [f for r in results for f in r]
+    cells = merge_shards(experiment, run_dir, len(shards), plugins=plugins,
+                         wall_seconds=time.perf_counter() - t)
+    return cells, failures
+
+
+def run_rank(experiment: Experiment, run_dir: str | Path, *, plugins: PluginSpec = PluginSpec(),
+             steps: Sequence[str] = STAGES, fresh: bool = False) -> tuple[pl.DataFrame | None, bool]:
+    """One rank under ``accelerate launch``: run this rank's shard, then rank 0 merges.
+
+    Returns ``(merged cells or None, is_main_process)``. Uses ``accelerate.PartialState`` for
+    rank, world size, device and the barrier.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    shards = shard_prompt_ids([p.id for p in experiment.battery.prompts], state.num_processes)
+    device = str(state.device) if experiment.model.device in ("auto", "cuda") else None
+    if state.process_index < len(shards):
+        run_shard(experiment, plugins, run_dir, state.process_index, shards[state.process_index], steps,
+                  fresh=fresh, device=device)
+    state.wait_for_everyone()
+    cells = None
+    if state.is_main_process:
+        cells = merge_shards(experiment, Path(run_dir), len(shards), plugins=plugins)
+    state.wait_for_everyone()
+    return cells, bool(state.is_main_process)
+
+
+# ----------------------------------------------------------------------------- merging
+def merge_shards(experiment: Experiment, run_dir: Path, n_shards: int, *, plugins: PluginSpec = PluginSpec(),
+                 wall_seconds: float | None = None) -> pl.DataFrame | None:
+    """Merge ``<run>/shards/0..n-1`` into ``run_dir`` in the single-process layout and order."""
+    run = RunDir(run_dir)
+    shards = [run.shard(k) for k in range(n_shards)]
+    battery = experiment.battery
+    order = {p.id: i for i, p in enumerate(battery.prompts)}
+    method_order = {s.key: i for i, s in enumerate(experiment.methods)}
+    write_text(run.config, experiment.snapshot())
+    done = _merge_stage_keys(shards)
+
+    # activations and contexts, in battery order
+    if all(d.activations.exists() for d in shards):
+        tensors: dict[str, torch.Tensor] = {}
+        contexts: dict[str, Any] = {}
+        for d in shards:
+            tensors.update(read_tensors(d.activations))
+            contexts.update(read_json(d.contexts))
+        keys = sorted(tensors, key=lambda pid: order[pid])
+        write_tensors(run.activations, {k: tensors[k] for k in keys},
+                      {"layer": str(experiment.layer), "model": experiment.model.id})
+        write_json(run.contexts, {k: contexts[k] for k in keys})
+
+    # proposals per method: tensors merged, records in shard (= battery) order
+    for spec in experiment.methods:
+        if not all(d.proposal_records(spec.key).exists() for d in shards):
+            continue
+        records: list[Any] = []
+        ptensors: dict[str, torch.Tensor] = {}
+        for d in shards:
+            records += read_json(d.proposal_records(spec.key))
+            ptensors.update({k: v for k, v in read_tensors(d.proposal_tensors(spec.key)).items()
+                             if k != "__empty__"})
+        write_tensors(run.proposal_tensors(spec.key), ptensors or {"__empty__": torch.zeros(1)})
+        write_json(run.proposal_records(spec.key), records)
+
+    # method-specific tables: concatenated in shard order
+    tables: dict[Path, list[Path]] = {}
+    for d in shards:
+        for f in sorted(d.methods.glob("*/*.parquet")) if d.methods.exists() else []:
+            tables.setdefault(f.relative_to(d.root), []).append(f)
+    for rel, files in tables.items():
+        frames = [f for f in (pl.read_parquet(f) for f in files) if f.width]
+        write_parquet(run.root / rel, pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame())
+
+    cells = None
+    if all(d.cells.exists() for d in shards):
+        parts = [pl.read_parquet(d.cells).with_columns(pl.lit(k).alias("__shard"))
+                 for k, d in enumerate(shards)]
+        merged = pl.concat(parts).with_row_index("__row")
+        # single-process order: method (config order), then prompt (battery order), then the
+        # condition x scaling x alpha order each shard already wrote
+        merged = merged.with_columns(
+            pl.col("method").replace_strict(method_order, return_dtype=pl.Int64).alias("__m"),
+            pl.col("prompt_id").replace_strict(order, return_dtype=pl.Int64).alias("__p"))
+        cells = merged.sort("__m", "__p", "__row", maintain_order=True).drop("__row", "__shard", "__m", "__p")
+        write_parquet(run.cells, cells)
+    if all(d.completions.exists() for d in shards):
+        comp = pl.concat([pl.read_parquet(d.completions) for d in shards])
+        comp = comp.sort("method", "condition", "scaling", "alpha", "prompt_id", "seed", nulls_last=True)
+        write_parquet(run.completions, comp)
+
+    _write_full_run_stages(experiment, plugins, run, done)
+    _write_manifest(experiment, run, shards, wall_seconds)
+    return cells
+
+
+def _merge_stage_keys(shards: Sequence[RunDir]) -> set[str]:
+    """The stages every shard finished."""
+    states = [d.stage_keys() for d in shards]
+    return set.intersection(*(set(s) for s in states)) if states else set()
+
+
+def _write_full_run_stages(experiment: Experiment, plugins: PluginSpec, run: RunDir, done: set[str]) -> None:
+    """Record the single-process stage keys for the stages every shard finished, so that a later
+    unsharded ``steercmp run`` on the merged directory reuses them."""
+    from steercmp.run.provenance import checkpoint_identity
+
+    validated = validate_experiment(experiment, plugins.build())
+    ident = checkpoint_identity(experiment.model.id, experiment.model.revision)
+    keys = RunKeys(experiment, validated.methods, validated.controls,
+                   {"id": experiment.model.id, "revision": ident.get("revision"), "files": ident.get("files", {})})
+    state: dict[str, str] = {}
+    if "extract" in done:
+        state["extract"] = keys.extract()
+    for spec in experiment.methods:
+        if f"propose:{spec.key}" in done:
+            state[f"propose:{spec.key}"] = keys.propose(spec.key)
+    for stage in ("score", "completions"):
+        if stage in done:
+            state[stage] = keys.all_methods_stage(stage)
+    run.write_stage_keys(state)
+
+
+def _write_manifest(experiment: Experiment, run: RunDir, shards: Sequence[RunDir],
+                    wall_seconds: float | None) -> None:
+    per_shard = []
+    for k, d in enumerate(shards):
+        m = read_json(d.manifest) if d.manifest.exists() else {}
+        per_shard.append({"shard": k, "prompts": m.get("battery", {}).get("prompts"),
+                          "timings_seconds": m.get("timings_seconds", {}), "memory": m.get("memory", [])})
+    base = read_json(shards[0].manifest) if shards[0].manifest.exists() else {}
+    battery = experiment.battery
+    base.update({
+        "battery": {"source": battery.source, "hash": battery.content_hash(), "prompts": len(battery)},
+        "sharding": {"processes": len(shards), "wall_seconds": wall_seconds, "shards": per_shard},
+        "memory": [dict(e, shard=s["shard"]) for s in per_shard for e in s["memory"]],
+        "timings_seconds": {"shards_wall": wall_seconds} if wall_seconds is not None else {},
+    })
+    write_json(run.manifest, json.loads(json.dumps(base, default=str)))

@@ -1,0 +1,308 @@
+"""The staged runner: extract -> propose -> score -> completions, into one run directory.
+
+One model is resident at a time (:class:`~steercmp.run.runtime.ResourceManager`): the base model
+is loaded for extraction, released while methods load their own models (AV, AR, SAE), and
+reloaded for scoring. Each stage's outputs are keyed by what determines them
+(:mod:`steercmp.run.keys`), so a rerun reuses finished stages and units and ``--fresh`` ignores
+them. The report is not a stage: it reads a finished run directory (:mod:`steercmp.report`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import polars as pl
+import torch
+
+from steercmp.api import PromptContext, Proposal
+from steercmp.config import Experiment
+from steercmp.errors import ConfigError, NumericalError, PluginError, SteercmpError
+from steercmp.lm.capture import extract
+from steercmp.lm.prompts import check_against_tokenizer
+from steercmp.plugin_manager import PluginSet
+from steercmp.run.cells import CELL_SCHEMA, CellBook, FamilyForms, method_cells, score_unit
+from steercmp.run.keys import STAGES, RunKeys
+from steercmp.run.proposals import check_proposals, load_proposals, save_proposals
+from steercmp.run.rundir import (
+    RunDir,
+    ensure_writable_dir,
+    read_json,
+    read_tensors,
+    write_json,
+    write_parquet,
+    write_tensors,
+    write_text,
+)
+from steercmp.run.runtime import ResourceManager, RunnerRuntime, tqdm_progress
+from steercmp.run.validate import preflight, validate_experiment
+from steercmp.score.sample import COMPLETION_SCHEMA, sample_completions
+
+Unit = tuple[str, str, str]  # (method key, prompt id, unit key)
+
+
+class Runner:
+    """Runs one experiment into one run directory. Built complete: a shard is a Runner on
+    :meth:`~steercmp.config.Experiment.with_prompts`, nothing is patched afterwards."""
+
+    def __init__(self, experiment: Experiment, plugins: PluginSet, run_dir: Path, *,
+                 fresh: bool = False, progress: bool = True, log: Callable[[str], None] | None = None):
+        self.experiment = experiment
+        self.battery = experiment.battery
+        self.rundir = RunDir(run_dir)
+        self.run_dir = self.rundir.root
+        self.fresh = fresh
+        self.progress = tqdm_progress(progress)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.resources = ResourceManager(experiment, progress, self.log)
+        validated = validate_experiment(experiment, plugins)
+        self.methods = validated.methods
+        self.controls = validated.controls
+        self.timings: dict[str, float] = {}
+        self.reused: list[str] = []
+        self.reused_units: dict[str, dict[str, int]] = {}
+        self.stage_keys: dict[str, str] = {}
+        self.failures: list[SteercmpError] = []
+        self._keys: RunKeys | None = None
+
+    @property
+    def keys(self) -> RunKeys:
+        """The run's resume keys (reading the checkpoint's file hashes once)."""
+        if self._keys is None:
+            from steercmp.run.provenance import checkpoint_identity
+
+            spec = self.experiment.model
+            ident = checkpoint_identity(spec.id, spec.revision)
+            self._keys = RunKeys(self.experiment, self.methods, self.controls,
+                                 {"id": spec.id, "revision": ident.get("revision"), "files": ident.get("files", {})})
+        return self._keys
+
+    # ---------------------------------------------------------------- stages
+    def run(self, steps: Sequence[str] = STAGES) -> pl.DataFrame | None:
+        """Run ``steps``; nothing is written before the battery passes the tokenizer checks."""
+        if any(s in steps for s in STAGES) and not self._reusable(
+                "extract", self.keys.extract(), self.rundir.activations, self.rundir.contexts):
+            preflight(self.experiment)
+        ensure_writable_dir(self.run_dir)
+        write_text(self.rundir.config, self.experiment.snapshot())
+        cells = None
+        if any(s in steps for s in STAGES):
+            contexts = self.stage_extract(run="extract" in steps)
+            if any(s in steps for s in ("propose", "score", "completions")):
+                proposals = self.stage_propose(contexts, run="propose" in steps)
+                if "score" in steps or "completions" in steps:
+                    book = self._cell_book(contexts, proposals)
+                    if "score" in steps:
+                        cells = self.stage_score(book)
+                    if "completions" in steps and self.experiment.completions.enabled:
+                        self.stage_completions(book, cells)
+        self.resources.release()
+        self.write_manifest()
+        return cells
+
+    def _reusable(self, stage: str, key: str, *paths: Path) -> bool:
+        return (not self.fresh and self.rundir.stage_keys().get(stage) == key
+                and all(p.exists() for p in paths))
+
+    def _mark_done(self, stage: str, key: str) -> None:
+        self.rundir.mark_done(stage, key)
+        self.stage_keys[stage] = key
+
+    def stage_extract(self, run: bool = True) -> list[PromptContext]:
+        exp = self.experiment
+        key = self.keys.extract()
+        paths = (self.rundir.activations, self.rundir.contexts)
+        if self._reusable("extract", key, *paths) or (not run and paths[0].exists()):
+            self.reused.append("extract")
+            return self._load_contexts()
+        if not run:
+            raise ConfigError("no extracted activations in this run directory", where=str(self.run_dir),
+                              fix="run `--step extract` first (or `--step all`)")
+        t = time.perf_counter()
+        self.log(f"[extract] {exp.model.id} layer {exp.layer}, {len(self.battery)} prompts")
+        lm = self.resources.base()
+        if not 0 <= exp.layer < lm.num_layers:
+            raise ConfigError(f"layer {exp.layer} is out of range for {exp.model.id} ({lm.num_layers} blocks)",
+                              where=f"{exp.source}: layer", fix=f"use 0..{lm.num_layers - 1}")
+        check_against_tokenizer(self.battery, lm.tokenizer, require_single_token=exp.single_token_families)
+        contexts = extract(lm, exp.layer, self.battery.prompts, chat_template=exp.model.chat_template,
+                           progress=self.progress)
+        for c in contexts:
+            if not torch.isfinite(c.resid).all():
+                raise NumericalError(
+                    f"the base model produced NaN or inf activations at layer {exp.layer} for prompt "
+                    f"{c.prompt.id!r}", where=f"{exp.source}: model.id",
+                    fix="check the checkpoint's weights, or use float32 instead of float16")
+        write_tensors(self.rundir.activations, {c.prompt.id: c.resid for c in contexts},
+                      {"layer": str(exp.layer), "model": exp.model.id})
+        write_json(self.rundir.contexts, {c.prompt.id: {"input_ids": list(c.input_ids), "inject_pos": c.inject_pos,
+                                                     "score_pos": c.score_pos} for c in contexts})
+        self._mark_done("extract", key)
+        self.resources.note("extract")
+        self.timings["extract"] = time.perf_counter() - t
+        return contexts
+
+    def _load_contexts(self) -> list[PromptContext]:
+        tensors = read_tensors(self.rundir.activations)
+        meta = read_json(self.rundir.contexts)
+        return [PromptContext(prompt=p, input_ids=tuple(meta[p.id]["input_ids"]),
+                              inject_pos=meta[p.id]["inject_pos"], score_pos=meta[p.id]["score_pos"],
+                              layer=self.experiment.layer, resid=tensors[p.id])
+                for p in self.battery.prompts]
+
+    def stage_propose(self, contexts: list[PromptContext], run: bool = True) -> dict[str, list[Proposal]]:
+        t = time.perf_counter()
+        out: dict[str, list[Proposal]] = {}
+        for spec in self.experiment.methods:
+            method = self.methods[spec.key]
+            key = self.keys.propose(spec.key)
+            tpath, jpath = self.rundir.proposal_tensors(spec.key), self.rundir.proposal_records(spec.key)
+            if self._reusable(f"propose:{spec.key}", key, tpath, jpath) or (not run and jpath.exists()):
+                self.reused.append(f"propose:{spec.key}")
+                out[spec.key] = load_proposals(self.rundir, spec.key)
+                continue
+            if not run:
+                raise ConfigError(f"no proposals for method {spec.key!r} in this run directory",
+                                  where=str(self.run_dir), fix="run `--step propose` first")
+            self.log(f"[propose] {spec.key}")
+            runtime = RunnerRuntime(self.resources, self.rundir, spec.key, progress=self.progress, fresh=self.fresh)
+            try:
+                proposals = check_proposals(spec.key, method.propose(contexts, runtime), contexts,
+                                            scalings=self.experiment.scalings, intervention=method.intervention)
+            except Exception as exc:
+                # one failing method must not cost the others' results: record it and go on
+                self._fail(spec.key, "proposing", exc)
+                continue
+            save_proposals(self.rundir, spec.key, proposals)
+            self._mark_done(f"propose:{spec.key}", key)
+            out[spec.key] = proposals
+        self.timings["propose"] = time.perf_counter() - t
+        return out
+
+    def _cell_book(self, contexts: list[PromptContext], proposals: dict[str, list[Proposal]]) -> CellBook:
+        def build(key: str, forms: dict[str, FamilyForms]) -> list:  # type: ignore[type-arg]
+            return method_cells(self.experiment, key, self.methods[key], self.controls, contexts, proposals[key],
+                                self.resources.base().tokenizer, forms)
+
+        keys = [s.key for s in self.experiment.methods if s.key in proposals]
+        return CellBook(keys, build, lambda key, exc: self._fail(key, "building its cells", exc))
+
+    def _fail(self, method: str, doing: str, exc: BaseException) -> None:
+        """Record one method's failure (its name in the message) and carry on with the others."""
+        if isinstance(exc, SteercmpError):
+            where = exc.where or f"{self.experiment.source}: methods.{method}"
+            message = exc.message if method in exc.message else f"method {method!r}: {exc.message}"
+            cls = type(exc) if type(exc) in (ConfigError, NumericalError, PluginError) else PluginError
+            err: SteercmpError = cls(message, where=where, fix=exc.fix)
+        else:
+            err = PluginError(f"method {method!r} raised while {doing}: {type(exc).__name__}: {exc}",
+                              where=f"{self.experiment.source}: methods.{method}",
+                              fix="see the method's documentation or report a bug to its author")
+        self.failures.append(err)
+        self.log(f"[{doing}] {method} FAILED: {err.one_line()}")
+
+    # ---------------------------------------------------------------- units
+    def _pending(self, stage: str, units: list[Unit], key: str, book: CellBook) -> tuple[list[Unit], list[Unit], str]:
+        """Split a stage's units into all and still-to-compute, and log it. Building cells may drop
+        a failing method; its units then leave the stage (and its key)."""
+        todo = [u for u in units if self.fresh or not self.rundir.unit(stage, u[2]).exists()]
+        if todo:
+            book.build()
+            units = [u for u in units if u[0] in book.methods]
+            todo = [u for u in todo if u[0] in book.methods]
+            key = self.keys.units_stage(stage, units)
+        self.reused_units[stage] = {"reused": len(units) - len(todo), "computed": len(todo)}
+        self.log(f"[{stage}] {len(units)} units (method x prompt): {len(units) - len(todo)} reused, "
+                 f"{len(todo)} to compute")
+        return units, todo, key
+
+    def stage_score(self, book: CellBook) -> pl.DataFrame:
+        """Score every cell, one (method, prompt) unit at a time; finished units are reused."""
+        units = self.keys.units("score", book.methods)
+        key = self.keys.units_stage("score", units)
+        if self._reusable("score", key, self.rundir.cells):
+            self.reused.append("score")
+            df = pl.read_parquet(self.rundir.cells)
+            self._report_error_cells(df)
+            return df
+        t = time.perf_counter()
+        units, todo, key = self._pending("score", units, key, book)
+        for method, pid, ukey in self.progress(todo, "score units", len(todo)):
+            records = score_unit(self.resources.base(), self.experiment.layer, book.cells(method, pid),
+                                 self.experiment.batch_size)
+            write_parquet(self.rundir.unit("score", ukey), pl.DataFrame(records, schema=CELL_SCHEMA))
+        frames = [pl.read_parquet(self.rundir.unit("score", u)) for _, _, u in units]
+        df = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=CELL_SCHEMA)
+        write_parquet(self.rundir.cells, df)
+        self._mark_done("score", key)
+        if todo:
+            self.resources.note("score")
+        self.timings["score"] = time.perf_counter() - t
+        self._report_error_cells(df)
+        return df
+
+    def _report_error_cells(self, df: pl.DataFrame) -> None:
+        """NaN/inf logits never become numbers: the cells say ``error`` and the run exits 2."""
+        bad = df.filter(pl.col("status") == "error")
+        for method in bad["method"].unique(maintain_order=True).to_list():
+            rows = bad.filter(pl.col("method") == method)
+            r = rows.row(0, named=True)
+            self.failures.append(NumericalError(
+                f"method {method!r}: {rows.height} cells have NaN or inf logits (first: prompt "
+                f"{r['prompt_id']!r}, {r['condition']}, alpha {r['alpha']:g}, {r['scaling']}); they are "
+                "kept with status=error and no score",
+                where=f"{self.experiment.source}: methods.{method}",
+                fix="lower the alphas or the method's delta norm, or use float32"))
+
+    def stage_completions(self, book: CellBook, scored: pl.DataFrame | None = None) -> None:
+        """Sample completions one (method, prompt) unit at a time; finished units are reused."""
+        exp = self.experiment
+        units = self.keys.units("completions", book.methods)
+        key = self.keys.units_stage("completions", units)
+        if self._reusable("completions", key, self.rundir.completions):
+            self.reused.append("completions")
+            return
+        t = time.perf_counter()
+        if scored is None and self.rundir.cells.exists():
+            scored = pl.read_parquet(self.rundir.cells)
+        errors: set[Any] = set()
+        if scored is not None:
+            errors = set(scored.filter(pl.col("status") == "error")
+                         .select("prompt_id", "method", "condition", "alpha", "scaling").iter_rows())
+        units, todo, key = self._pending("completions", units, key, book)
+        failed: set[str] = set()
+        for method, pid, ukey in self.progress(todo, "completion units", len(todo)):
+            if method in failed:
+                continue
+            chosen = []
+            for c in book.cells(method, pid):
+                if c.alpha not in exp.completions.alphas:
+                    continue
+                if (c.prompt_id, c.method, c.condition, c.alpha, c.scaling) in errors:
+                    c = attrs.evolve(c, row=None, status="error")
+                chosen.append(c)
+            try:
+                df = sample_completions(self.resources.base(), exp, chosen, self.battery)
+            except Exception as exc:
+                self._fail(method, "sampling completions", exc)
+                failed.add(method)
+                continue
+            write_parquet(self.rundir.unit("completions", ukey), df)
+        frames = [pl.read_parquet(self.rundir.unit("completions", u)) for m, _, u in units if m not in failed]
+        df = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=COMPLETION_SCHEMA)
+        df = df.sort("method", "condition", "scaling", "alpha", "prompt_id", "seed", nulls_last=True)
+        write_parquet(self.rundir.completions, df)
+        if not failed:
+            self._mark_done("completions", key)
+        if todo:
+            self.resources.note("completions")
+        self.timings["completions"] = time.perf_counter() - t
+
+    def write_manifest(self) -> None:
+        from steercmp.run.provenance import build_manifest
+
+        write_json(self.rundir.manifest, build_manifest(self))

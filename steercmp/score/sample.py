@@ -1,0 +1,184 @@
+"""Sampled completions, the behavioural check, through the shared injection engine.
+
+Every (cell, seed) row is one sampled continuation. Rows that share a context are batched; the
+delta goes in once, during the prefill, at the row's position (``injecting(once=True)``), and
+decoding continues from the KV cache. Each row samples with its own generator seeded from the run
+seed and the row identity, so batching, sharding and resuming do not change the text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import polars as pl
+import torch
+
+from steercmp.battery import Battery
+from steercmp.config import Experiment
+from steercmp.hashing import derive_seed
+from steercmp.lm.hooks import Injection, injecting
+from steercmp.lm.load import LoadedModel
+
+COMPLETION_SCHEMA = {
+    "prompt_id": pl.String, "method": pl.String, "condition": pl.String, "alpha": pl.Float64,
+    "scaling": pl.String, "seed": pl.Int64, "text": pl.String, "line": pl.String,
+    "hit_original": pl.Boolean, "hit_edited": pl.Boolean, "hit_unrelated": pl.Boolean,
+    "end_original": pl.Boolean, "end_edited": pl.Boolean, "end_unrelated": pl.Boolean,
+    "status": pl.String,
+}
+
+
+def first_line(text: str) -> str:
+    """The completed line: the continuation up to its first line break."""
+    return text.split("\n", 1)[0]
+
+
+def family_hits(line: str, words: Sequence[str]) -> tuple[bool, bool]:
+    """(contains, ends with) a family word, matched on word boundaries, case-insensitively.
+
+    The word forms are the logmass score's: the word, lower or capitalised, with or without a
+    leading space; a case-insensitive word-boundary match covers all of them.
+    """
+    contains = any(re.search(rf"\b{re.escape(w)}\b", line, flags=re.IGNORECASE) for w in words)
+    tokens = re.findall(r"[A-Za-z']+", line)
+    last = tokens[-1].lower() if tokens else ""
+    return contains, last in {w.lower() for w in words}
+
+
+@torch.no_grad()
+def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Injection,
+                  generators: Sequence[torch.Generator], *, max_new_tokens: int, temperature: float,
+                  top_p: float = 1.0, stop_on_newline: bool = True, share_prefix: bool = True
+                  ) -> list[list[int]]:
+    """Sample one continuation per row of ``inj`` from the same context; returns new token ids.
+
+    With ``share_prefix`` the positions before the earliest injection are prefilled once and
+    their KV cache is shared by every row (the result is the same as a full prefill per row).
+    """
+    model = lm.model
+    n = len(inj)
+    device = lm.input_device
+    newline_ids = _newline_ids(lm.tokenizer)
+    eos = lm.tokenizer.eos_token_id
+    out: list[list[int]] = [[] for _ in range(n)]
+    done = torch.zeros(n, dtype=torch.bool)
+    # positions before the earliest injection are the same for every row: prefill them once
+    p_min = min(int(inj.positions.min()), len(context) - 1)
+    cache = None
+    if share_prefix and p_min > 0:
+        pre = model(input_ids=torch.as_tensor([list(context[:p_min])], device=device), use_cache=True,
+                    logits_to_keep=1)
+        cache = pre.past_key_values
+        cache.batch_repeat_interleave(n)
+    else:
+        p_min = 0
+    ids = torch.as_tensor([list(context[p_min:])] * n, device=device)
+    with injecting(model, layer, inj, once=True, offset=p_min):
+        res = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = res.past_key_values
+        logits = res.logits[:, -1].float().cpu()
+        active = torch.arange(n)  # rows still decoding; logits and cache rows follow this order
+        for step in range(max_new_tokens):
+            nxt = torch.empty(len(active), dtype=torch.long)
+            for j, i in enumerate(active.tolist()):
+                tok = _sample(logits[j], generators[i], temperature, top_p)
+                nxt[j] = tok
+                out[i].append(tok)
+                if tok == eos or (stop_on_newline and tok in newline_ids):
+                    done[i] = True
+            keep = ~done[active]
+            if not bool(keep.any()) or step == max_new_tokens - 1:
+                break
+            if not bool(keep.all()):  # finished rows leave the batch (and the cache)
+                sel = keep.nonzero().squeeze(-1)
+                cache.batch_select_indices(sel.to(device))
+                active, nxt = active[sel], nxt[sel]
+            res = model(input_ids=nxt.view(-1, 1).to(device), past_key_values=cache, use_cache=True)
+            cache = res.past_key_values
+            logits = res.logits[:, -1].float().cpu()
+    return out
+
+
+def _newline_ids(tokenizer: Any) -> set[int]:
+    ids = set()
+    for text in ("\n", "\n\n"):
+        enc = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(enc) == 1:
+            ids.add(enc[0])
+    return ids
+
+
+def _sample(logits: torch.Tensor, generator: torch.Generator, temperature: float, top_p: float) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_completions(lm: LoadedModel, experiment: Experiment, cells: Sequence[Any], battery: Battery, *,
+                       progress: Callable[..., Any] | None = None, log: Callable[[str], None] | None = None,
+                       batch_rows: int = 64) -> pl.DataFrame:
+    """Sample ``experiment.completions.seeds`` continuations for every scorable cell."""
+    spec = experiment.completions
+    prompts = battery.by_id()
+    # Every unsteered cell (alpha 0 or a zero delta, e.g. noop) samples the SAME distribution, so
+    # its seeds are drawn once per (method, prompt text, scaling-free) and shared: a sample's
+    # identity is (prompt, context, "unsteered", seed), not the condition that asked for it.
+    work: dict[tuple[int, ...], dict[tuple[Any, ...], tuple[Any, int]]] = {}
+    wanted: list[tuple[Any, int, tuple[Any, ...]]] = []
+    records: list[dict[str, Any]] = []
+    for c in cells:
+        if c.row is None:
+            records.append({"prompt_id": c.prompt_id, "method": c.method, "condition": c.condition,
+                            "alpha": c.alpha, "scaling": c.scaling, "seed": None, "text": None, "line": None,
+                            "hit_original": None, "hit_edited": None, "hit_unrelated": None,
+                            "end_original": None, "end_edited": None, "end_unrelated": None,
+                            "status": c.status})
+            continue
+        unsteered = c.row.alpha == 0.0 or float(c.row.delta.norm()) == 0.0
+        for seed in range(spec.seeds):
+            key = ((c.prompt_id, c.method, "unsteered", seed) if unsteered else
+                   (c.prompt_id, c.method, c.condition, c.alpha, c.scaling, seed))
+            work.setdefault(c.row.context, {}).setdefault(key, (c, seed))
+            wanted.append((c, seed, key))
+    if log:
+        log(f"[completions] {sum(len(v) for v in work.values())} distinct samples for {len(wanted)} rows, "
+            f"{spec.seeds} seeds, alphas {list(spec.alphas)}")
+    batches = [(ctx, list(items.items())[s:s + batch_rows]) for ctx, items in work.items()
+               for s in range(0, len(items), batch_rows)]
+    if progress is not None:
+        batches = progress(batches, "sample completions", len(batches))
+    texts: dict[tuple[Any, ...], str] = {}
+    for context, items in batches:
+        inj = Injection.build([c.row.delta for _, (c, _) in items], [c.row.alpha for _, (c, _) in items],
+                              [c.row.position for _, (c, _) in items], [c.row.scaling for _, (c, _) in items])
+        gens = []
+        for key, _ in items:
+            g = torch.Generator()
+            g.manual_seed(derive_seed(experiment.seed, "completion", *key))
+            gens.append(g)
+        new = generate_rows(lm, experiment.layer, context, inj, gens, max_new_tokens=spec.max_new_tokens,
+                            temperature=spec.temperature, top_p=spec.top_p)
+        for (key, _), toks in zip(items, new, strict=True):
+            texts[key] = lm.tokenizer.decode(toks, skip_special_tokens=True)
+    for c, seed, key in wanted:
+        text = texts[key]
+        line = first_line(text)
+        fams = prompts[c.prompt_id].families
+        row = {"prompt_id": c.prompt_id, "method": c.method, "condition": c.condition,
+               "alpha": c.alpha, "scaling": c.scaling, "seed": seed, "text": text, "line": line,
+               "status": c.status}
+        for fam in ("original", "edited", "unrelated"):
+            hit, end = family_hits(line, fams[fam])
+            row[f"hit_{fam}"] = hit
+            row[f"end_{fam}"] = end
+        records.append(row)
+    df = pl.DataFrame(records, schema=COMPLETION_SCHEMA)
+    return df.sort("method", "condition", "scaling", "alpha", "prompt_id", "seed", nulls_last=True)

@@ -1,0 +1,129 @@
+"""The benchmark: every path agrees with steercmp's sweep, and the JSON/table come out."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from steercmp.battery import Battery
+from steercmp.commands import bench
+from steercmp.lm.hooks import Injection
+from steercmp.lm.load import LoadedModel
+from steercmp.score.sample import generate_rows
+from steercmp.testing import couplet_tokenizer as tiny_tokenizer
+from steercmp.testing import tiny_model, words_of
+
+NOTE8 = "experiments/batteries/note8.yaml"
+
+
+def _words(battery):
+    out = set()
+    for p in battery.prompts:
+        out.update(words_of(p.text))
+        for ws in p.families.values():
+            out.update(w.lower() for w in ws)
+    return out
+
+
+@pytest.fixture
+def tiny_battery_lm():
+    battery = Battery.from_yaml(NOTE8)
+    lm = LoadedModel(model=tiny_model(seed=1), tokenizer=tiny_tokenizer(_words(battery)), source="tiny",
+                     path="", dtype=torch.float32, device="cpu")
+    return battery, lm
+
+
+def test_subsample_covers_every_condition_and_alpha():
+    idx = bench.subsample(560, 70, 35)
+    assert len(idx) <= 70 and idx[0] == 0
+    assert {i % 35 for i in idx} == set(range(35)) or len(idx) < 35
+
+
+def test_quick_bench_on_tiny_model(tmp_path, tiny_battery_lm, capsys):
+    battery, lm = tiny_battery_lm
+    out = tmp_path / "bench.json"
+    args = argparse.Namespace(out=str(out), battery=NOTE8, quick=True, layer=2)
+    assert bench.main(args, lm=lm) == 0
+    data = json.loads(out.read_text())
+    assert data["all_agree"]
+    assert set(data["agreement"]) == {"a", "b", "c"}
+    for key in ("a", "b", "c", "d", "bound", "bound_with_branches"):
+        assert data["timings"][key]["cells_per_s"] > 0
+    assert set(data["targets"]) == {"d/a", "d/b", "d/c", "d/bound", "completions"}
+    assert data["completions"]["samples_batched"] > 0
+    assert "none available" in data["environment"]["gpu"] or data["environment"]["gpu"]
+    assert "met" in capsys.readouterr().out
+
+
+def test_bench_fails_loudly_on_disagreement(tmp_path, tiny_battery_lm, monkeypatch):
+    battery, lm = tiny_battery_lm
+    real = bench.loop_scores
+
+    def broken(*a, **k):
+        out = real(*a, **k)
+        out["edited"] = out["edited"] + 1e-2
+        return out
+
+    monkeypatch.setattr(bench, "loop_scores", broken)
+    args = argparse.Namespace(out=str(tmp_path / "b.json"), battery=NOTE8, quick=True, layer=2,
+                              no_completions=True)
+    assert bench.main(args, lm=lm) == 1
+    assert not json.loads((tmp_path / "b.json").read_text())["agreement"]["a"]["ok"]
+
+
+def test_generate_rows_shared_prefix_equals_full_prefill(tiny_battery_lm):
+    _battery, lm = tiny_battery_lm
+    context = [2] + list(range(10, 24))
+    g = torch.Generator().manual_seed(0)
+    inj = Injection.build(torch.randn(4, 64, generator=g) * 3, [0.0, 1.0, 2.0, -1.0], [5, 6, 5, 9])
+    runs = []
+    for share in (True, False):
+        gens = [torch.Generator().manual_seed(i) for i in range(4)]
+        runs.append(generate_rows(lm, 2, context, inj, gens, max_new_tokens=6, temperature=1.0,
+                                  stop_on_newline=False, share_prefix=share))
+    assert runs[0] == runs[1]
+    # a row's text does not depend on the rows batched with it
+    alone = generate_rows(lm, 2, context, inj.select([2]), [torch.Generator().manual_seed(2)],
+                          max_new_tokens=6, temperature=1.0, stop_on_newline=False)
+    assert alone[0] == runs[0][2]
+
+
+@pytest.mark.slow
+def test_quick_bench_on_embedded_model(tmp_path, embedded_lm):
+    args = argparse.Namespace(out=str(tmp_path / "bench.json"), battery=NOTE8, quick=True)
+    assert bench.main(args, lm=embedded_lm) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["all_agree"] and data["grid"]["layer"] == 12
+
+
+def test_nnsight_path_leaves_the_model_untouched(tiny_battery_lm):
+    from steercmp.lm.hooks import attached_hooks
+
+    _battery, lm = tiny_battery_lm
+    forward = lm.model.forward
+    bench.wrap_nnsight(lm)
+    assert lm.model.forward == forward and attached_hooks(lm.model) == 0
+
+
+def test_generate_rows_drops_finished_rows_without_changing_the_others(tiny_battery_lm):
+    _battery, lm = tiny_battery_lm
+    context = [2] + list(range(10, 24))
+    nl = lm.tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    g = torch.Generator().manual_seed(1)
+    inj = Injection.build(torch.randn(6, 64, generator=g), [0.0, 1.0, 2.0, -1.0, 3.0, 0.5], [5, 6, 5, 9, 7, 8])
+    row = lm.model.get_output_embeddings().weight[nl].clone()
+    for scale in (60, 30, 15, 8, 4, 2):  # make the newline likely enough that rows finish at different steps
+        with torch.no_grad():
+            lm.model.get_output_embeddings().weight[nl] = row * scale
+        gens = [torch.Generator().manual_seed(10 + i) for i in range(6)]
+        batched = generate_rows(lm, 2, context, inj, gens, max_new_tokens=8, temperature=1.0)
+        lengths = {len(t) for t in batched}
+        if len(lengths) > 1:
+            break
+    assert len(lengths) > 1 and all(len(t) <= 8 for t in batched)
+    for i in range(6):
+        alone = generate_rows(lm, 2, context, inj.select([i]), [torch.Generator().manual_seed(10 + i)],
+                              max_new_tokens=8, temperature=1.0)
+        assert alone[0] == batched[i]
+        assert batched[i][-1] == nl or len(batched[i]) == 8

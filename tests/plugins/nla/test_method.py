@@ -1,0 +1,185 @@
+"""Selection, edits and the nla_text_edit method end to end on tiny checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from steercmp.api import Prompt, PromptContext
+from steercmp.errors import ConfigError
+from steercmp_plugins.nla import cli
+from steercmp_plugins.nla.meta import NlaMeta
+from steercmp_plugins.nla.method import NlaTextEdit, edit_texts, estimate_params
+from steercmp_plugins.nla.select import apply_edit, mentions, select_explanation
+
+
+def test_apply_edit_word_boundary_and_case():
+    edits = {"dream": "gleam", "seem": "beam"}
+    text = "Dream of a dreamer; planning dream, SEEM or Seem (daydream)."
+    out, n = apply_edit(text, edits)
+    assert out == "Gleam of a dreamer; planning gleam, BEAM or Beam (daydream)."
+    assert n == 4
+    assert apply_edit("dream seem", {"dream": "seem", "seem": "dream"})[0] == "seem dream"
+    assert mentions("the -eam sound, planning Dream", ["dream", "eam"]) == ["dream"]
+
+
+def test_select_rules():
+    expl = ["no plan here", "planning dream", "dream or seem"]
+    scores = [0.9, 0.1, 0.5]
+    assert select_explanation(expl, scores, ["dream"]) == ("editable", 2)
+    assert select_explanation(expl[:1], scores[:1], ["dream"]) == ("fallback", 0)
+    assert select_explanation(expl[:1], scores[:1], ["dream"], "strict") == ("dropped", None)
+
+
+def test_fallback_edit_appends_plan():
+    orig, edited, mode, n = edit_texts("A line about water", {"dream": "gleam", "seem": "beam"})
+    assert mode == "appended" and n == 0
+    assert orig.endswith("Planning dream or seem.") and edited.endswith("Planning gleam or beam.")
+
+
+def test_meta_accepts_training_spellings(pair_dir):
+    raw = NlaMeta.from_yaml(pair_dir[1]).raw
+    data = dict(raw, role="critic", prompt_templates={"critic": raw["prompt_templates"]["ar"]})
+    data.pop("extraction_layer_index")
+    data["critic"] = {"extraction_layer_index": 2}
+    meta = NlaMeta.from_dict(data)
+    assert meta.role == "ar" and meta.extraction_layer == 2
+    with pytest.raises(ConfigError, match="role"):
+        NlaMeta.from_dict(dict(raw, role="judge"))
+    with pytest.raises(ConfigError, match="experiment uses layer 5"):
+        meta.check_compatible(layer=5)
+
+
+def test_estimates_for_released_pair():
+    av = estimate_params("kitft/nla-gemma3-12b-L32-av", "av")
+    ar = estimate_params("kitft/nla-gemma3-12b-L32-ar", "ar")
+    params = 12_187_325_040  # google/gemma-3-12b-it in steercmp.catalog
+    assert av == params and ar == int(params * 33 / 48 + 3840 * 3840)
+
+
+class FakeRuntime:
+    def __init__(self, tmp_path):
+        self.seed, self.layer, self.device, self.dtype = 0, 2, "cpu", torch.float32
+        self.run_dir = tmp_path
+        self.tables: dict[str, list] = {}
+        self.loaded: list[str] = []
+
+    @contextlib.contextmanager
+    def load(self, resource):
+        self.loaded.append(resource.name)
+        obj = resource.loader()
+        try:
+            yield obj
+        finally:
+            obj.unload()
+
+    def base(self):
+        raise AssertionError("the NLA method never needs the base model")
+
+    def generator(self, *key):
+        return torch.Generator().manual_seed(abs(hash(("seed", *key))) % (2 ** 31))
+
+    def progress(self, iterable, desc, total=None):
+        return iter(iterable)
+
+    def write_table(self, name, rows):
+        self.tables[name] = list(rows)
+
+    def cached(self, name, key, compute):
+        return compute()
+
+
+def _contexts(n=3, d=64, orig=("quux", "zorp")):
+    torch.manual_seed(0)
+    out = []
+    for i in range(n):
+        p = Prompt(id=f"p{i}", text="the stream ,\nand the",
+                   families={"original": orig, "edited": ("gleam", "beam"),
+                             "unrelated": ("stone", "bone")},
+                   edits={"edited": dict(zip(orig, ("gleam", "beam"), strict=False)),
+                          "unrelated": dict(zip(orig, ("stone", "bone"), strict=False))})
+        out.append(PromptContext(prompt=p, input_ids=(2, 3, 4, 5), inject_pos=2, score_pos=3,
+                                 layer=2, resid=torch.randn(4, d)))
+    return out
+
+
+def test_propose_with_fake_runtime(pair_dir, tmp_path):
+    exp = types.SimpleNamespace(layer=2, seed=0, model=types.SimpleNamespace(id="tiny"))
+    m = NlaTextEdit({"av": str(pair_dir[0]), "ar": str(pair_dir[1]), "n_explanations": 2,
+                     "max_new_tokens": 6}, exp)
+    m.validate()
+    res = m.resources()
+    assert [r.name for r in res] == ["nla_av", "nla_ar"] and res[0].params > 0
+    rt = FakeRuntime(tmp_path)
+    props = m.propose(_contexts(), rt)
+    assert rt.loaded == ["nla_av", "nla_ar"]
+    assert len(props) == 6 and {p.family for p in props} == {"edited", "unrelated"}
+    for p in props:  # the tiny vocabulary cannot say quux/zorp: the default rule falls back
+        assert p.status == "fallback" and p.delta.dtype == torch.float32
+        assert p.delta.shape == (64,) and p.meta["edit_mode"] == "appended"
+        assert p.meta["delta_norm"] == pytest.approx(float(p.delta.norm()))
+        json.dumps(dict(p.meta))
+    expl = rt.tables["explanations"]
+    assert len(expl) == 6 and set(expl[0]) == {"prompt_id", "sample", "explanation", "raw",
+                                               "fve_nrm", "mse_nrm", "cosine", "mentions_editable"}
+    sel = rt.tables["selections"]
+    assert {r["selection"] for r in sel} == {"fallback"} and "unrelated_delta_norm" in sel[0]
+    # the same run seeds give the same explanations
+    rt2 = FakeRuntime(tmp_path)
+    m.propose(_contexts(), rt2)
+    assert [r["explanation"] for r in rt2.tables["explanations"]] == [r["explanation"] for r in expl]
+
+    strict = NlaTextEdit(dict(m.options, selection="strict"), exp)
+    props = strict.propose(_contexts(), FakeRuntime(tmp_path))
+    assert all(p.status == "dropped" and p.delta is None for p in props)
+
+
+def test_propose_checks_layer(pair_dir, tmp_path):
+    exp = types.SimpleNamespace(layer=7, seed=0)
+    m = NlaTextEdit({"av": str(pair_dir[0]), "ar": str(pair_dir[1]), "n_explanations": 1,
+                     "max_new_tokens": 2}, exp)
+    with pytest.raises(ConfigError, match="layer"):
+        m.propose(_contexts(1), FakeRuntime(tmp_path))
+
+
+def test_bad_options():
+    with pytest.raises(ConfigError, match="selection"):
+        NlaTextEdit({"av": "mini", "ar": "mini", "selection": "loose"}, None).validate()
+    with pytest.raises(ConfigError, match="ar"):
+        NlaTextEdit({"av": "mini"}, None).validate()
+
+
+def test_cli_explain_and_reconstruct(pair_dir, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    out = tmp_path / "v.safetensors"
+    args = parser.parse_args(["reconstruct", "--ar", str(pair_dir[1]), "--text", "the stream",
+                              "--out", str(out)])
+    assert cli.handler(args) == 0
+    vec = load_file(str(out))["vector"]
+    assert vec.shape == (64,)
+    args = parser.parse_args(["explain", "--av", str(pair_dir[0]), "--vector", str(out), "--n", "2",
+                              "--max-new-tokens", "4", "--json", "--ar", str(pair_dir[1])])
+    capsys.readouterr()
+    assert cli.handler(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["explanations"]) == 2 and "mse_nrm" in data["explanations"][0]
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(64)}, str(bad))
+    with pytest.raises(ConfigError, match="vector"):
+        cli.handler(parser.parse_args(["explain", "--av", str(pair_dir[0]), "--vector", str(bad)]))
+
+
+def test_plugin_registers():
+    import steercmp_plugins.nla as nla
+    from steercmp.plugin_manager import build_plugin_manager
+
+    ps = build_plugin_manager(builtins=(), entry_points=False, extra=[nla])
+    assert ps.method("nla_text_edit") is NlaTextEdit
+    assert [c[0] for c in ps.commands()] == ["nla"]

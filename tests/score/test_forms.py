@@ -1,0 +1,136 @@
+"""Family log-mass scoring and the fast sweep against a plain forward with log_softmax."""
+
+import pytest
+import torch
+
+from steercmp.lm.hooks import Injection, injecting
+from steercmp.lm.load import LoadedModel
+from steercmp.score.forms import family_forms
+from steercmp.score.reference import ScoreRow, score_rows
+from steercmp.score.sweep import score_rows_fast
+from steercmp.testing import tiny_model
+
+LAYER = 1
+
+
+class FakeTokenizer:
+    """Maps surface forms to fixed token sequences (multi-token words included)."""
+
+    pad_token_id = 0
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(self.table.get(text, ()))}
+
+
+TABLE = {
+    " dream": (40,), " Dream": (41,), "dream": (42,), "Dream": (42,),  # duplicate forms dedupe
+    " gleam": (50, 51), " Gleam": (50, 52), "gleam": (53, 54, 55), "Gleam": (56,),
+    " stone": (60,), " Stone": (61, 62), "stone": (63,), "Stone": (64,),
+}
+FAMILIES = {"original": ("dream",), "edited": ("gleam",), "unrelated": ("stone",)}
+
+
+def chained_logprob(model, context, form, inj=None):
+    """Independent reference: one plain forward per form, log_softmax, sum over the chain."""
+    ids = torch.tensor([list(context) + list(form[:-1])])
+    if inj is None:
+        logits = model(input_ids=ids).logits
+    else:
+        with injecting(model, LAYER, inj):
+            logits = model(input_ids=ids).logits
+    lp = torch.log_softmax(logits.float(), -1)[0]
+    start = len(context) - 1
+    return sum(float(lp[start + j, t]) for j, t in enumerate(form))
+
+
+def reference_mass(model, context, family, inj=None):
+    forms = {TABLE[f] for w in FAMILIES[family] for f in (" " + w, " " + w.title(), w, w.title())}
+    return float(torch.logsumexp(torch.tensor([chained_logprob(model, context, f, inj) for f in forms]), 0))
+
+
+def test_plan_forms_dedupes_and_branches():
+    plan = family_forms(FakeTokenizer(TABLE), FAMILIES)
+    assert len(plan.forms["original"]) == 3  # "dream" and "Dream" share a token
+    assert plan.branches[0] == ()
+    # (50,) is a prefix of (53, 54)? no; maximal branches only: (50,), (53, 54), (61,)
+    assert set(plan.branches[1:]) == {(50,), (53, 54), (61,)}
+    assert plan.max_branch == 2
+
+
+def make_rows(plan, context, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        rows.append(ScoreRow(tuple(context), len(context) - 1, plan, torch.randn(64, generator=g),
+                             [0.0, 1.0, -2.0, 3.0][i % 4], [3, 4, 2, 5][i % 4],
+                             ["raw", "norm_relative"][i % 2]))
+    return rows
+
+
+def test_reference_scorer_matches_plain_forward():
+    model = tiny_model()
+    lm = LoadedModel(model, FakeTokenizer(TABLE), "tiny", "", torch.float32, "cpu")
+    plan = family_forms(lm.tokenizer, FAMILIES)
+    context = [2, 10, 11, 12, 13, 14, 15, 16]
+    rows = make_rows(plan, context)
+    got = score_rows(lm, LAYER, rows, batch_size=4)
+    for i, r in enumerate(rows):
+        inj = Injection.build(r.delta[None], [r.alpha], [r.position], r.scaling)
+        for fam in FAMILIES:
+            assert got[fam][i] == pytest.approx(reference_mass(model, context, fam, inj), abs=1e-4)
+
+
+def test_fast_sweep_equals_reference():
+    model = tiny_model(seed=3)
+    lm = LoadedModel(model, FakeTokenizer(TABLE), "tiny", "", torch.float32, "cpu")
+    plan = family_forms(lm.tokenizer, FAMILIES)
+    rows = make_rows(plan, [2, 10, 11, 12, 13, 14, 15, 16], n=8)
+    rows += make_rows(plan, [2, 20, 21, 22, 23, 24, 25], n=5, seed=1)  # a second context
+    ref = score_rows(lm, LAYER, rows, batch_size=3)
+    for bs in (1, 4, "auto"):
+        fast = score_rows_fast(lm, LAYER, rows, batch_size=bs)
+        for fam in FAMILIES:
+            torch.testing.assert_close(fast[fam], ref[fam], atol=1e-4, rtol=1e-4)
+
+
+def test_fast_sweep_with_injection_at_bos_and_last_layer():
+    model = tiny_model(seed=4)
+    lm = LoadedModel(model, FakeTokenizer(TABLE), "tiny", "", torch.float32, "cpu")
+    plan = family_forms(lm.tokenizer, FAMILIES)
+    context = [2, 10, 11, 12, 13]
+    rows = [ScoreRow(tuple(context), 4, plan, torch.randn(64), 2.0, p, "raw") for p in (0, 2, 4)]
+    for layer in (0, 3):
+        ref = score_rows(lm, layer, rows)
+        fast = score_rows_fast(lm, layer, rows)
+        for fam in FAMILIES:
+            torch.testing.assert_close(fast[fam], ref[fam], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_fast_sweep_on_embedded_model(embedded_lm):
+    from steercmp.api import Prompt
+    from steercmp.lm.capture import extract
+
+    prompt = Prompt(id="p", text="Upon the bank I sat beside the stream,\nAnd closed my eyes and drifted in a",
+                    families={"original": ("dream",), "edited": ("gleam", "beam"), "unrelated": ("stone",)})
+    ctx = extract(embedded_lm, 12, [prompt])[0]
+    # hidden_states[13] is the output of block 12
+    out = embedded_lm.model(input_ids=torch.tensor([ctx.input_ids]), output_hidden_states=True)
+    torch.testing.assert_close(ctx.resid, out.hidden_states[13][0].float(), atol=1e-4, rtol=1e-4)
+    plan = family_forms(embedded_lm.tokenizer, prompt.families)
+    g = torch.Generator().manual_seed(0)
+    rows = [ScoreRow(ctx.input_ids, ctx.score_pos, plan, torch.randn(640, generator=g) * 300, a,
+                     ctx.inject_pos + off, s)
+            for a in (0.0, 2.0) for off in (0, -1) for s in ("raw", "norm_relative")]
+    ref = score_rows(embedded_lm, 12, rows)
+    fast = score_rows_fast(embedded_lm, 12, rows)
+    for fam in ("original", "edited", "unrelated"):
+        torch.testing.assert_close(fast[fam], ref[fam], atol=1e-4, rtol=1e-4)
+    # unsteered masses equal a plain forward's log_softmax for the single-token form ' dream'
+    lp = torch.log_softmax(out.logits[0, ctx.score_pos].float(), -1)
+    dream = embedded_lm.tokenizer(" dream", add_special_tokens=False)["input_ids"]
+    assert len(dream) == 1
+    assert float(ref["original"][0]) >= float(lp[dream[0]]) - 1e-5
