@@ -1,12 +1,16 @@
 #!/usr/bin/env python
-"""Quality check for a prompt battery on the embedded Gemma 3 270M.
+"""Check a prompt battery: design faults first (no model), then its quality on the embedded 270M.
 
-For each prompt: next-token log-prob mass (logsumexp over the single-token ``▁word`` forms) of the
+Design faults (:func:`steercmp.battery.hygiene_problems`) reject the battery with exit code 1:
+an edit key that already occurs in the prompt text, or families of unequal size.
+
+Quality, for each prompt: next-token log-prob mass (logsumexp over the single-token ``▁word`` forms) of the
 original / edited / unrelated families at the last position, the rank of the plan word (the first
 ``original`` word) and the model's top next tokens. Summary: the fraction of prompts whose
 original mass beats the edited (and the unrelated) mass. A plain forward with log_softmax.
 
     .venv/bin/python scripts/check_battery.py experiments/batteries/note8.yaml
+    .venv/bin/python scripts/check_battery.py experiments/batteries/note8.yaml --hygiene-only
 """
 
 from __future__ import annotations
@@ -32,9 +36,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("battery")
     ap.add_argument("--top", type=int, default=5, help="top next tokens to show")
+    ap.add_argument("--hygiene-only", action="store_true", help="check the design faults only (no model)")
     args = ap.parse_args(argv)
 
+    from steercmp.battery import Battery, hygiene_problems
+    from steercmp.errors import SteercmpError
     from steercmp.lm.load import load_base_model
+
+    try:
+        problems = hygiene_problems(Battery.from_yaml(args.battery))
+    except SteercmpError as exc:
+        print(f"check_battery: error: {exc.one_line()}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"check_battery: {args.battery}: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{args.battery}: no design faults")
+    if args.hygiene_only:
+        return 0
 
     with open(args.battery) as fh:
         battery = yaml.safe_load(fh)

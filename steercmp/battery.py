@@ -180,3 +180,24 @@ def _parse_prompt(raw: Any, defaults: Mapping[str, Any], where: str) -> Prompt:
             raise ConfigError(exc.message, where=f"{where}.{field}", fix=exc.fix) from None
     return Prompt(id=pid, text=text, families=families, edits=edits, inject=inject, score=score,
                   rhyme=str(raw.get("rhyme", "")), meta=dict(raw.get("meta") or {}))
+
+
+def hygiene_problems(battery: Battery) -> list[str]:
+    """Design faults that bias a battery's score, one line each (``scripts/check_battery.py``):
+
+    - an edit key (a word a text-edit method replaces in an explanation) that already occurs in
+      the prompt text: an explanation that merely repeats the text would be "edited";
+    - families of unequal size: a family's mass is a log-sum-exp over its words, so a larger
+      family has more mass before any steering.
+    """
+    problems = []
+    for p in battery.prompts:
+        words = set(re.findall(r"[a-z']+", p.text.lower()))
+        keys = sorted({k.lower() for edit in p.edits.values() for k in edit} & words)
+        if keys:
+            problems.append(f"{p.id}: edit key(s) {', '.join(keys)} already occur in the prompt text")
+        sizes = {fam: len(ws) for fam, ws in p.families.items()}
+        if len(set(sizes.values())) > 1:
+            problems.append(f"{p.id}: families of unequal size ("
+                            + ", ".join(f"{fam} {n}" for fam, n in sizes.items()) + ")")
+    return problems

@@ -86,6 +86,8 @@ def build_parser(plugin_commands: Sequence[tuple] = ()) -> argparse.ArgumentPars
     report.add_argument("run_dir")
     report.add_argument("--alphas", type=float, nargs="+", help="pre-declared decision alphas")
     report.add_argument("--n-boot", type=int, default=10_000)
+    report.add_argument("--level", type=float, help="significance level (default: config's decision.level, 0.05)")
+    report.add_argument("--correction", help="correction across methods: none or holm (default: the config's)")
     report.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="benchmark steercmp's sweep against the usual loops")

@@ -72,6 +72,8 @@ class Experiment:
     control_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     completions: CompletionSpec = CompletionSpec()
     decision_alphas: tuple[float, ...] = (2.0,)
+    decision_level: float = 0.05
+    decision_correction: str = "none"
     seed: int = 0
     batch_size: int | str = "auto"
     single_token_families: bool = False
@@ -101,7 +103,8 @@ class Experiment:
         data["alphas"] = list(self.alphas)
         data["scalings"] = list(self.scalings)
         data.setdefault("decision", {})
-        data["decision"] = {**dict(data["decision"] or {}), "alphas": list(self.decision_alphas)}
+        data["decision"] = {**dict(data["decision"] or {}), "alphas": list(self.decision_alphas),
+                            "level": self.decision_level, "correction": self.decision_correction}
         data["battery"] = str(self.resolve(self.battery_path))
         return yaml.safe_dump(redact(data), sort_keys=False)
 
@@ -218,7 +221,13 @@ class Experiment:
         if not isinstance(decision, Mapping):
             raise ConfigError("`decision` must be a mapping", where=f"{source}: decision",
                               fix="e.g. decision: {alphas: [2]}")
+        bad = sorted(set(decision) - DECISION_KEYS)
+        if bad:
+            raise ConfigError(f"unknown decision key {bad[0]!r}", where=f"{source}: decision.{bad[0]}",
+                              fix=f"valid keys are {', '.join(sorted(DECISION_KEYS))}")
         decision_alphas = _Fields(source, prefix="decision.").numbers(decision, "alphas", default=(2,))
+        level = check_level(decision.get("level", 0.05), where=f"{source}: decision.level")
+        correction = check_correction(decision.get("correction", "none"), where=f"{source}: decision.correction")
         missing = [a for a in decision_alphas if a not in alphas]
         if missing:
             raise ConfigError(f"decision alpha {missing[0]} is not in the alpha sweep",
@@ -250,12 +259,34 @@ class Experiment:
             control_options={k: dict(v or {}) for k, v in ctrl_opts.items()},
             completions=completions,
             decision_alphas=decision_alphas,
+            decision_level=level,
+            decision_correction=correction,
             seed=f.integer(data, "seed", default=0, minimum=0),
             batch_size=batch_size,
             single_token_families=bool(data.get("single_token_families", False)),
             source=source,
             raw=dict(data),
         )
+
+
+DECISION_KEYS = frozenset({"alphas", "level", "correction"})
+#: corrections across the methods of a run (none: each method's verdict is its own claim)
+CORRECTIONS = ("none", "holm")
+
+
+def check_level(value: Any, *, where: str) -> float:
+    """A significance level strictly between 0 and 1, or a one-line error naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ConfigError(f"level {value!r} must lie strictly between 0 and 1", where=where,
+                          fix="use e.g. 0.05")
+    return float(value)
+
+
+def check_correction(value: Any, *, where: str) -> str:
+    if value not in CORRECTIONS:
+        raise ConfigError(f"correction {value!r} is not one of {', '.join(CORRECTIONS)}", where=where,
+                          fix="use none (each method its own claim) or holm (over the run's methods)")
+    return str(value)
 
 
 def _base_dir(source: str) -> Path:

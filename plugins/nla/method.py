@@ -2,15 +2,14 @@
 
 Per prompt: the AV writes ``n_explanations`` explanations of the activation at the planning
 position; the AR reconstructs each (fidelity against the prompt's own activation; the fve
-baseline is the variance of the battery's normalised activations); one explanation is selected
-(``default`` / ``strict``, see :mod:`.select`); the prompt's edit maps are applied toward the
+baseline is a dataset-level variance, :mod:`.baseline`); one explanation is selected
+(``strict`` / ``default``, see :mod:`.select`); the prompt's edit maps are applied toward the
 ``edited`` family (target) and the ``unrelated`` family (control), and the proposal's delta is
 ``AR(edited text) - AR(original text)``.
 
-When the selected explanation names no editable term (a ``fallback`` prompt), replacing words
-changes nothing and the delta would be zero; the edit then appends the same plan sentence to both
-texts ("Planning dream or seem." vs "Planning gleam or beam."), recorded as
-``edit_mode: appended``, so the fallback delta is still a controlled text difference.
+Nothing is fabricated: when no explanation names an editable term, ``strict`` (the default)
+drops the prompt, and ``default`` keeps it as a ``fallback`` prompt with a zero delta (there was
+nothing to edit), reported apart and never in the primary analysis.
 """
 
 from __future__ import annotations
@@ -28,7 +27,8 @@ from steercmp.catalog import EMBEDDED_ID, known_model, nla_pair
 from steercmp.errors import ConfigError
 from steercmp.lm.load import parse_dtype, resolve_device
 
-from .fidelity import baseline_variance, fidelity
+from .baseline import dataset_baseline
+from .fidelity import fidelity
 from .select import SELECTIONS, apply_edit, mentions, select_explanation
 
 #: the miniature pair steercmp builds for the embedded Gemma 3 270M (:mod:`.mini`)
@@ -80,15 +80,10 @@ def edit_map_for(prompt: Any, family: str) -> dict[str, str]:
 
 
 def edit_texts(explanation: str, edit_map: Mapping[str, str]) -> tuple[str, str, str, int]:
-    """``(original_text, edited_text, mode, replacements)`` for one explanation and edit map."""
+    """``(original_text, edited_text, mode, replacements)`` for one explanation and edit map;
+    mode ``none`` (and the text unchanged) when the explanation names no term of the map."""
     edited, count = apply_edit(explanation, edit_map)
-    if count:
-        return explanation, edited, "replaced", count
-    keys, values = list(edit_map), list(edit_map.values())
-    sep = "" if not explanation or explanation.rstrip().endswith((".", "!", "?")) else "."
-    base = f"{explanation.rstrip()}{sep} " if explanation.strip() else ""
-    return (f"{base}Planning {' or '.join(keys)}.", f"{base}Planning {' or '.join(values)}.",
-            "appended", 0)
+    return explanation, edited, ("replaced" if count else "none"), count
 
 
 @attrs.frozen
@@ -98,7 +93,7 @@ class NlaOptions:
     n_explanations: int = 4
     temperature: float = 1.0
     max_new_tokens: int | None = None
-    selection: str = "default"
+    selection: str = "strict"
     dtype: str | None = None
     batch_size: int = 8
     greedy: bool = False
@@ -127,9 +122,9 @@ class NlaOptions:
             raise ConfigError(f"temperature must be > 0, got {temp!r}",
                               where=f"{where}.temperature", fix="use 1.0 (the paper) or set greedy")
         opts["temperature"] = float(temp)
-        if opts.get("selection", "default") not in SELECTIONS:
+        if opts.get("selection", "strict") not in SELECTIONS:
             raise ConfigError(f"selection must be one of {SELECTIONS}, got {opts['selection']!r}",
-                              where=f"{where}.selection", fix="use default or strict")
+                              where=f"{where}.selection", fix="use strict (drop prompts without an editable term) or default (keep them apart as fallback)")
         if opts.get("dtype") is not None:
             parse_dtype(opts["dtype"])
         return cls(**opts)
@@ -207,7 +202,9 @@ class NlaTextEdit(Method):
         layer = self._layer()
         d_model = contexts[0].d_model
         acts = torch.stack([c.activation.float().cpu() for c in contexts])
-        baseline = baseline_variance(acts)
+        model_id = str(getattr(getattr(self.experiment, "model", None), "id", "") or "")
+        fve_base = dataset_baseline(runtime, model_id)  # with the base model, before the AV loads
+        baseline = float(fve_base["value"])
         jobs = [(ci, s) for ci in range(len(contexts)) for s in range(o.n_explanations)]
         texts: dict[tuple[int, int], tuple[str, str]] = {}
 
@@ -279,7 +276,7 @@ class NlaTextEdit(Method):
                         "original_text": orig, "edited_text": edited, "edit_mode": mode,
                         "replacements": count, "fve_nrm": f.fve_nrm, "mse_nrm": f.mse_nrm,
                         "cosine": f.cosine, "delta_norm": float(delta.norm()),
-                        "av": o.av, "ar": o.ar}
+                        "fve_baseline": baseline, "av": o.av, "ar": o.ar}
                 proposals.append(Proposal(prompt_id=pid, family=fam, delta=delta, status=sel,
                                           meta=meta))
             sel_rows.append({

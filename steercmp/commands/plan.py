@@ -12,6 +12,7 @@ from steercmp.errors import ConfigError
 from steercmp.lm.memory import gib
 from steercmp.plugin_manager import PluginSet
 from steercmp.run.validate import validate_experiment
+from steercmp.stats.power import mde_in_sd, min_p_value, prompts_to_reach
 
 GPU_80GB = 80 * 10**9
 #: working memory on top of weights while a stage runs (activations, KV cache, logits);
@@ -60,4 +61,21 @@ def describe_plan(experiment: Experiment, plugins: PluginSet) -> str:
               f"largest single model: {gib(largest)}; estimated staged peak: {gib(peak)} "
               f"(<= {1 + OVERHEAD:.2f}x the largest model)",
               f"fits one 80 GB GPU: {'yes' if peak < GPU_80GB else 'no (use device_map: auto across GPUs)'}"]
+    lines += power_prediction(len(battery), experiment.decision_level)
     return "\n".join(lines)
+
+
+def power_prediction(n: int, level: float) -> list[str]:
+    """What the pre-declared test can show with ``n`` usable prompts, before any data exist."""
+    min_p = min_p_value(n)
+    need = prompts_to_reach(level)
+    head = (f"power (decision level {level:g}, one-sided exact sign-flip test, intersection-union over "
+            f"controls): {n} prompts -> smallest possible p {min_p:.3g}")
+    if min_p >= level:
+        return [head, f"  UNDERPOWERED: no outcome can pass; every verdict will read 'underpowered'. "
+                      f"Use at least {need} usable prompts."]
+    mde = mde_in_sd(n, level=level)
+    return [head, f"  detects a mean paired difference of ~{mde:.2f} per-prompt SDs with 80% power "
+                  f"(normal differences; the report re-estimates it from the observed spread)",
+            f"  a method that drops prompts (NLA strict selection, fidelity gate) needs at least {need} "
+            f"usable ones for a verdict other than 'underpowered'"]

@@ -15,6 +15,7 @@ def report_command(args: argparse.Namespace, plugins: PluginSet) -> int:
     if not run.cells.exists():
         raise ConfigError(f"no {CELLS} in the run directory", where=str(run.root),
                           fix="point at a run directory written by `steercmp run`")
-    out = write_report(run.root, decision_alphas=args.alphas, n_boot=args.n_boot, plugins=plugins)
+    out = write_report(run.root, decision_alphas=args.alphas, n_boot=args.n_boot, plugins=plugins,
+                       level=args.level, correction=args.correction)
     print(f"report written to {out}")
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import polars as pl
 
 from steercmp.config import Experiment
+from steercmp.errors import ConfigError
 from steercmp.plugin_manager import PluginSet
 from steercmp.report import write_report
 from steercmp.run.keys import STAGES
@@ -27,6 +28,10 @@ def run_command(args: argparse.Namespace, experiment: Experiment, plugins: Plugi
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    n_prompts = len(experiment.battery)
+    if args.processes < 1 or args.processes > n_prompts:
+        raise ConfigError(f"--processes {args.processes} must lie between 1 and the battery's {n_prompts} prompts",
+                          where="--processes", fix=f"use 1..{n_prompts} (each process scores a block of prompts)")
     out = Path(args.out) if args.out else Path("artifacts") / experiment.name
     steps = STEPS[1:] if args.step in (None, "all") else (args.step,)
     stages = [s for s in steps if s in STAGES]
@@ -42,7 +47,7 @@ def run_command(args: argparse.Namespace, experiment: Experiment, plugins: Plugi
     run = RunDir(out)
     if "report" in steps and run.cells.exists():
         write_report(out, decision_alphas=list(experiment.decision_alphas), seed=experiment.seed,
-                     plugins=plugins)
+                     plugins=plugins, level=experiment.decision_level, correction=experiment.decision_correction)
     _print_results(experiment, run)
     for failure in failures:
         print(f"steercmp: error: {failure}", file=sys.stderr)

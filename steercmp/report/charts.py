@@ -85,12 +85,12 @@ def forest_chart(df: pl.DataFrame) -> alt.FacetChart:
                                                   range=["#d62728", "#7f7f7f"])),
         tooltip=["control", "alpha", "n", alt.Tooltip("mean_diff:Q", format="+.3f"),
                  alt.Tooltip("ci_low:Q", format="+.3f"), alt.Tooltip("ci_high:Q", format="+.3f"),
-                 alt.Tooltip("p_value:Q", format=".4f"), alt.Tooltip("p_holm:Q", format=".4f")])
+                 alt.Tooltip("p_value:Q", format=".4f"), alt.Tooltip("min_p:Q", format=".4f")])
     zero = alt.Chart().mark_rule(strokeDash=[4, 4], color="black").encode(x=alt.datum(0))
     return alt.layer(bars, points, zero, data=df).properties(width=260).facet(
         column=alt.Column("metric:N", title=None), row=alt.Row("panel:N", title=None)
     ).resolve_scale(x="independent").properties(
-        title="Paired effects vs each control (Holm-adjusted sign-flip test)")
+        title="Paired effects vs each control (one-sided exact sign-flip test, intersection-union rule)")
 
 
 def hit_rate_chart(df: pl.DataFrame) -> alt.FacetChart:

@@ -114,6 +114,7 @@ th,td{border:1px solid #ddd;padding:3px 8px;text-align:right} th{background:#f5f
 td:first-child,th:first-child{text-align:left}
 .verdict{border-left:6px solid #999;padding:0.5em 1em;margin:0.6em 0;background:#fafafa}
 .v-supported{border-color:#2ca02c}.v-shift{border-color:#ff7f0e}.v-not{border-color:#d62728}
+.v-under{border-color:#9467bd}
 .na{color:#888;font-style:italic} .meta{color:#666;font-size:0.9em}
 .chart{margin:1em 0;overflow-x:auto} pre{background:#f5f5f5;padding:0.8em;overflow-x:auto;font-size:0.8em}
 details{margin:0.3em 0}
@@ -121,7 +122,8 @@ details{margin:0.3em 0}
 
 
 def _verdict_class(v: str) -> str:
-    return {stats.SUPPORTED: "v-supported", stats.SHIFT_ONLY: "v-shift"}.get(v, "v-not")
+    return {stats.SUPPORTED: "v-supported", stats.SHIFT_ONLY: "v-shift",
+            stats.UNDERPOWERED: "v-under"}.get(v, "v-not")
 
 
 def html_page(page: Page) -> str:

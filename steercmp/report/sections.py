@@ -21,6 +21,8 @@ from steercmp.report.tables import (
     paired_table,
     peaks_table,
     per_panel,
+    power_table,
+    status_table,
     summary_table,
 )
 
@@ -47,11 +49,21 @@ def _het_tables(het: pl.DataFrame, alphas: Sequence[float]) -> list[tuple[str, T
     return out
 
 
-def core_sections(alphas: Sequence[float], summary: pl.DataFrame, paired_score: pl.DataFrame,
-                  paired_hits: pl.DataFrame | None, hits: pl.DataFrame | None, rel: pl.DataFrame,
-                  peaks: pl.DataFrame, het: pl.DataFrame) -> list[Section]:
+def core_sections(alphas: Sequence[float], cells: pl.DataFrame, verdicts: list[dict], summary: pl.DataFrame,
+                  paired_score: pl.DataFrame, paired_hits: pl.DataFrame | None, hits: pl.DataFrame | None,
+                  rel: pl.DataFrame, peaks: pl.DataFrame, het: pl.DataFrame,
+                  secondary: pl.DataFrame | None) -> list[Section]:
     at_decision = summary.filter(pl.any_horizontal([(pl.col("alpha") - a).abs() < 1e-9 for a in alphas]))
     return [
+        Section("What this battery can show", None, [("power per method and metric", power_table(verdicts))],
+                "usable prompts in the primary analysis; the smallest p the one-sided exact sign-flip test "
+                "can return at that n (2^-n); whether the level is reachable at all (if not, the verdict is "
+                "'underpowered'); the mean difference detected with 80% power at the observed per-prompt "
+                "spread (simulated, docs/statistics.md); and the prompts the observed effect would need."),
+        Section("Prompts by status", None, [("target_edit rows per status", status_table(cells))],
+                "ok / editable rows form the primary analysis; fallback (no editable term in any "
+                "explanation) and below_fidelity rows are reported apart and never enter a verdict; "
+                "dropped rows have no score."),
         Section("Logmass score at the decision alphas", "dose_response",
                 [(p, summary_table(df)) for p, df in per_panel(at_decision)],
                 "mean / median of edited − original next-token log-prob mass over prompts; "
@@ -60,8 +72,8 @@ def core_sections(alphas: Sequence[float], summary: pl.DataFrame, paired_score: 
                 [(p, summary_table(df)) for p, df in per_panel(summary)]),
         Section("Paired comparisons: logmass (target_edit − control)", "forest",
                 [(p, paired_table(df)) for p, df in per_panel(paired_score)],
-                "per-prompt differences; exact sign-flip permutation test (Monte Carlo above "
-                "20 prompts), Holm-adjusted across controls within method, scaling, alpha."),
+                "per-prompt differences; one-sided exact sign-flip test of target > control (Monte "
+                "Carlo above 20 prompts), no correction across controls (intersection-union rule)."),
         Section("Completion hit rates", "hit_rates", [(p, hits_table(df)) for p, df in per_panel(hits)],
                 "seeds averaged within each prompt first; 95% CI = percentile bootstrap over prompts."),
         Section("Paired comparisons: edited-family completion hits", None,
@@ -74,6 +86,10 @@ def core_sections(alphas: Sequence[float], summary: pl.DataFrame, paired_score: 
         Section("Per-prompt heterogeneity", "per_prompt_heatmap", _het_tables(het, alphas),
                 "score per prompt and condition at the decision alphas; selection = status "
                 "of the prompt's target_edit row."),
+        Section("Fallback and gated prompts (not in the verdicts)", None,
+                [(p, summary_table(df)) for p, df in per_panel(secondary)],
+                "text-edit prompts whose explanations name no editable term (fallback: nothing was edited) "
+                "or whose reconstruction fell below the fidelity gate, summarised on their own."),
         Section("Target effect against injected norm", "injected_norm", [],
                 "target_edit score against the injected norm ‖δ‖·|α| for every activation method "
                 "(raw scaling when available): methods compared at matched delta norm."),

@@ -62,10 +62,36 @@ def summary_table(summary: pl.DataFrame) -> Table:
 def paired_table(paired: pl.DataFrame, spec: str = "+.3f") -> Table:
     df = condition_sorted(paired, "control").sort("alpha", "_rank")
     rows = [[f"{r['alpha']:g}", r["control"], str(r["n"]), fmt(r["mean_diff"], spec),
-             fmt_ci(r["ci_low"], r["ci_high"], spec), fmt_p(r["p_value"]), fmt_p(r["p_holm"])]
+             fmt_ci(r["ci_low"], r["ci_high"], spec), fmt_p(r["p_value"]), fmt_p(r["min_p"]),
+             fmt(r["mde"], ".3g"), fmt(r["n_for_power"])]
             for r in df.iter_rows(named=True)]
-    return (["alpha", "control", "n", "mean diff (target − control)", "95% CI", "p (sign-flip)",
-             "p (Holm)"], rows)
+    return (["alpha", "control", "n", "mean diff (target − control)", "95% CI", "p (one-sided)",
+             "smallest possible p", "MDE (80%)", "prompts for 80%"], rows)
+
+
+def power_table(verdicts: list[dict]) -> Table:
+    """Per method, scaling and metric: usable prompts, the smallest achievable p, whether the
+    level is reachable, the minimum detectable effect and the prompts the observed effect needs."""
+    rows = []
+    for v in verdicts:
+        for metric, pw in v["power"].items():
+            rows.append([f"{v['method']} · {v['scaling']}", metric, str(pw["n"]), fmt_p(pw["min_p"]),
+                         "yes" if pw["reachable"] else f"no (needs ≥ {pw['prompts_needed']} prompts)",
+                         fmt(pw["mde"], ".3g"), fmt(pw["n_for_power"])])
+    return (["method", "metric", "usable prompts", "smallest possible p", "can reach the level",
+             "MDE at 80% power", "prompts for 80% at the observed effect"], rows)
+
+
+def status_table(cells: pl.DataFrame) -> Table:
+    """Per method: how many prompts each status covers (primary rows vs fallback, gated, dropped),
+    read from the target_edit cells."""
+    tgt = cells.filter(pl.col("condition") == "target_edit").select("method", "prompt_id", "status").unique()
+    counts = tgt.group_by("method", "status").agg(pl.len().alias("n"), pl.col("prompt_id").sort().alias("ids"))
+    rows = []
+    for r in counts.sort("method", "status").iter_rows(named=True):
+        ids = ", ".join(r["ids"][:12]) + (" …" if len(r["ids"]) > 12 else "")
+        rows.append([r["method"], r["status"], str(r["n"]), ids])
+    return (["method", "status", "prompts", "prompt ids"], rows)
 
 
 def hits_table(hits: pl.DataFrame) -> Table:

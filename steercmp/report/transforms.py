@@ -50,7 +50,7 @@ def forest_frame(
     level: float = 0.05,
 ) -> pl.DataFrame:
     """Paired effects (target - control) of both metrics at the given alphas, one row each,
-    with ``wins`` (Holm p < level and CI above 0) and a ``row`` label ``control @ α``."""
+    with ``wins`` (one-sided p < level, CI above 0, mean above 0) and a ``row`` label ``control @ α``."""
     parts = [paired_score.with_columns(pl.lit("logmass score").alias("metric"))]
     if paired_completions is not None and not paired_completions.is_empty():
         parts.append(paired_completions.with_columns(
@@ -61,9 +61,10 @@ def forest_frame(
     return df.with_columns(
         panel_label(),
         pl.format("{} @ α={}", pl.col("control"), pl.col("alpha")).alias("row"),
-        ((pl.col("p_holm") < level) & (pl.col("ci_low") > 0)).fill_null(False).alias("wins"),
+        ((pl.col("p_value") < level) & (pl.col("ci_low") > 0) & (pl.col("mean_diff") > 0))
+        .fill_null(False).alias("wins"),
     ).select("panel", "metric", "control", "alpha", "row", "n", "mean_diff", "ci_low",
-             "ci_high", "p_value", "p_holm", "wins")
+             "ci_high", "p_value", "min_p", "wins")
 
 
 def hits_frame(hit_rates: pl.DataFrame) -> pl.DataFrame:

@@ -18,6 +18,7 @@ import yaml
 
 from steercmp import stats
 from steercmp.api import ReportInputs, ReportSection, SectionContent
+from steercmp.config import check_correction, check_level
 from steercmp.errors import ConfigError, PluginError
 from steercmp.plugin_manager import PluginSet, build_plugin_manager
 from steercmp.report import charts, transforms
@@ -70,6 +71,23 @@ def _method_tables(run: RunDir) -> Callable[[str], dict[str, pl.DataFrame]]:
     return read
 
 
+def _decision_setting(config: dict, run: RunDir, level: float | None, correction: str | None) -> tuple[float, str]:
+    """The level and the correction across methods: arguments, else config.yaml, else defaults."""
+    decision = config.get("decision") if isinstance(config.get("decision"), dict) else {}
+    where = str(run.config)
+    level = check_level(level if level is not None else decision.get("level", 0.05),
+                        where=f"{where}: decision.level" if level is None else "--level")
+    correction = check_correction(correction if correction is not None else decision.get("correction", "none"),
+                                  where=f"{where}: decision.correction" if correction is None else "--correction")
+    return level, correction
+
+
+def present_controls(cells: pl.DataFrame) -> list[str]:
+    """The run's controls: every condition but the target, known ones in the usual order."""
+    present = [c for c in cells["condition"].unique().to_list() if c != stats.TARGET]
+    return [c for c in stats.CONTROLS if c in present] + sorted(c for c in present if c not in stats.CONTROLS)
+
+
 def _not_applicable(cells: pl.DataFrame) -> dict[str, list[str]]:
     """Controls whose every cell is not_applicable for a method (e.g. wrong_position for prompting)."""
     status = cells.group_by("method", "condition").agg(na=(pl.col("status") == "not_applicable").all())
@@ -103,6 +121,8 @@ def write_report(
     seed: int | None = None,
     out_dir: Path | None = None,
     plugins: PluginSet | None = None,
+    level: float | None = None,
+    correction: str | None = None,
 ) -> Path:
     """Write the comparison report for ``run_dir`` and return the report directory.
 
@@ -112,7 +132,8 @@ def write_report(
     ``run_dir/report``): summary.parquet, paired.parquet, paired_completions.parquet,
     hit_rates.parquet, relative_to_noop.parquet, verdict.json, summary.md, report.html
     (self-contained: Vega JS inlined) and one PNG per chart. ``plugins`` adds their report
-    sections (default: the built-in and installed plugins).
+    sections (default: the built-in and installed plugins). ``level`` and ``correction`` (across
+    methods) default to config.yaml's ``decision`` section, else 0.05 and none.
     """
     run = RunDir(run_dir)
     if not run.cells.is_file():
@@ -120,31 +141,43 @@ def write_report(
                           fix="run `steercmp run` first or point at a run directory")
     config = _read_config(run)
     alphas = _decision_alphas(decision_alphas, config, run)
+    level, correction = _decision_setting(config, run, level, correction)
     if seed is None:
         seed = int(config.get("seed", 0) or 0)
-    out = Path(out_dir) if out_dir is not None else run.report
-    out.mkdir(parents=True, exist_ok=True)
     plugins = plugins if plugins is not None else build_plugin_manager()
 
     cells = pl.read_parquet(run.cells)
+    swept = set(cells["alpha"].unique().to_list()) if "alpha" in cells.columns else set()
+    unswept = [a for a in alphas if not any(abs(a - b) < 1e-9 for b in swept)]
+    if unswept:
+        raise ConfigError(f"decision alpha {unswept[0]:g} was not swept (the run has alphas "
+                          f"{', '.join(f'{a:g}' for a in sorted(swept))})",
+                          where="--alphas" if decision_alphas else f"{run.config}: decision.alphas",
+                          fix="pick decision alphas from the swept alphas")
+    out = Path(out_dir) if out_dir is not None else run.report
+    out.mkdir(parents=True, exist_ok=True)
     completions = pl.read_parquet(run.completions) if run.completions.is_file() else None
     if completions is not None and completions.is_empty():
         completions = None
     manifest = _read_manifest(run)
 
     # ---- statistics (pure functions)
+    controls = present_controls(cells)
     summary = stats.summarize(cells, n_boot=n_boot, seed=seed)
-    paired_score = stats.paired(cells, n_boot=n_boot, seed=seed)
+    secondary = stats.summarize(cells, n_boot=n_boot, seed=seed, subset=stats.SECONDARY)
+    secondary = secondary.filter(pl.col("n") > 0)
+    paired_score = stats.paired(cells, controls=controls, n_boot=n_boot, seed=seed, level=level)
     rel = stats.relative_to_noop(cells, n_boot=n_boot, seed=seed)
     pk = stats.peaks(summary)
     het = stats.heterogeneity(cells)
     hits = paired_hits = None
     if completions is not None:
         hits = stats.hit_rates(completions, n_boot=n_boot, seed=seed)
-        paired_hits = stats.paired_hits(completions, n_boot=n_boot, seed=seed)
+        paired_hits = stats.paired_hits(completions, controls=controls, n_boot=n_boot, seed=seed, level=level)
     method_pairs = sorted({(r["method"], r["scaling"]) for r in cells.select("method", "scaling").unique().to_dicts()})
     verdicts = stats.verdict(paired_score, paired_hits, decision_alphas=alphas, methods=method_pairs,
-                             not_applicable=_not_applicable(cells))
+                             controls=controls, not_applicable=_not_applicable(cells), level=level,
+                             correction=correction)
 
     summary.write_parquet(out / "summary.parquet")
     paired_score.write_parquet(out / "paired.parquet")
@@ -153,8 +186,11 @@ def write_report(
         paired_hits.write_parquet(out / "paired_completions.parquet")
     if hits is not None:
         hits.write_parquet(out / "hit_rates.parquet")
+    if not secondary.is_empty():
+        secondary.write_parquet(out / "summary_secondary.parquet")
     (out / "verdict.json").write_text(json.dumps({
-        "decision_alphas": alphas, "controls": list(stats.CONTROLS), "level": 0.05,
+        "decision_alphas": alphas, "controls": controls, "level": level, "rule": "intersection-union",
+        "correction_across_controls": "none (intersection-union test)", "correction_across_methods": correction,
         "n_boot": n_boot, "seed": seed, "completions_available": completions is not None,
         "verdicts": verdicts,
     }, indent=2, default=str) + "\n")
@@ -179,7 +215,8 @@ def write_report(
         transforms.matched_norm_frame(cells, n_boot=min(n_boot, 2_000), seed=seed), charts.matched_norm_chart,
         "no activation method with a non-zero delta")
 
-    sections = core_sections(alphas, summary, paired_score, paired_hits, hits, rel, pk, het)
+    sections = core_sections(alphas, cells, verdicts, summary, paired_score, paired_hits, hits, rel, pk, het,
+                             secondary)
     inputs = ReportInputs(run_dir=run.root, cells=cells, completions=completions,
                           decision_alphas=tuple(alphas), seed=seed, read_tables=_method_tables(run))
     for plugin_section in plugins.report_sections():
@@ -193,10 +230,15 @@ def write_report(
         if spec.chart is not None:
             save_png(spec.chart, out / f"{name}.png")
 
+    across = ("none: each verdict is its own claim" if correction == "none"
+              else f"Holm over the {len(method_pairs)} method · scaling verdicts")
     header = (f"Decision alphas (pre-declared): {', '.join(f'{a:g}' for a in alphas)}; controls: "
-              f"{', '.join(stats.CONTROLS)}; win = Holm p < 0.05 and 95% CI > 0 on every control "
-              f"at every decision alpha, on both logmass and edited-family completion hits. "
-              f"Bootstrap: {n_boot} resamples, seed {seed}.")
+              f"{', '.join(controls)}. A metric is won when, against EVERY applicable control at every "
+              f"decision alpha, the one-sided exact sign-flip p < {level:g}, the 95% CI lies above 0 and "
+              f"the mean difference is positive (intersection-union test: no correction across controls); "
+              f"correction across methods: {across}. Supported = logmass and edited-family completion "
+              f"hits won; underpowered = too few usable prompts for any outcome to pass. "
+              f"Primary analysis: fallback and gated prompts excluded. Bootstrap: {n_boot} resamples, seed {seed}.")
     page = Page(title=run.root.name, header=header, verdicts=verdicts, sections=sections, charts=chart_specs,
                 manifest=manifest)
     (out / "summary.md").write_text(markdown(page))

@@ -1,22 +1,24 @@
-"""Scale-out: shard an experiment's prompts across processes and merge the shards.
+"""Scale-out: score and sample an experiment's prompts across processes, then merge.
 
-``steercmp run --processes N`` (or N ranks under ``accelerate launch -m steercmp run``) splits the
-battery into N contiguous blocks of prompts. Each worker runs the ordinary
-:class:`steercmp.run.runner.Runner` on its block into ``<run>/shards/<k>/`` (with its own stage cache, so a rerun resumes per shard);
-the parent then merges the shards into the files a single process writes: ``cells.parquet`` and
-``completions.parquet`` (row order restored, byte-for-byte equal), ``activations.safetensors``,
-``contexts.json``, ``proposals/``, ``methods/<m>/<table>.parquet``, ``stages.json`` (the
-single-process stage keys, so a later single-process run reuses the merged results) and a
+``steercmp run --processes N`` (or N ranks under ``accelerate launch -m steercmp run``) first
+runs ``extract`` and ``propose`` ONCE, over the whole battery, in one process (rank 0): anything
+a method computes across prompts (an SAE's feature scales, diffmean's means over every couplet,
+an NLA baseline) is then computed on the same data as in a single run, and a shard can never
+change a proposal. The battery is split into N contiguous blocks of prompts; each worker runs
+the ordinary :class:`steercmp.run.runner.Runner` for ``score`` and ``completions`` on its block,
+reading its prompts' contexts and proposals, in ``<run>/shards/<k>/`` (with its own units, so a
+rerun resumes per shard). The parent merges ``cells.parquet`` and ``completions.parquet`` into
+the single-process row order (byte-for-byte equal), writes ``stages.json`` with the
+single-process stage keys (a later single-process run reuses the merged results) and a
 ``manifest.json`` whose ``memory`` and ``timings_seconds`` hold every shard's readings.
 
-Why the merge equals a single run: every random choice in steercmp derives from the run seed and
-the row identity (prompt, method, condition, alpha, seed), never from call order; scoring and
-sampling batch rows per prompt, so a prompt's rows meet the same batches in either layout. Keep
-``batch_size`` fixed (not ``auto``) when byte equality matters: ``auto`` reads free memory.
+Why scoring and sampling equal a single run: every random choice derives from the run seed and a
+row's identity, never from call order, and both batch rows per prompt, so a prompt's rows meet
+the same batches in either layout. Keep ``batch_size`` fixed (not ``auto``) when byte equality
+matters: ``auto`` reads free memory.
 
-With ``accelerate launch``, each rank runs :func:`run_rank` (rank and world size from the
-environment) and rank 0 merges after a barrier; ``device`` ``cuda`` maps rank k to GPU
-``LOCAL_RANK``.
+With ``accelerate launch``, rank 0 proposes, every rank scores its shard (``device`` ``cuda`` maps
+rank k to its GPU) and rank 0 merges, with barriers between.
 """
 
 from __future__ import annotations
@@ -72,18 +74,59 @@ def shard_prompt_ids(prompt_ids: Sequence[str], processes: int) -> list[list[str
     return [list(prompt_ids[bounds[k]:bounds[k + 1]]) for k in range(processes)]
 
 
+SHARD_STAGES = ("score", "completions")
+WHOLE_BATTERY_STAGES = ("extract", "propose")
+
+
+def run_whole_battery(experiment: Experiment, plugins: PluginSpec, run_dir: str | Path, steps: Sequence[str], *,
+                      fresh: bool = False, device: str | None = None) -> list[str]:
+    """``extract`` and ``propose`` on every prompt, in this process, into ``run_dir``."""
+    todo = [s for s in steps if s in WHOLE_BATTERY_STAGES]
+    if not todo:
+        return []
+    if device is not None:
+        experiment = attrs.evolve(experiment, model=attrs.evolve(experiment.model, device=device))
+    runner = Runner(experiment, plugins.build(), Path(run_dir), fresh=fresh, progress=False,
+                    log=lambda msg: print(f"[all prompts] {msg}", flush=True))
+    runner.run(todo)
+    return [f.one_line() for f in runner.failures]
+
+
+def prepare_shard(experiment: Experiment, run_dir: str | Path, k: int, prompt_ids: Sequence[str]) -> None:
+    """Give shard ``k`` its prompts' contexts, activations and proposals from the whole-battery run."""
+    run = RunDir(run_dir)
+    shard = run.shard(k)
+    keep = set(prompt_ids)
+    if not run.contexts.exists():
+        return
+    tensors = read_tensors(run.activations)
+    write_tensors(shard.activations, {pid: t for pid, t in tensors.items() if pid in keep},
+                  {"layer": str(experiment.layer), "model": experiment.model.id})
+    write_json(shard.contexts, {pid: c for pid, c in read_json(run.contexts).items() if pid in keep})
+    for spec in experiment.methods:
+        if not run.proposal_records(spec.key).exists():
+            continue
+        records = [r for r in read_json(run.proposal_records(spec.key)) if r["prompt_id"] in keep]
+        ptensors = {name: t for name, t in read_tensors(run.proposal_tensors(spec.key)).items()
+                    if name.split("|", 1)[0] in keep}
+        write_tensors(shard.proposal_tensors(spec.key), ptensors or {"__empty__": torch.zeros(1)})
+        write_json(shard.proposal_records(spec.key), records)
+
+
 def run_shard(experiment: Experiment, plugins: PluginSpec, run_dir: str | Path, k: int,
-              prompt_ids: Sequence[str], steps: Sequence[str] = STAGES, *, fresh: bool = False,
+              prompt_ids: Sequence[str], steps: Sequence[str] = SHARD_STAGES, *, fresh: bool = False,
               threads: int | None = None, device: str | None = None) -> list[str]:
-    """Run one shard (a worker's whole job); returns the one-line failures of its methods."""
+    """Score and sample one shard's prompts (a worker's whole job) from the proposals the
+    whole-battery step wrote; returns the one-line failures of its methods."""
     if threads:
         torch.set_num_threads(threads)
     if device is not None:
         experiment = attrs.evolve(experiment, model=attrs.evolve(experiment.model, device=device))
+    prepare_shard(experiment, run_dir, k, prompt_ids)
     out = RunDir(run_dir).shard(k).root
     runner = Runner(experiment.with_prompts(prompt_ids), plugins.build(), out, fresh=fresh, progress=False,
                     log=lambda msg: print(f"[shard {k}] {msg}", flush=True))
-    runner.run([s for s in steps if s in STAGES])
+    runner.run([s for s in steps if s in SHARD_STAGES])
     return [f.one_line() for f in runner.failures]
 
 
@@ -103,24 +146,24 @@ def _worker_device(experiment: Experiment, k: int) -> str | None:
 def run_sharded(experiment: Experiment, run_dir: str | Path, processes: int, *,
                 plugins: PluginSpec = PluginSpec(), steps: Sequence[str] = STAGES,
                 fresh: bool = False, threads: int | None = None) -> tuple[pl.DataFrame | None, list[str]]:
-    """Run ``experiment`` as ``processes`` CPU worker processes and merge into ``run_dir``.
-
-    Returns ``(cells or None, failures)``. Threads per worker default to the cores divided by the
-    number of workers.
-    """
+    """Propose on the whole battery here, then score and sample ``processes`` shards of prompts
+    in worker processes, and merge into ``run_dir``. Returns ``(cells or None, failures)``.
+    Threads per worker default to the cores divided by the number of workers."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    shards = shard_prompt_ids([p.id for p in experiment.battery.prompts], processes)
-    threads = threads or max(1, (os.cpu_count() or 1) // len(shards))
-    payloads = [(experiment, plugins, str(run_dir), k, block, tuple(steps), fresh, threads,
-                 _worker_device(experiment, k)) for k, block in enumerate(shards)]
     t = time.perf_counter()
-    if len(shards) == 1:
-        results = [_worker(payloads[0])]
-    else:
-        with mp.get_context("spawn").Pool(len(shards)) as pool:
-            results = pool.map(_worker, payloads)
-    failures = [f for r in results for f in r]
+    failures = run_whole_battery(experiment, plugins, run_dir, steps, fresh=fresh)
+    shards = shard_prompt_ids([p.id for p in experiment.battery.prompts], processes)
+    if any(s in steps for s in SHARD_STAGES):
+        threads = threads or max(1, (os.cpu_count() or 1) // len(shards))
+        payloads = [(experiment, plugins, str(run_dir), k, block, tuple(steps), fresh, threads,
+                     _worker_device(experiment, k)) for k, block in enumerate(shards)]
+        if len(shards) == 1:
+            results = [_worker(payloads[0])]
+        else:
+            with mp.get_context("spawn").Pool(len(shards)) as pool:
+                results = pool.map(_worker, payloads)
+        failures += [f for r in results for f in r if f not in failures]
     cells = merge_shards(experiment, run_dir, len(shards), plugins=plugins,
                          wall_seconds=time.perf_counter() - t)
     return cells, failures
@@ -128,17 +171,18 @@ def run_sharded(experiment: Experiment, run_dir: str | Path, processes: int, *,
 
 def run_rank(experiment: Experiment, run_dir: str | Path, *, plugins: PluginSpec = PluginSpec(),
              steps: Sequence[str] = STAGES, fresh: bool = False) -> tuple[pl.DataFrame | None, bool]:
-    """One rank under ``accelerate launch``: run this rank's shard, then rank 0 merges.
-
-    Returns ``(merged cells or None, is_main_process)``. Uses ``accelerate.PartialState`` for
-    rank, world size, device and the barrier.
-    """
+    """One rank under ``accelerate launch``: rank 0 proposes on the whole battery, every rank
+    scores its shard, rank 0 merges. Returns ``(merged cells or None, is_main_process)``. Uses
+    ``accelerate.PartialState`` for rank, world size, device and the barriers."""
     from accelerate import PartialState
 
     state = PartialState()
-    shards = shard_prompt_ids([p.id for p in experiment.battery.prompts], state.num_processes)
     device = str(state.device) if experiment.model.device in ("auto", "cuda") else None
-    if state.process_index < len(shards):
+    if state.is_main_process:
+        run_whole_battery(experiment, plugins, run_dir, steps, fresh=fresh, device=device)
+    state.wait_for_everyone()
+    shards = shard_prompt_ids([p.id for p in experiment.battery.prompts], state.num_processes)
+    if state.process_index < len(shards) and any(s in steps for s in SHARD_STAGES):
         run_shard(experiment, plugins, run_dir, state.process_index, shards[state.process_index], steps,
                   fresh=fresh, device=device)
     state.wait_for_everyone()
@@ -159,41 +203,7 @@ def merge_shards(experiment: Experiment, run_dir: Path, n_shards: int, *, plugin
     order = {p.id: i for i, p in enumerate(battery.prompts)}
     method_order = {s.key: i for i, s in enumerate(experiment.methods)}
     write_text(run.config, experiment.snapshot())
-    done = _merge_stage_keys(shards)
-
-    # activations and contexts, in battery order
-    if all(d.activations.exists() for d in shards):
-        tensors: dict[str, torch.Tensor] = {}
-        contexts: dict[str, Any] = {}
-        for d in shards:
-            tensors.update(read_tensors(d.activations))
-            contexts.update(read_json(d.contexts))
-        keys = sorted(tensors, key=lambda pid: order[pid])
-        write_tensors(run.activations, {k: tensors[k] for k in keys},
-                      {"layer": str(experiment.layer), "model": experiment.model.id})
-        write_json(run.contexts, {k: contexts[k] for k in keys})
-
-    # proposals per method: tensors merged, records in shard (= battery) order
-    for spec in experiment.methods:
-        if not all(d.proposal_records(spec.key).exists() for d in shards):
-            continue
-        records: list[Any] = []
-        ptensors: dict[str, torch.Tensor] = {}
-        for d in shards:
-            records += read_json(d.proposal_records(spec.key))
-            ptensors.update({k: v for k, v in read_tensors(d.proposal_tensors(spec.key)).items()
-                             if k != "__empty__"})
-        write_tensors(run.proposal_tensors(spec.key), ptensors or {"__empty__": torch.zeros(1)})
-        write_json(run.proposal_records(spec.key), records)
-
-    # method-specific tables: concatenated in shard order
-    tables: dict[Path, list[Path]] = {}
-    for d in shards:
-        for f in sorted(d.methods.glob("*/*.parquet")) if d.methods.exists() else []:
-            tables.setdefault(f.relative_to(d.root), []).append(f)
-    for rel, files in tables.items():
-        frames = [f for f in (pl.read_parquet(f) for f in files) if f.width]
-        write_parquet(run.root / rel, pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame())
+    done = _merge_stage_keys(shards) | set(run.stage_keys())
 
     cells = None
     if all(d.cells.exists() for d in shards):
@@ -218,28 +228,25 @@ def merge_shards(experiment: Experiment, run_dir: Path, n_shards: int, *, plugin
 
 
 def _merge_stage_keys(shards: Sequence[RunDir]) -> set[str]:
-    """The stages every shard finished."""
-    states = [d.stage_keys() for d in shards]
-    return set.intersection(*(set(s) for s in states)) if states else set()
+    """The shard stages (score, completions) every shard finished."""
+    states = [{k for k in d.stage_keys() if k in SHARD_STAGES} for d in shards]
+    return set.intersection(*states) if states else set()
 
 
 def _write_full_run_stages(experiment: Experiment, plugins: PluginSpec, run: RunDir, done: set[str]) -> None:
-    """Record the single-process stage keys for the stages every shard finished, so that a later
-    unsharded ``steercmp run`` on the merged directory reuses them."""
+    """Add the single-process keys of the shard stages every shard finished to the ledger the
+    whole-battery step wrote (extract, propose), so that a later unsharded ``steercmp run`` on
+    the merged directory reuses them."""
     from steercmp.run.provenance import checkpoint_identity
 
-    validated = validate_experiment(experiment, plugins.build())
-    ident = checkpoint_identity(experiment.model.id, experiment.model.revision)
-    keys = RunKeys(experiment, validated.methods, validated.controls,
-                   {"id": experiment.model.id, "revision": ident.get("revision"), "files": ident.get("files", {})})
-    state: dict[str, str] = {}
-    if "extract" in done:
-        state["extract"] = keys.extract()
-    for spec in experiment.methods:
-        if f"propose:{spec.key}" in done:
-            state[f"propose:{spec.key}"] = keys.propose(spec.key)
-    for stage in ("score", "completions"):
-        if stage in done:
+    state = run.stage_keys()
+    shard_done = [stage for stage in SHARD_STAGES if stage in done]
+    if shard_done:
+        validated = validate_experiment(experiment, plugins.build())
+        ident = checkpoint_identity(experiment.model.id, experiment.model.revision)
+        keys = RunKeys(experiment, validated.methods, validated.controls,
+                       {"id": experiment.model.id, "revision": ident.get("revision"), "files": ident.get("files", {})})
+        for stage in shard_done:
             state[stage] = keys.all_methods_stage(stage)
     run.write_stage_keys(state)
 
@@ -251,7 +258,8 @@ def _write_manifest(experiment: Experiment, run: RunDir, shards: Sequence[RunDir
         m = read_json(d.manifest) if d.manifest.exists() else {}
         per_shard.append({"shard": k, "prompts": m.get("battery", {}).get("prompts"),
                           "timings_seconds": m.get("timings_seconds", {}), "memory": m.get("memory", [])})
-    base = read_json(shards[0].manifest) if shards[0].manifest.exists() else {}
+    source = run.manifest if run.manifest.exists() else shards[0].manifest
+    base = read_json(source) if source.exists() else {}
     battery = experiment.battery
     base.update({
         "battery": {"source": battery.source, "hash": battery.content_hash(), "prompts": len(battery)},

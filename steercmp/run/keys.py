@@ -116,6 +116,12 @@ class RunKeys:
                             "completions": attrs.asdict(exp.completions),
                             **self._unit_payload(method, pid, alphas)})
 
+    def completion_baseline(self, pid: str) -> str:
+        """One prompt's unsteered completions, shared by every method."""
+        return stable_hash({"code": stage_code_hash("completions"), "extract": self.extract(), "prompt": pid,
+                            "completions": attrs.asdict(self.experiment.completions), "seed": self.experiment.seed,
+                            "baseline": True})
+
     def units(self, stage: str, methods: Sequence[str]) -> list[tuple[str, str, str]]:
         """``(method, prompt id, unit key)`` for every unit of ``stage`` (score or completions)."""
         unit_key = self.score_unit if stage == "score" else self.completion_unit

@@ -17,6 +17,9 @@ from steercmp.errors import ConfigError, PluginError
 from steercmp.lm.prompts import tokenize_prompt
 from steercmp.run.rundir import RunDir, read_json, read_tensors, write_json, write_tensors
 
+#: statuses whose delta may be zero under any scaling: a fallback prompt had nothing to edit
+ZERO_OK_STATUSES = ("fallback",)
+
 
 class ProposalError(PluginError):
     """A proposal that breaks the contract; ``check`` names the rule (the kit reports it)."""
@@ -104,7 +107,7 @@ def _check_one(method: str, p: Proposal, ctx: PromptContext, intervention: str, 
     if not bool(torch.isfinite(p.delta).all()):
         raise ProposalError("finite", f"method {method!r} proposed a delta with NaN or inf for "
                                       f"{ctx.prompt.id!r}/{p.family}", fix="check the method's inputs")
-    if not zero_ok and float(p.delta.norm()) == 0.0:
+    if not zero_ok and p.status not in ZERO_OK_STATUSES and float(p.delta.norm()) == 0.0:
         raise ProposalError(
             "finite", f"method {method!r} proposed a zero-norm delta for {ctx.prompt.id!r}/{p.family} "
                       "under norm_relative scaling (delta/||delta|| is undefined)",

@@ -40,7 +40,7 @@ from steercmp.run.rundir import (
 )
 from steercmp.run.runtime import ResourceManager, RunnerRuntime, tqdm_progress
 from steercmp.run.validate import preflight, validate_experiment
-from steercmp.score.sample import COMPLETION_SCHEMA, sample_completions
+from steercmp.score.sample import COMPLETION_SCHEMA, sample_baseline, sample_completions
 
 Unit = tuple[str, str, str]  # (method key, prompt id, unit key)
 
@@ -99,7 +99,7 @@ class Runner:
                     if "score" in steps:
                         cells = self.stage_score(book)
                     if "completions" in steps and self.experiment.completions.enabled:
-                        self.stage_completions(book, cells)
+                        self.stage_completions(book, contexts, cells)
         self.resources.release()
         self.write_manifest()
         return cells
@@ -258,7 +258,22 @@ class Runner:
                 where=f"{self.experiment.source}: methods.{method}",
                 fix="lower the alphas or the method's delta norm, or use float32"))
 
-    def stage_completions(self, book: CellBook, scored: pl.DataFrame | None = None) -> None:
+    def _baselines(self, contexts: list[PromptContext]) -> dict[tuple[tuple[int, ...], int], str]:
+        """Every prompt's unsteered completions (one unit per prompt, shared by all methods)."""
+        out: dict[tuple[tuple[int, ...], int], str] = {}
+        for ctx in contexts:
+            path = self.rundir.unit("completions", f"baseline-{self.keys.completion_baseline(ctx.prompt.id)}")
+            context = tuple(ctx.input_ids[: ctx.score_pos + 1])
+            if self.fresh or not path.exists():
+                texts = sample_baseline(self.resources.base(), self.experiment, ctx.prompt.id, context)
+                write_parquet(path, pl.DataFrame({"prompt_id": [ctx.prompt.id] * len(texts),
+                                                  "seed": list(range(len(texts))), "text": texts}))
+            for r in pl.read_parquet(path).iter_rows(named=True):
+                out[(context, r["seed"])] = r["text"]
+        return out
+
+    def stage_completions(self, book: CellBook, contexts: list[PromptContext],
+                          scored: pl.DataFrame | None = None) -> None:
         """Sample completions one (method, prompt) unit at a time; finished units are reused."""
         exp = self.experiment
         units = self.keys.units("completions", book.methods)
@@ -274,6 +289,7 @@ class Runner:
             errors = set(scored.filter(pl.col("status") == "error")
                          .select("prompt_id", "method", "condition", "alpha", "scaling").iter_rows())
         units, todo, key = self._pending("completions", units, key, book)
+        baseline = self._baselines([c for c in contexts if any(u[1] == c.prompt.id for u in todo)]) if todo else {}
         failed: set[str] = set()
         for method, pid, ukey in self.progress(todo, "completion units", len(todo)):
             if method in failed:
@@ -286,7 +302,7 @@ class Runner:
                     c = attrs.evolve(c, row=None, status="error")
                 chosen.append(c)
             try:
-                df = sample_completions(self.resources.base(), exp, chosen, self.battery)
+                df = sample_completions(self.resources.base(), exp, chosen, self.battery, baseline=baseline)
             except Exception as exc:
                 self._fail(method, "sampling completions", exc)
                 failed.add(method)

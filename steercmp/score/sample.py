@@ -2,14 +2,16 @@
 
 Every (cell, seed) row is one sampled continuation. Rows that share a context are batched; the
 delta goes in once, during the prefill, at the row's position (``injecting(once=True)``), and
-decoding continues from the KV cache. Each row samples with its own generator seeded from the run
-seed and the row identity, so batching, sharding and resuming do not change the text.
+decoding continues from the KV cache. Seeds are matched: every row of one prompt and seed index
+samples from the same generator stream (seeded from the run seed, the prompt and the seed), so a
+target and its control share their sampling noise, and batching, sharding and resuming do not
+change a text. The unsteered samples of a prompt are drawn once and shared by every method.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import polars as pl
@@ -122,18 +124,54 @@ def _sample(logits: torch.Tensor, generator: torch.Generator, temperature: float
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+UNSTEERED = "unsteered"
+
+
+def sample_generator(run_seed: int, prompt_id: str, seed: int) -> torch.Generator:
+    """The sampling stream of one (prompt, seed): the SAME for every method, condition, alpha and
+    scaling, so a target completion and its control share their sampling noise (matched seeds)."""
+    g = torch.Generator()
+    g.manual_seed(derive_seed(run_seed, "completion", prompt_id, seed))
+    return g
+
+
+def _sample_key(c: Any, seed: int) -> tuple[Any, ...]:
+    """What determines a sample's text: its context, its injection (or none) and its seed."""
+    r = c.row
+    if r.alpha == 0.0 or float(r.delta.norm()) == 0.0:
+        return (r.context, UNSTEERED, seed)
+    return (r.context, c.method, c.condition, c.alpha, c.scaling, seed)
+
+
+def sample_baseline(lm: LoadedModel, experiment: Experiment, prompt_id: str, context: Sequence[int]) -> list[str]:
+    """The unsteered completions of one prompt, one per seed: sampled once per prompt and shared
+    by every method's unsteered cells (alpha 0, no-op), so all methods meet the same draws."""
+    spec = experiment.completions
+    d = int(lm.d_model)
+    inj = Injection.build(torch.zeros(spec.seeds, d), [0.0] * spec.seeds, [len(context) - 1] * spec.seeds, "raw")
+    gens = [sample_generator(experiment.seed, prompt_id, s) for s in range(spec.seeds)]
+    new = generate_rows(lm, experiment.layer, context, inj, gens, max_new_tokens=spec.max_new_tokens,
+                        temperature=spec.temperature, top_p=spec.top_p)
+    return [lm.tokenizer.decode(toks, skip_special_tokens=True) for toks in new]
+
+
 def sample_completions(lm: LoadedModel, experiment: Experiment, cells: Sequence[Any], battery: Battery, *,
+                       baseline: Mapping[tuple[tuple[int, ...], int], str] | None = None,
                        progress: Callable[..., Any] | None = None, log: Callable[[str], None] | None = None,
                        batch_rows: int = 64) -> pl.DataFrame:
-    """Sample ``experiment.completions.seeds`` continuations for every scorable cell."""
+    """Sample ``experiment.completions.seeds`` continuations for every scorable cell.
+
+    A sample is identified by (context, injection, seed): cells that are the unsteered model on
+    the same context share one text, taken from ``baseline`` (``{(context, seed): text}``, see
+    :func:`sample_baseline`) when given. Every sample of a prompt and seed draws from the same
+    generator stream (:func:`sample_generator`)."""
     spec = experiment.completions
     prompts = battery.by_id()
-    # Every unsteered cell (alpha 0 or a zero delta, e.g. noop) samples the SAME distribution, so
-    # its seeds are drawn once per (method, prompt text, scaling-free) and shared: a sample's
-    # identity is (prompt, context, "unsteered", seed), not the condition that asked for it.
+    baseline = baseline or {}
     work: dict[tuple[int, ...], dict[tuple[Any, ...], tuple[Any, int]]] = {}
     wanted: list[tuple[Any, int, tuple[Any, ...]]] = []
     records: list[dict[str, Any]] = []
+    texts: dict[tuple[Any, ...], str] = {}
     for c in cells:
         if c.row is None:
             records.append({"prompt_id": c.prompt_id, "method": c.method, "condition": c.condition,
@@ -142,11 +180,12 @@ def sample_completions(lm: LoadedModel, experiment: Experiment, cells: Sequence[
                             "end_original": None, "end_edited": None, "end_unrelated": None,
                             "status": c.status})
             continue
-        unsteered = c.row.alpha == 0.0 or float(c.row.delta.norm()) == 0.0
         for seed in range(spec.seeds):
-            key = ((c.prompt_id, c.method, "unsteered", seed) if unsteered else
-                   (c.prompt_id, c.method, c.condition, c.alpha, c.scaling, seed))
-            work.setdefault(c.row.context, {}).setdefault(key, (c, seed))
+            key = _sample_key(c, seed)
+            if key[1] == UNSTEERED and (key[0], seed) in baseline:
+                texts[key] = baseline[(key[0], seed)]
+            else:
+                work.setdefault(c.row.context, {}).setdefault(key, (c, seed))
             wanted.append((c, seed, key))
     if log:
         log(f"[completions] {sum(len(v) for v in work.values())} distinct samples for {len(wanted)} rows, "
@@ -155,15 +194,10 @@ def sample_completions(lm: LoadedModel, experiment: Experiment, cells: Sequence[
                for s in range(0, len(items), batch_rows)]
     if progress is not None:
         batches = progress(batches, "sample completions", len(batches))
-    texts: dict[tuple[Any, ...], str] = {}
     for context, items in batches:
         inj = Injection.build([c.row.delta for _, (c, _) in items], [c.row.alpha for _, (c, _) in items],
                               [c.row.position for _, (c, _) in items], [c.row.scaling for _, (c, _) in items])
-        gens = []
-        for key, _ in items:
-            g = torch.Generator()
-            g.manual_seed(derive_seed(experiment.seed, "completion", *key))
-            gens.append(g)
+        gens = [sample_generator(experiment.seed, c.prompt_id, seed) for _, (c, seed) in items]
         new = generate_rows(lm, experiment.layer, context, inj, gens, max_new_tokens=spec.max_new_tokens,
                             temperature=spec.temperature, top_p=spec.top_p)
         for (key, _), toks in zip(items, new, strict=True):

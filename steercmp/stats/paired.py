@@ -1,5 +1,9 @@
-"""Paired comparisons, target minus control per prompt, with bootstrap CIs, sign-flip tests
-and Holm correction across the controls."""
+"""Paired comparisons, target minus control per prompt: bootstrap CIs, one-sided exact
+sign-flip tests and what the test could detect at that number of prompts.
+
+No correction across the controls: the claim "the target beats EVERY control" is an
+intersection-union test (Berger 1982), whose error is already at most the level when every
+per-control test runs at that level (docs/statistics.md)."""
 
 from __future__ import annotations
 
@@ -7,8 +11,9 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from steercmp.stats._core import EXACT_MAX_N, bootstrap_mean_ci, holm, sign_flip_pvalue
-from steercmp.stats.summary import per_prompt_hits, usable
+from steercmp.stats._core import EXACT_MAX_N, bootstrap_mean_ci, sign_flip_pvalue
+from steercmp.stats.power import min_p_value, minimum_detectable_effect, prompts_for_power
+from steercmp.stats.summary import PRIMARY, per_prompt_hits, usable
 
 TARGET = "target_edit"
 CONTROLS: tuple[str, ...] = ("noop", "unrelated_edit", "random_delta", "wrong_position")
@@ -22,8 +27,10 @@ PAIRED_SCHEMA = {
     "ci_low": pl.Float64,
     "ci_high": pl.Float64,
     "p_value": pl.Float64,
-    "p_holm": pl.Float64,
     "exact": pl.Boolean,
+    "min_p": pl.Float64,
+    "mde": pl.Float64,
+    "n_for_power": pl.Int64,
 }
 
 
@@ -37,10 +44,12 @@ def _paired_values(
     seed: int,
     n_perm: int,
     alternative: str,
-    correct: bool,
+    power: bool,
+    level: float,
+    subset: str,
 ) -> pl.DataFrame:
     keys = ["method", "scaling", "alpha"]
-    data = frame.filter(usable(frame, value)).select(*keys, "prompt_id", "condition", value)
+    data = frame.filter(usable(frame, value, subset)).select(*keys, "prompt_id", "condition", value)
     rows: list[dict] = []
     tgt_all = data.filter(pl.col("condition") == target)
     for key, tgt in tgt_all.group_by(keys, maintain_order=True):
@@ -60,16 +69,18 @@ def _paired_values(
             if n == 0:
                 block.append(dict(method=method, scaling=scaling, alpha=alpha, control=ctrl, n=0,
                                   mean_diff=None, ci_low=None, ci_high=None, p_value=None,
-                                  exact=None))
+                                  exact=None, min_p=1.0, mde=None, n_for_power=None))
                 continue
             lo, hi = bootstrap_mean_ci(diffs, n_boot=n_boot, seed=seed)
             p, exact = sign_flip_pvalue(diffs, alternative=alternative, n_perm=n_perm, seed=seed)
+            extra = dict(min_p=None, mde=None, n_for_power=None)
+            if power:
+                extra = dict(min_p=min_p_value(n) if exact else 1.0 / (n_perm + 1),
+                             mde=minimum_detectable_effect(diffs, level=level, seed=seed),
+                             n_for_power=prompts_for_power(diffs, level=level, seed=seed))
             block.append(dict(method=method, scaling=scaling, alpha=alpha, control=ctrl, n=n,
                               mean_diff=float(diffs.mean()), ci_low=lo, ci_high=hi, p_value=p,
-                              exact=exact))
-        adj = holm([r["p_value"] for r in block]) if correct else [None] * len(block)
-        for r, a in zip(block, adj, strict=True):
-            r["p_holm"] = a
+                              exact=exact, **extra))
         rows.extend(block)
     return pl.DataFrame(rows, schema=PAIRED_SCHEMA).sort(["method", "scaling", "alpha", "control"])
 
@@ -83,23 +94,25 @@ def paired(
     n_boot: int = 10_000,
     seed: int = 0,
     n_perm: int = 10_000,
-    alternative: str = "two-sided",
+    level: float = 0.05,
+    subset: str = PRIMARY,
 ) -> pl.DataFrame:
     """Target minus each control, per prompt, for every method, scaling and alpha.
 
-    Only prompts with a usable value in both conditions enter (``n``). ``mean_diff`` is the
-    mean per-prompt difference; ``ci_low``/``ci_high`` a percentile bootstrap 95% CI over
-    prompts (see :func:`steercmp.stats.summarize`); ``p_value`` a sign-flip permutation test
-    of the mean difference (exact over all 2**n sign patterns up to
-    ``EXACT_MAX_N`` = 20 prompts, ``exact`` True; otherwise ``n_perm`` seeded Monte Carlo
-    draws); ``p_holm`` the Holm adjustment across ``controls`` within one method, scaling and
-    alpha (controls with no paired prompts get null p-values and do not count toward m).
-    Default ``alternative`` is two-sided; the decision rule adds the sign requirement itself.
-    Columns: method, scaling, alpha, control, n, mean_diff, ci_low, ci_high, p_value, p_holm,
-    exact.
+    Only prompts of ``subset`` (``primary``: usable rows that are not fallback or gated;
+    ``secondary``: the fallback and gated rows) with a usable value in both conditions enter
+    (``n``). ``mean_diff`` is the mean per-prompt difference; ``ci_low``/``ci_high`` a
+    percentile bootstrap 95% CI over prompts; ``p_value`` the ONE-SIDED sign-flip p for
+    "target > control" (exact over all 2**n sign patterns, zero differences kept, up to
+    ``EXACT_MAX_N`` = 20 prompts; otherwise ``n_perm`` seeded Monte Carlo draws). Power at
+    this n (:mod:`steercmp.stats.power`): ``min_p`` the smallest achievable p, ``mde`` the
+    mean difference detected with 80% power at the observed spread (null when no outcome can
+    pass), ``n_for_power`` the prompts the observed effect needs for 80% power (null when it
+    is not positive or needs more than 4,096).
     """
     return _paired_values(cells, target=target, controls=controls, value=value, n_boot=n_boot,
-                          seed=seed, n_perm=n_perm, alternative=alternative, correct=True)
+                          seed=seed, n_perm=n_perm, alternative="greater", power=True, level=level,
+                          subset=subset)
 
 
 def paired_hits(
@@ -111,18 +124,21 @@ def paired_hits(
     n_boot: int = 10_000,
     seed: int = 0,
     n_perm: int = 10_000,
-    alternative: str = "two-sided",
+    level: float = 0.05,
+    subset: str = PRIMARY,
 ) -> pl.DataFrame:
-    """The :func:`paired` analysis on completions: per prompt, the seed-averaged
-    ``hit_<family>`` fraction of the target minus that of each control. Same columns."""
-    pp = per_prompt_hits(completions)
+    """The :func:`paired` analysis on completions, prompts as the unit: per prompt, the
+    seed-averaged ``hit_<family>`` fraction of the target minus that of each control (seeds are
+    nested in prompts; ties stay in the exact test). Same columns."""
+    pp = per_prompt_hits(completions, subset=subset)
     col = f"hit_{family}"
     if pp.is_empty() or col not in pp.columns:
         return pl.DataFrame(schema=PAIRED_SCHEMA)
     frame = pp.select("method", "scaling", "condition", "alpha", "prompt_id",
                       pl.col(col).alias("score"))
     return _paired_values(frame, target=target, controls=controls, value="score", n_boot=n_boot,
-                          seed=seed, n_perm=n_perm, alternative=alternative, correct=True)
+                          seed=seed, n_perm=n_perm, alternative="greater", power=True, level=level,
+                          subset="all")
 
 
 def relative_to_noop(
@@ -132,6 +148,7 @@ def relative_to_noop(
     n_boot: int = 10_000,
     seed: int = 0,
     n_perm: int = 10_000,
+    subset: str = PRIMARY,
 ) -> pl.DataFrame:
     """Every condition's effect relative to the unsteered ``baseline``: per method, scaling,
     alpha and condition, the mean per-prompt (condition - baseline) difference with a
@@ -143,7 +160,7 @@ def relative_to_noop(
     for cond in conditions:
         res = _paired_values(cells, target=cond, controls=[baseline], value="score",
                              n_boot=n_boot, seed=seed, n_perm=n_perm, alternative="two-sided",
-                             correct=False)
+                             power=False, level=0.05, subset=subset)
         parts.append(res.with_columns(pl.lit(cond).alias("condition")))
     cols = ["method", "scaling", "alpha", "condition", "n", "mean_diff", "ci_low", "ci_high",
             "p_value"]

@@ -13,6 +13,10 @@ from steercmp.stats._core import bootstrap_mean_ci
 GROUP = ("method", "scaling", "condition", "alpha")
 #: Row statuses that never enter a statistic (their score is null by contract anyway).
 EXCLUDED_STATUSES = ("dropped", "not_applicable", "error")
+#: Row statuses reported apart and never in the primary analysis: a text-edit method's prompts
+#: whose explanation names no editable term, or whose reconstruction fell below the fidelity gate.
+SECONDARY_STATUSES = ("fallback", "below_fidelity")
+PRIMARY, SECONDARY, ALL = "primary", "secondary", "all"
 FAMILIES = ("original", "edited", "unrelated")
 
 SUMMARY_SCHEMA = {
@@ -30,19 +34,34 @@ SUMMARY_SCHEMA = {
 }
 
 
-def usable(frame: pl.DataFrame, value: str = "score") -> pl.Expr:
-    """Expression: the row has a finite ``value`` and a status that is not excluded."""
+def in_subset(frame: pl.DataFrame, subset: str = PRIMARY) -> pl.Expr:
+    """Expression: the row's status belongs to ``subset`` (``primary``: not excluded and not
+    secondary; ``secondary``: fallback or gated; ``all``: not excluded)."""
+    if "status" not in frame.columns:
+        return pl.lit(subset != SECONDARY)
+    status = pl.col("status")
+    ok = ~status.is_in(list(EXCLUDED_STATUSES)).fill_null(False)
+    if subset == PRIMARY:
+        return ok & ~status.is_in(list(SECONDARY_STATUSES)).fill_null(False)
+    if subset == SECONDARY:
+        return status.is_in(list(SECONDARY_STATUSES)).fill_null(False)
+    if subset == ALL:
+        return ok
+    raise ValueError(f"subset must be {PRIMARY}, {SECONDARY} or {ALL}, not {subset!r}")
+
+
+def usable(frame: pl.DataFrame, value: str = "score", subset: str = PRIMARY) -> pl.Expr:
+    """Expression: the row has a finite ``value`` and its status belongs to ``subset``."""
     ok = pl.col(value).is_not_null() & pl.col(value).is_finite().fill_null(False)
-    if "status" in frame.columns:
-        ok = ok & ~pl.col("status").is_in(list(EXCLUDED_STATUSES)).fill_null(False)
-    return ok
+    return ok & in_subset(frame, subset)
 
 
 def _sort(frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
     return frame.sort([k for k in keys if k in frame.columns])
 
 
-def summarize(cells: pl.DataFrame, *, n_boot: int = 10_000, seed: int = 0) -> pl.DataFrame:
+def summarize(cells: pl.DataFrame, *, n_boot: int = 10_000, seed: int = 0,
+              subset: str = PRIMARY) -> pl.DataFrame:
     """Per method, scaling, condition and alpha: n, mean, median, positive count and a 95% CI.
 
     The CI is a percentile bootstrap over prompts: ``n_boot`` resamples of the prompts' scores
@@ -50,11 +69,12 @@ def summarize(cells: pl.DataFrame, *, n_boot: int = 10_000, seed: int = 0) -> pl
     percentiles of the resampled means (same draws as ``scipy.stats.bootstrap`` with
     ``method="percentile"``). Every group uses the same ``seed``, so a group's CI does not
     depend on which other groups exist. Rows whose ``score`` is null/non-finite or whose status
-    is dropped, not_applicable or error are left out and counted in ``n_excluded``.
+    is outside ``subset`` (by default the primary analysis: not dropped, not_applicable,
+    error, fallback or below_fidelity) are left out and counted in ``n_excluded``.
     ``n_positive`` counts scores strictly above 0.
     """
     rows: list[dict] = []
-    ok = usable(cells)
+    ok = usable(cells, subset=subset)
     flagged = cells.with_columns(ok.alias("_ok"))
     for key, grp in flagged.group_by(list(GROUP), maintain_order=True):
         vals = grp.filter(pl.col("_ok"))["score"].to_numpy()
@@ -75,7 +95,7 @@ def summarize(cells: pl.DataFrame, *, n_boot: int = 10_000, seed: int = 0) -> pl
     return _sort(pl.DataFrame(rows, schema=SUMMARY_SCHEMA), list(GROUP))
 
 
-def per_prompt_hits(completions: pl.DataFrame) -> pl.DataFrame:
+def per_prompt_hits(completions: pl.DataFrame, subset: str = PRIMARY) -> pl.DataFrame:
     """Seed-averaged hit fraction per prompt, method, scaling, condition and alpha.
 
     Columns: the group keys, ``prompt_id``, ``n_seeds`` and ``hit_original``/``hit_edited``/
@@ -85,7 +105,7 @@ def per_prompt_hits(completions: pl.DataFrame) -> pl.DataFrame:
     hit_cols = [f"hit_{f}" for f in FAMILIES if f"hit_{f}" in completions.columns]
     frame = completions
     if "status" in frame.columns:
-        frame = frame.filter(~pl.col("status").is_in(list(EXCLUDED_STATUSES)).fill_null(False))
+        frame = frame.filter(in_subset(frame, subset))
     frame = frame.filter(pl.all_horizontal([pl.col(c).is_not_null() for c in hit_cols]))
     return _sort(
         frame.group_by([*GROUP, "prompt_id"]).agg(
@@ -96,7 +116,8 @@ def per_prompt_hits(completions: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def hit_rates(completions: pl.DataFrame, *, n_boot: int = 10_000, seed: int = 0) -> pl.DataFrame:
+def hit_rates(completions: pl.DataFrame, *, n_boot: int = 10_000, seed: int = 0,
+              subset: str = PRIMARY) -> pl.DataFrame:
     """Completion hit rates per method, scaling, condition, alpha and family, with 95% CIs.
 
     Prompts are the unit: each prompt's hits are first averaged over its seeds, the rate is
@@ -110,7 +131,7 @@ def hit_rates(completions: pl.DataFrame, *, n_boot: int = 10_000, seed: int = 0)
         "family": pl.String, "n_prompts": pl.Int64, "n_completions": pl.Int64,
         "n_excluded": pl.Int64, "rate": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
     }
-    per_prompt = per_prompt_hits(completions)
+    per_prompt = per_prompt_hits(completions, subset=subset)
     totals = completions.group_by(list(GROUP)).agg(pl.len().alias("_total").cast(pl.Int64))
     rows: list[dict] = []
     for key, grp in per_prompt.group_by(list(GROUP), maintain_order=True):
@@ -185,7 +206,7 @@ def heterogeneity(cells: pl.DataFrame, *, target: str = "target_edit") -> pl.Dat
         *keys, pl.col("status").alias("selection")
     ).unique(subset=keys, keep="first")
     frame = cells.with_columns(
-        pl.when(usable(cells)).then(pl.col("score")).otherwise(None).alias("score")
+        pl.when(usable(cells, subset=ALL)).then(pl.col("score")).otherwise(None).alias("score")
     ).select(*keys, "condition", "score", "status")
     return _sort(
         frame.join(sel, on=keys, how="left"),

@@ -87,6 +87,11 @@ CASES = [
     ("unknown_scaling", {"scalings": ["sideways"]}, None, "exp.yaml: scalings"),
     ("decision_alpha_not_swept", {"decision": {"alphas": [3]}}, None, "exp.yaml: decision.alphas"),
     ("misspelled_key", {"alpha": [1]}, None, "exp.yaml: alpha"),
+    ("decision_level_above_one", {"decision": {"alphas": [2], "level": 1.5}}, None, "exp.yaml: decision.level"),
+    ("decision_level_zero", {"decision": {"alphas": [2], "level": 0}}, None, "exp.yaml: decision.level"),
+    ("unknown_correction", {"decision": {"alphas": [2], "correction": "bonferroni"}}, None,
+     "exp.yaml: decision.correction"),
+    ("unknown_decision_key", {"decision": {"alphas": [2], "levels": 0.1}}, None, "exp.yaml: decision.levels"),
     ("trust_remote_code_as_string", lambda w: {"model": {"id": str(w["ckpt"]), "trust_remote_code": "no"}},
      None, "exp.yaml: model.trust_remote_code"),
     ("unknown_dtype", lambda w: {"model": {"id": str(w["ckpt"]), "dtype": "float8"}}, None, "exp.yaml: model.dtype"),
@@ -186,6 +191,15 @@ def test_unwritable_output_directory(out, world, capsys):
     code = main(["run", str(world["root"] / "exp.yaml"), "--out", str(target), "--no-progress"])
     line = _one_line(capsys.readouterr().err)
     assert code == 2 and str(target) in line and "not writable" in line
+
+
+@pytest.mark.parametrize("processes", ["9", "0"])
+def test_processes_outside_the_battery(processes, world, capsys):
+    before = tree_hash(world["run"])
+    code = main(["run", str(world["root"] / "exp.yaml"), "--out", str(world["run"]), "--processes", processes])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2 and f"--processes: --processes {processes} must lie between 1 and the battery's 3 prompts" in line
+    assert tree_hash(world["run"]) == before
 
 
 def test_missing_plugins_dir(capsys):

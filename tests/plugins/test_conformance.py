@@ -25,28 +25,22 @@ def _nla_pair(tmp_path: Path) -> dict:
     from steercmp_plugins.nla.testing import write_pair
 
     av, ar = write_pair(tmp_path, layer=2, hidden=64)
-    return {"av": str(av), "ar": str(ar), "n_explanations": 2, "max_new_tokens": 6}
+    return {"av": str(av), "ar": str(ar), "n_explanations": 2, "max_new_tokens": 6, "selection": "default"}
 
 
 def _tiny_sae(tmp_path: Path) -> dict:
     """A random sae-lens SAE on the kit model's layer 2 (d_in 64), saved in sae-lens disk format."""
-    from sae_lens import SAE
+    from steercmp_plugins.sae.testing import write_random_sae
 
-    sae = SAE.from_dict({"architecture": "standard", "d_in": 64, "d_sae": 96, "dtype": "float32",
-                         "device": "cpu", "metadata": {"hook_name": "model.layers.2"}})
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if "b_" in name else 1.0))
-    sae.save_model(tmp_path)
-    return {"path": str(tmp_path), "k": 3}
+    return {"path": str(write_random_sae(tmp_path)), "k": 3}
 
 
-#: kit arguments beyond options, per method. The tiny NLA pair's tokenizer does not know the
-#: battery's words, so some edits map <unk> to <unk> and AR(edited) - AR(original) is exactly zero:
-#: zero deltas are accepted, and norm_relative (undefined for them) is skipped.
+#: kit arguments beyond options, per method. The tiny NLA pair's random AV names none of the
+#: battery's words, so every prompt is a ``fallback`` prompt (kept, with the ``default`` selection)
+#: whose delta is exactly zero (nothing to edit): zero deltas are accepted, norm_relative is
+#: skipped and the two families cannot differ. tests/plugins/nla covers the editable path.
 KIT_ARGS = {
-    "nla_text_edit": {"allow_zero": True, "scalings": ("raw",)},
+    "nla_text_edit": {"allow_zero": True, "scalings": ("raw",), "distinct_families": False},
 }
 
 

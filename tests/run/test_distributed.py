@@ -2,17 +2,22 @@
 
 from pathlib import Path
 
+import attrs
+import polars as pl
 import pytest
 import torch
 
 from steercmp.battery import Battery
-from steercmp.config import Experiment
+from steercmp.config import Experiment, MethodSpec
 from steercmp.run.distributed import PluginSpec, run_sharded, shard_prompt_ids
 from steercmp.run.runner import Runner
 from steercmp.testing import save_tiny_checkpoint, words_of
 
 NOTE8 = "experiments/batteries/note8.yaml"
 PLUGINS = PluginSpec(builtins=("steercmp_plugins.controls", "steercmp_plugins.unembed"), entry_points=False)
+#: methods that look across prompts: SAE feature scales, NLA baselines, diffmean's means
+CROSS_PROMPT = PluginSpec(builtins=("steercmp_plugins.controls", "steercmp_plugins.sae", "steercmp_plugins.nla",
+                                    "steercmp_diffmean"), entry_points=False)
 
 
 def test_shard_prompt_ids_contiguous_and_complete():
@@ -67,3 +72,32 @@ def test_two_processes_equal_single_process_byte_for_byte(experiment, tmp_path):
     rerun.run(steps)
     assert set(rerun.reused) >= {"extract", "propose:unembed_direction", "propose:half", "score", "completions"}
     assert (tmp_path / "sharded" / "cells.parquet").read_bytes() == (tmp_path / "single" / "cells.parquet").read_bytes()
+
+
+def test_methods_that_look_across_prompts_are_shard_invariant(experiment, tmp_path):
+    """sae_features (scales over the battery), nla_text_edit (tiny pair) and diffmean
+    (contexts: all) propose once on the whole battery, so 2 processes equal 1, byte for byte."""
+    from steercmp_plugins.nla.testing import write_pair
+    from steercmp_plugins.sae.testing import write_random_sae
+
+    av, ar = write_pair(tmp_path / "nla", layer=2, hidden=64)
+    sae = write_random_sae(tmp_path / "sae", layer=2)
+    exp = attrs.evolve(experiment, methods=(
+        MethodSpec("sae_features", {"path": str(sae), "k": 3}),
+        MethodSpec("nla_text_edit", {"av": str(av), "ar": str(ar), "n_explanations": 2, "max_new_tokens": 4,
+                                     "selection": "default"}),
+        MethodSpec("diffmean", {"contexts": "all"})), scalings=("raw",))
+    torch.set_num_threads(1)
+    single = Runner(exp, CROSS_PROMPT.build(), tmp_path / "single", progress=False, log=lambda m: None)
+    single.run(("extract", "propose", "score"))
+    assert not single.failures, [f.one_line() for f in single.failures]
+    cells, failures = run_sharded(exp, tmp_path / "sharded", 2, plugins=CROSS_PROMPT,
+                                  steps=("extract", "propose", "score"), threads=1)
+    assert not failures and cells is not None
+    assert set(cells["method"].unique()) == {"sae_features", "nla_text_edit", "diffmean"}
+    for name in ("cells.parquet", "proposals/sae_features.safetensors", "proposals/nla_text_edit.json",
+                 "proposals/diffmean.safetensors"):
+        assert (tmp_path / "single" / name).read_bytes() == (tmp_path / "sharded" / name).read_bytes(), name
+    # each shard scored only its own prompts, from the whole-battery proposals
+    shard0 = pl.read_parquet(tmp_path / "sharded" / "shards" / "0" / "cells.parquet")
+    assert set(shard0["prompt_id"]) == {p.id for p in exp.battery.prompts[:4]}

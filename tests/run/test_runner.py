@@ -100,3 +100,20 @@ def test_failing_plugin_keeps_other_methods(tmp_path, tiny_ckpt):
     assert set(cells["method"]) == {"unembed_direction"}
     assert len(runner.failures) == 1 and "broken" in runner.failures[0].one_line()
     assert "kaboom" in runner.failures[0].one_line()
+
+
+def test_completions_share_the_unsteered_baseline_and_sample_prompting_texts(tmp_path, tiny_ckpt):
+    """Seeds are matched and the unsteered baseline is drawn once per prompt and seed, for every
+    method; a prompting method's own text is sampled on its own context (it was once shared
+    with noop by mistake)."""
+    exp = write_experiment(tmp_path, tiny_ckpt, methods=["unembed_direction", "prompting"])
+    run(exp, tmp_path / "r", builtins=(*TINY_BUILTINS, "steercmp_plugins.prompting"))
+    comp = pl.read_parquet(tmp_path / "r" / "completions.parquet")
+    base = comp.filter((pl.col("condition") == "noop") | (pl.col("alpha") == 0))
+    base = base.filter((pl.col("method") != "prompting") | (pl.col("condition") == "noop"))
+    per = base.group_by("prompt_id", "seed").agg(pl.col("text").n_unique(), pl.col("method").n_unique())
+    assert per["text"].max() == 1 and per["method"].min() == 2
+    prompting = comp.filter(pl.col("method") == "prompting")
+    joined = prompting.filter(pl.col("condition") == "target_edit").join(
+        prompting.filter(pl.col("condition") == "noop"), on=["prompt_id", "alpha", "seed"])
+    assert (joined["text"] != joined["text_right"]).any()

@@ -158,10 +158,9 @@ def _paired_cells(n: int = 8, seed: int = 0) -> tuple[pl.DataFrame, dict[str, np
 def test_paired_matches_components():
     cells, diffs = _paired_cells()
     out = stats.paired(cells, n_boot=N_BOOT, seed=4)
-    assert out.columns[:10] == ["method", "scaling", "alpha", "control", "n", "mean_diff",
-                                "ci_low", "ci_high", "p_value", "p_holm"]
+    assert out.columns[:12] == ["method", "scaling", "alpha", "control", "n", "mean_diff",
+                                "ci_low", "ci_high", "p_value", "exact", "min_p", "mde"]
     assert out.height == 4
-    pvals = []
     for ctrl in stats.CONTROLS:
         row = out.filter(pl.col("control") == ctrl).row(0, named=True)
         d = diffs[ctrl]
@@ -170,12 +169,9 @@ def test_paired_matches_components():
                                rng=np.random.default_rng(4)).confidence_interval
         assert (row["ci_low"], row["ci_high"]) == pytest.approx((ref_ci.low, ref_ci.high))
         ref_p = sps.permutation_test((d,), _mean, permutation_type="samples", vectorized=True,
-                                     n_resamples=np.inf).pvalue
-        assert row["p_value"] == pytest.approx(ref_p)
-        pvals.append(row["p_value"])
-    holm = _holm_reference(pvals)
-    for ctrl, h in zip(stats.CONTROLS, holm, strict=True):
-        assert out.filter(pl.col("control") == ctrl)["p_holm"][0] == pytest.approx(h)
+                                     n_resamples=np.inf, alternative="greater").pvalue
+        assert row["p_value"] == pytest.approx(ref_p)  # one-sided: target > control
+        assert row["min_p"] == pytest.approx(2.0 ** -8) and row["exact"]
 
 
 def test_paired_uses_prompts_present_in_both():
@@ -185,10 +181,7 @@ def test_paired_uses_prompts_present_in_both():
     assert row["n"] == 2 and row["mean_diff"] == pytest.approx(1.5)
     missing = stats.paired(cells, controls=("noop", "random_delta"), n_boot=200)
     rd = missing.filter(pl.col("control") == "random_delta").row(0, named=True)
-    assert rd["n"] == 0 and rd["p_value"] is None
-    # the missing control does not count toward Holm's m
-    noop = missing.filter(pl.col("control") == "noop").row(0, named=True)
-    assert noop["p_holm"] == pytest.approx(noop["p_value"])
+    assert rd["n"] == 0 and rd["p_value"] is None and rd["min_p"] == 1.0
 
 
 def _completions(rates: dict[str, list[list[int]]], alpha: float = 2.0) -> pl.DataFrame:
@@ -288,7 +281,7 @@ def test_verdict_names_failed_control_and_why():
     failed = {(f["metric"], f["control"]) for f in v["failures"]}
     assert failed == {("logmass", "random_delta")}
     reason = v["failures"][0]["reason"]
-    assert "Holm p=" in reason and "CI" in reason
+    assert "one-sided p=" in reason and "CI" in reason
     assert "random_delta" in v["explanation"]
 
 
@@ -296,8 +289,8 @@ def test_verdict_uses_every_predeclared_alpha():
     """A win at one alpha does not rescue a loss at another pre-declared alpha."""
     ps, ph = _verdict_inputs(3.0, 1.0)
     ps_bad = ps.with_columns(
-        pl.when(pl.col("alpha") == 4.0).then(pl.lit(0.5)).otherwise(pl.col("p_holm"))
-        .alias("p_holm"))
+        pl.when(pl.col("alpha") == 4.0).then(pl.lit(0.5)).otherwise(pl.col("p_value"))
+        .alias("p_value"))
     assert stats.verdict(ps_bad, ph, decision_alphas=[2])[0]["verdict"] == stats.SUPPORTED
     (v,) = stats.verdict(ps_bad, ph, decision_alphas=[2, 4])
     assert v["verdict"] == stats.NOT_SUPPORTED
@@ -333,7 +326,7 @@ def test_verdict_skips_controls_marked_not_applicable():
     rows = []
     for control in ("noop", "unrelated_edit"):
         rows.append({"method": "prompting", "scaling": "raw", "alpha": 2.0, "control": control, "n": 8,
-                     "mean_diff": 1.0, "ci_low": 0.5, "ci_high": 1.5, "p_value": 0.004, "p_holm": 0.008})
+                     "mean_diff": 1.0, "ci_low": 0.5, "ci_high": 1.5, "p_value": 0.004, "min_p": 2.0 ** -8})
     paired = pl.DataFrame(rows)
     base = stats.verdict(paired, None, decision_alphas=[2.0], methods=[("prompting", "raw")])[0]
     assert base["verdict"] == "not supported"  # missing random_delta / wrong_position count as losses

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import types
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import steercmp.testing
 from steercmp.api import Prompt, PromptContext
 from steercmp.errors import ConfigError
 from steercmp_plugins.nla import cli
@@ -37,10 +37,10 @@ def test_select_rules():
     assert select_explanation(expl[:1], scores[:1], ["dream"], "strict") == ("dropped", None)
 
 
-def test_fallback_edit_appends_plan():
+def test_nothing_to_edit_fabricates_nothing():
+    """No template sentence is appended: an explanation without an editable term stays as it is."""
     orig, edited, mode, n = edit_texts("A line about water", {"dream": "gleam", "seem": "beam"})
-    assert mode == "appended" and n == 0
-    assert orig.endswith("Planning dream or seem.") and edited.endswith("Planning gleam or beam.")
+    assert (orig, edited, mode, n) == ("A line about water", "A line about water", "none", 0)
 
 
 def test_meta_accepts_training_spellings(pair_dir):
@@ -63,36 +63,9 @@ def test_estimates_for_released_pair():
     assert av == params and ar == int(params * 33 / 48 + 3840 * 3840)
 
 
-class FakeRuntime:
-    def __init__(self, tmp_path):
-        self.seed, self.layer, self.device, self.dtype = 0, 2, "cpu", torch.float32
-        self.run_dir = tmp_path
-        self.tables: dict[str, list] = {}
-        self.loaded: list[str] = []
-
-    @contextlib.contextmanager
-    def load(self, resource):
-        self.loaded.append(resource.name)
-        obj = resource.loader()
-        try:
-            yield obj
-        finally:
-            obj.unload()
-
-    def base(self):
-        raise AssertionError("the NLA method never needs the base model")
-
-    def generator(self, *key):
-        return torch.Generator().manual_seed(abs(hash(("seed", *key))) % (2 ** 31))
-
-    def progress(self, iterable, desc, total=None):
-        return iter(iterable)
-
-    def write_table(self, name, rows):
-        self.tables[name] = list(rows)
-
-    def cached(self, name, key, compute):
-        return compute()
+def fake_runtime():
+    """The kit's in-memory runtime on a tiny base model (d_model 64, layer 2)."""
+    return steercmp.testing.TestRuntime(steercmp.testing.tiny_lm(), layer=2, method_key="nla_text_edit")
 
 
 def _contexts(n=3, d=64, orig=("quux", "zorp")):
@@ -109,21 +82,22 @@ def _contexts(n=3, d=64, orig=("quux", "zorp")):
     return out
 
 
-def test_propose_with_fake_runtime(pair_dir, tmp_path):
+def test_propose_with_fake_runtime(pair_dir):
     exp = types.SimpleNamespace(layer=2, seed=0, model=types.SimpleNamespace(id="tiny"))
     m = NlaTextEdit({"av": str(pair_dir[0]), "ar": str(pair_dir[1]), "n_explanations": 2,
-                     "max_new_tokens": 6}, exp)
+                     "max_new_tokens": 6, "selection": "default"}, exp)
     m.validate()
     res = m.resources()
     assert [r.name for r in res] == ["nla_av", "nla_ar"] and res[0].params > 0
-    rt = FakeRuntime(tmp_path)
+    rt = fake_runtime()
     props = m.propose(_contexts(), rt)
     assert rt.loaded == ["nla_av", "nla_ar"]
+    assert rt.captures == 1  # the dataset-level FVE baseline, read once with the base model
     assert len(props) == 6 and {p.family for p in props} == {"edited", "unrelated"}
-    for p in props:  # the tiny vocabulary cannot say quux/zorp: the default rule falls back
-        assert p.status == "fallback" and p.delta.dtype == torch.float32
-        assert p.delta.shape == (64,) and p.meta["edit_mode"] == "appended"
-        assert p.meta["delta_norm"] == pytest.approx(float(p.delta.norm()))
+    for p in props:  # the tiny vocabulary cannot say quux/zorp: nothing to edit, nothing fabricated
+        assert p.status == "fallback" and p.delta.dtype == torch.float32 and p.delta.shape == (64,)
+        assert p.meta["edit_mode"] == "none" and p.meta["replacements"] == 0
+        assert float(p.delta.abs().max()) == 0.0 and p.meta["edited_text"] == p.meta["original_text"]
         json.dumps(dict(p.meta))
     expl = rt.tables["explanations"]
     assert len(expl) == 6 and set(expl[0]) == {"prompt_id", "sample", "explanation", "raw",
@@ -131,13 +105,40 @@ def test_propose_with_fake_runtime(pair_dir, tmp_path):
     sel = rt.tables["selections"]
     assert {r["selection"] for r in sel} == {"fallback"} and "unrelated_delta_norm" in sel[0]
     # the same run seeds give the same explanations
-    rt2 = FakeRuntime(tmp_path)
+    rt2 = fake_runtime()
     m.propose(_contexts(), rt2)
     assert [r["explanation"] for r in rt2.tables["explanations"]] == [r["explanation"] for r in expl]
 
     strict = NlaTextEdit(dict(m.options, selection="strict"), exp)
-    props = strict.propose(_contexts(), FakeRuntime(tmp_path))
+    props = strict.propose(_contexts(), fake_runtime())
     assert all(p.status == "dropped" and p.delta is None for p in props)
+    assert NlaTextEdit({"av": "x", "ar": "y"}, exp).opts.selection == "strict"  # the default
+
+
+def test_editable_explanations_are_edited(pair_dir, monkeypatch):
+    """An explanation that names the plan is edited word for word and reconstructed: the delta is
+    AR(edited) - AR(original) for every family, with the dataset-level FVE baseline recorded."""
+    from steercmp_plugins.nla.ar import ActivationReconstructor
+    from steercmp_plugins.nla.av import ActivationVerbalizer
+
+    def explain(self, vectors, **kwargs):
+        return [("the line ends with stream , planning dream or seem", "raw", True)] * len(vectors)
+
+    monkeypatch.setattr(ActivationVerbalizer, "explain", explain)
+    exp = types.SimpleNamespace(layer=2, seed=0, model=types.SimpleNamespace(id="tiny"))
+    m = NlaTextEdit({"av": str(pair_dir[0]), "ar": str(pair_dir[1]), "n_explanations": 2}, exp)
+    rt = fake_runtime()
+    props = m.propose(_contexts(orig=("dream", "seem")), rt)
+    ar = ActivationReconstructor.load(str(pair_dir[1]))
+    original, edited = ar.reconstruct(["the line ends with stream , planning dream or seem",
+                                       "the line ends with stream , planning gleam or beam"])
+    for p in props:
+        assert p.status == "editable" and p.meta["edit_mode"] == "replaced" and p.meta["replacements"] == 2
+        assert p.meta["fve_baseline"] > 0
+    target = next(p for p in props if p.family == "edited")
+    assert torch.allclose(target.delta, (edited - original).float(), atol=1e-5)
+    unrelated = next(p for p in props if p.family == "unrelated")
+    assert "stone or bone" in unrelated.meta["edited_text"] and not torch.equal(unrelated.delta, target.delta)
 
 
 def test_propose_checks_layer(pair_dir, tmp_path):
@@ -145,7 +146,7 @@ def test_propose_checks_layer(pair_dir, tmp_path):
     m = NlaTextEdit({"av": str(pair_dir[0]), "ar": str(pair_dir[1]), "n_explanations": 1,
                      "max_new_tokens": 2}, exp)
     with pytest.raises(ConfigError, match="layer"):
-        m.propose(_contexts(1), FakeRuntime(tmp_path))
+        m.propose(_contexts(1), fake_runtime())
 
 
 def test_bad_options():
