@@ -21,19 +21,20 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, 
 
 @attrs.frozen
 class ModelInfo:
-    """Decoder blocks, residual width and parameter count of one model."""
+    """Decoder blocks, residual width, parameter count and vocabulary size of one model."""
 
     layers: int | None
     d_model: int | None
     params: int | None
+    vocab: int | None = None
 
 
 _GEMMA3 = {
-    "270m": ModelInfo(18, 640, 268_098_176),
-    "1b": ModelInfo(26, 1152, 999_885_952),
-    "4b": ModelInfo(34, 2560, 4_300_079_472),
-    "12b": ModelInfo(48, 3840, 12_187_325_040),
-    "27b": ModelInfo(62, 5376, 27_432_406_640),
+    "270m": ModelInfo(18, 640, 268_098_176, 262_144),
+    "1b": ModelInfo(26, 1152, 999_885_952, 262_144),
+    "4b": ModelInfo(34, 2560, 4_300_079_472, 262_208),
+    "12b": ModelInfo(48, 3840, 12_187_325_040, 262_208),
+    "27b": ModelInfo(62, 5376, 27_432_406_640, 262_208),
 }
 
 #: Hugging Face id -> size. The instruction and pretrained variants share a shape.
@@ -42,8 +43,8 @@ MODELS: dict[str, ModelInfo] = {
     **{f"google/gemma-3-{size}-{kind}": info for size, info in _GEMMA3.items()
        for kind in ("pt", "it")},
     "google/gemma-3-270m": _GEMMA3["270m"],
-    "Qwen/Qwen2.5-7B-Instruct": ModelInfo(28, 3584, 7_615_616_512),
-    "meta-llama/Llama-3.3-70B-Instruct": ModelInfo(80, 8192, 70_553_706_496),
+    "Qwen/Qwen2.5-7B-Instruct": ModelInfo(28, 3584, 7_615_616_512, 152_064),
+    "meta-llama/Llama-3.3-70B-Instruct": ModelInfo(80, 8192, 70_553_706_496, 128_256),
 }
 
 #: released NLA pairs (the prefix of ``-av`` / ``-ar`` ids) -> (base model id, extraction layer)
@@ -79,7 +80,7 @@ def known_model(model_id: str) -> ModelInfo | None:
     if layers and d:
         inter = text.get("intermediate_size", 4 * d)
         params = layers * (4 * d * d + 3 * d * inter) + text.get("vocab_size", 0) * d
-    return ModelInfo(layers, d, params)
+    return ModelInfo(layers, d, params, text.get("vocab_size"))
 
 
 def known_layer_count(model_id: str) -> int | None:

@@ -71,6 +71,8 @@ def build_parser(plugin_commands: Sequence[tuple] = ()) -> argparse.ArgumentPars
                           "report re-reads the run directory")
     run.add_argument("--fresh", action="store_true", help="ignore finished stages in the run directory")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--prune", action="store_true",
+                     help="afterwards, delete unit files the experiment no longer references")
     run.add_argument("--processes", type=int, default=1,
                      help="shard prompts over N local processes (merged into one run directory)")
     run.set_defaults(func=cmd_run)

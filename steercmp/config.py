@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,20 @@ class CompletionSpec:
     top_p: float = 1.0
 
 
+#: the keys the reader accepts, per section (docs/config.md documents each; a meta-test checks)
+MODEL_KEYS = frozenset(a.name for a in attrs.fields(ModelSpec))
+METHOD_KEYS = frozenset(a.name for a in attrs.fields(MethodSpec))
+COMPLETION_KEYS = frozenset(a.name for a in attrs.fields(CompletionSpec))
+DECISION_KEYS = frozenset({"alphas", "level", "correction"})
+EXPERIMENT_KEYS = frozenset({"name", "description", "model", "layer", "battery", "alphas", "scalings",
+                             "methods", "controls", "control_options", "completions", "decision", "seed",
+                             "batch_size", "single_token_families"})
+#: old spellings that are rejected with a rename hint: old key -> (new key, fix)
+RENAMED_KEYS = {"scaling": ("scalings", "rename `scaling` to `scalings` (a list, e.g. [raw])")}
+#: corrections across the methods of a run (none: each method's verdict is its own claim)
+CORRECTIONS = ("none", "holm")
+
+
 @attrs.frozen
 class Experiment:
     """A whole experiment; ``source`` is the YAML file it came from (for error messages)."""
@@ -84,6 +99,12 @@ class Experiment:
     def base_dir(self) -> Path:
         return _base_dir(self.source)
 
+    @property
+    def battery_file(self) -> Path:
+        """The battery file ``battery_path`` names: a shipped battery for a short name
+        (``note8``), else the path relative to the experiment file's folder."""
+        return _battery_file(self.source, self.battery_path)
+
     def with_prompts(self, prompt_ids: Sequence[str]) -> Experiment:
         """The same experiment on a subset of its battery (a shard of a distributed run)."""
         return attrs.evolve(self, battery=self.battery.subset(prompt_ids))
@@ -105,7 +126,7 @@ class Experiment:
         data.setdefault("decision", {})
         data["decision"] = {**dict(data["decision"] or {}), "alphas": list(self.decision_alphas),
                             "level": self.decision_level, "correction": self.decision_correction}
-        data["battery"] = str(self.resolve(self.battery_path))
+        data["battery"] = str(self.battery_file)
         return yaml.safe_dump(redact(data), sort_keys=False)
 
     @classmethod
@@ -121,13 +142,13 @@ class Experiment:
         if not isinstance(data, Mapping):
             raise ConfigError("an experiment must be a YAML mapping", where=source,
                               fix="see experiments/embedded.yaml")
-        known = {"name", "model", "layer", "battery", "alphas", "scalings", "scaling", "methods",
-                 "controls", "control_options", "completions", "decision", "seed", "batch_size",
-                 "single_token_families", "description"}
-        unknown = sorted(set(data) - known)
+        for old, (new, fix) in RENAMED_KEYS.items():
+            if old in data:
+                raise ConfigError(f"`{old}` is not a key (the key is `{new}`)", where=f"{source}: {old}", fix=fix)
+        unknown = sorted(set(data) - EXPERIMENT_KEYS, key=str)
         if unknown:
             raise ConfigError(f"unknown key {unknown[0]!r}", where=f"{source}: {unknown[0]}",
-                              fix=f"valid keys are {', '.join(sorted(known))}")
+                              fix=f"valid keys are {', '.join(sorted(EXPERIMENT_KEYS))}")
         f = _Fields(source)
         model_raw = data.get("model", {})
         if isinstance(model_raw, str):
@@ -135,11 +156,10 @@ class Experiment:
         if not isinstance(model_raw, Mapping):
             raise ConfigError("`model` must be a mapping or an id", where=f"{source}: model",
                               fix="e.g. model: {id: embedded:gemma-3-270m}")
-        model_fields = {a.name for a in attrs.fields(ModelSpec)}
-        bad = sorted(set(model_raw) - model_fields)
+        bad = sorted(set(model_raw) - MODEL_KEYS, key=str)
         if bad:
             raise ConfigError(f"unknown model key {bad[0]!r}", where=f"{source}: model.{bad[0]}",
-                              fix=f"valid keys are {', '.join(sorted(model_fields))}")
+                              fix=f"valid keys are {', '.join(sorted(MODEL_KEYS))}")
         _check_model_fields(model_raw, source)
         model = ModelSpec(**{k: v for k, v in model_raw.items()})
         if model.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
@@ -148,12 +168,21 @@ class Experiment:
         layer = f.integer(data, "layer", required=True, minimum=0)
         battery_obj = battery
         battery_name = data.get("battery")
-        if not isinstance(battery_name, str) or not battery_name:
-            raise ConfigError("`battery` is missing", where=f"{source}: battery",
-                              fix="name a battery YAML file, e.g. batteries/note8.yaml")
+        if not isinstance(battery_name, str) or not battery_name.strip():
+            problem = ("`battery` is missing" if battery_name is None
+                       else f"`battery` must be a name or path, got {battery_name!r}")
+            raise ConfigError(problem, where=f"{source}: battery",
+                              fix=f"name a shipped battery ({_shipped_list()}) or a battery YAML file")
         alphas = f.numbers(data, "alphas", default=(-2, -1, 0, 1, 2, 4, 8))
-        scal = data.get("scalings", data.get("scaling", ["raw"]))
-        scalings = tuple([scal] if isinstance(scal, str) else scal or [])
+        scal = data.get("scalings", ["raw"])
+        if isinstance(scal, str):
+            scal = [scal]
+        if not isinstance(scal, list) or not all(isinstance(s, str) for s in scal):
+            raise ConfigError(f"`scalings` must be a list of names, got {scal!r}", where=f"{source}: scalings",
+                              fix=f"e.g. scalings: [raw] (names: {', '.join(SCALINGS)})")
+        scalings = tuple(scal)
+        if len(set(scalings)) != len(scalings):
+            raise ConfigError("`scalings` repeats a name", where=f"{source}: scalings", fix="list each scaling once")
         for s in scalings:
             if s not in SCALINGS:
                 raise ConfigError(f"unknown scaling {s!r}", where=f"{source}: scalings",
@@ -171,6 +200,11 @@ class Experiment:
             if not isinstance(m, Mapping) or not isinstance(m.get("name"), str):
                 raise ConfigError("each method needs a `name`", where=f"{source}: methods[{i}]",
                                   fix="e.g. {name: nla_text_edit, options: {...}}")
+            bad = sorted(set(m) - METHOD_KEYS, key=str)
+            if bad:
+                raise ConfigError(f"unknown method key {bad[0]!r}", where=f"{source}: methods[{i}].{bad[0]}",
+                                  fix=f"valid keys are {', '.join(sorted(METHOD_KEYS))}; "
+                                      "method options go under `options`")
             opts = m.get("options") or {}
             if not isinstance(opts, Mapping):
                 raise ConfigError("`options` must be a mapping", where=f"{source}: methods[{i}].options",
@@ -196,15 +230,17 @@ class Experiment:
         if "name" in data and (not isinstance(data["name"], str) or not data["name"].strip()):
             raise ConfigError(f"`name` must be a non-empty string, got {data['name']!r}",
                               where=f"{source}: name", fix="e.g. name: note8-270m")
+        if data.get("description") is not None and not isinstance(data["description"], str):
+            raise ConfigError(f"`description` must be text, got {data['description']!r}",
+                              where=f"{source}: description", fix="quote it, e.g. description: \"...\"")
         comp_raw = data.get("completions") or {}
         if not isinstance(comp_raw, Mapping):
             raise ConfigError("`completions` must be a mapping", where=f"{source}: completions",
                               fix="e.g. completions: {seeds: 5, alphas: [0, 2]}")
-        comp_fields = {a.name for a in attrs.fields(CompletionSpec)}
-        bad = sorted(set(comp_raw) - comp_fields)
+        bad = sorted(set(comp_raw) - COMPLETION_KEYS, key=str)
         if bad:
             raise ConfigError(f"unknown completions key {bad[0]!r}", where=f"{source}: completions.{bad[0]}",
-                              fix=f"valid keys are {', '.join(sorted(comp_fields))}")
+                              fix=f"valid keys are {', '.join(sorted(COMPLETION_KEYS))}")
         cf = _Fields(source, prefix="completions.")
         if not isinstance(comp_raw.get("enabled", True), bool):
             raise ConfigError(f"`enabled` must be true or false, got {comp_raw['enabled']!r}",
@@ -221,7 +257,7 @@ class Experiment:
         if not isinstance(decision, Mapping):
             raise ConfigError("`decision` must be a mapping", where=f"{source}: decision",
                               fix="e.g. decision: {alphas: [2]}")
-        bad = sorted(set(decision) - DECISION_KEYS)
+        bad = sorted(set(decision) - DECISION_KEYS, key=str)
         if bad:
             raise ConfigError(f"unknown decision key {bad[0]!r}", where=f"{source}: decision.{bad[0]}",
                               fix=f"valid keys are {', '.join(sorted(DECISION_KEYS))}")
@@ -239,19 +275,26 @@ class Experiment:
                               where=f"{source}: completions.alphas",
                               fix=f"add {unsampled[0]:g} to completions.alphas or drop it from decision.alphas")
         batch_size = data.get("batch_size", "auto")
-        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                     or batch_size < 1):
             raise ConfigError(f"batch_size {batch_size!r} is invalid", where=f"{source}: batch_size",
                               fix="use a positive integer or auto")
         ctrl_opts = data.get("control_options") or {}
         if not isinstance(ctrl_opts, Mapping):
             raise ConfigError("`control_options` must be a mapping", where=f"{source}: control_options",
                               fix="e.g. control_options: {wrong_position: {offset: -1}}")
+        for name, opts in ctrl_opts.items():
+            if opts is not None and not isinstance(opts, Mapping):
+                raise ConfigError(f"options for control {name!r} must be a mapping, got {opts!r}",
+                                  where=f"{source}: control_options.{name}", fix="e.g. {offset: -1}")
+        if battery_obj is None:
+            battery_obj = Battery.from_yaml(resolve_battery(source, battery_name))
         return cls(
             name=str(data.get("name") or Path(source).stem),
             model=model,
             layer=layer,
             battery_path=battery_name,
-            battery=battery_obj if battery_obj is not None else Battery.from_yaml(_resolve(source, battery_name)),
+            battery=battery_obj,
             alphas=alphas,
             scalings=scalings,
             methods=tuple(methods),
@@ -267,11 +310,6 @@ class Experiment:
             source=source,
             raw=dict(data),
         )
-
-
-DECISION_KEYS = frozenset({"alphas", "level", "correction"})
-#: corrections across the methods of a run (none: each method's verdict is its own claim)
-CORRECTIONS = ("none", "holm")
 
 
 def check_level(value: Any, *, where: str) -> float:
@@ -296,6 +334,48 @@ def _base_dir(source: str) -> Path:
 def _resolve(source: str, path: str) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else _base_dir(source) / p
+
+
+#: ``battery: note8`` (no slash, no suffix) names a shipped battery, experiments/batteries/note8.yaml
+_SHORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def is_battery_short_name(name: str) -> bool:
+    return bool(_SHORT_NAME.fullmatch(name))
+
+
+def shipped_batteries() -> tuple[str, ...]:
+    """The short names of the batteries shipped in ``experiments/batteries`` (source tree or package)."""
+    return tuple(sorted(p.stem for p in (experiments_dir() / "batteries").glob("*.yaml")))
+
+
+def _shipped_list() -> str:
+    return ", ".join(shipped_batteries()) or "none found"
+
+
+def _battery_file(source: str, name: str) -> Path:
+    if is_battery_short_name(name):
+        return experiments_dir() / "batteries" / f"{name}.yaml"
+    return _resolve(source, name)
+
+
+def resolve_battery(source: str, name: str) -> Path:
+    """The battery file an experiment's ``battery`` names: a shipped short name (``note8``) or a
+    path, relative to the experiment file's folder; a one-line error when there is none."""
+    path = _battery_file(source, name)
+    if is_battery_short_name(name):
+        if name not in shipped_batteries():
+            raise ConfigError(f"{name!r} is not a shipped battery (shipped: {_shipped_list()})",
+                              where=f"{source}: battery",
+                              fix=f"use a shipped name, or a path to your battery file (e.g. ./{name}.yaml)")
+        return path
+    if not path.exists():
+        relative = not Path(name).expanduser().is_absolute()
+        folder = "the experiment file's folder" if source.endswith((".yaml", ".yml")) else "the current folder"
+        note = f" (relative paths resolve against {folder}, {_base_dir(source)})" if relative else ""
+        raise ConfigError(f"battery file {path} not found{note}", where=f"{source}: battery",
+                          fix=f"check the path, or name a shipped battery ({_shipped_list()}), e.g. battery: note8")
+    return path
 
 
 _MODEL_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
@@ -396,5 +476,6 @@ def default_experiment_path() -> Path:
                       fix="pass an experiment YAML explicitly")
 
 
-__all__ = ["CompletionSpec", "Experiment", "MethodSpec", "ModelSpec", "default_experiment_path",
-           "is_embedded"]
+__all__ = ["COMPLETION_KEYS", "DECISION_KEYS", "EXPERIMENT_KEYS", "METHOD_KEYS", "MODEL_KEYS", "CompletionSpec",
+           "Experiment", "MethodSpec", "ModelSpec", "default_experiment_path", "is_embedded", "resolve_battery",
+           "shipped_batteries"]

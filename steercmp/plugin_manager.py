@@ -24,6 +24,7 @@ from steercmp.errors import PluginError
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "steercmp_plugins.controls",
     "steercmp_plugins.unembed",
+    "steercmp_plugins.diffmean",
     "steercmp_plugins.nla",
     "steercmp_plugins.sae",
     "steercmp_plugins.prompting",
@@ -170,9 +171,12 @@ def build_plugin_manager(
                 f"an installed steercmp entry-point plugin failed to load: {type(exc).__name__}: {exc}",
                 fix="reinstall or uninstall that plugin",
             ) from exc
+        dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
         for plugin in pm.get_plugins():
             if plugin not in before:
-                sources.append((str(pm.get_name(plugin)), "entry point"))
+                dist = dists.get(id(plugin))
+                where = f"entry point, {dist.project_name} {dist.version}" if dist is not None else "entry point"
+                sources.append((str(pm.get_name(plugin)), where))
     if plugins_dir is not None:
         for path, module in _load_dir(Path(plugins_dir)):
             pm.register(module, name=path)

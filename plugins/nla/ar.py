@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from steercmp.errors import ConfigError
 from steercmp.lm.load import LoadedModel, text_config
 
-from .checkpoint import hidden_size, load_lm, read_meta, resolve_checkpoint
+from .checkpoint import check_finite_weights, hidden_size, load_lm, read_meta, resolve_checkpoint
 from .meta import VALUE_HEAD_NAME, NlaMeta
 
 
@@ -64,7 +64,13 @@ class ActivationReconstructor:
             raise ConfigError(f"no {VALUE_HEAD_NAME} in {str(directory)!r}", where="ar",
                               fix="an AR checkpoint ships its value head next to the backbone")
         lm = load_lm(directory, dtype=dtype, device=device)
-        return cls.from_loaded(lm, meta, load_file(str(head_path)))
+        check_finite_weights(lm.model, "AR backbone", str(directory))
+        head_state = load_file(str(head_path))
+        for name, tensor in head_state.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ConfigError(f"value head tensor {name!r} contains NaN or Inf", where=str(head_path),
+                                  fix="the value head is corrupted: re-download or re-export it")
+        return cls.from_loaded(lm, meta, head_state)
 
     @classmethod
     def from_loaded(cls, lm: LoadedModel, meta: NlaMeta,

@@ -18,9 +18,17 @@ import attrs
 import torch
 
 from steercmp.errors import ConfigError, NumericalError
+from steercmp.lm.compat import cache_kwargs, output_cache
 from steercmp.lm.load import LoadedModel
 
-from .checkpoint import as_id_list, hidden_size, load_lm, read_meta, resolve_checkpoint
+from .checkpoint import (
+    as_id_list,
+    check_finite_weights,
+    hidden_size,
+    load_lm,
+    read_meta,
+    resolve_checkpoint,
+)
 from .meta import NlaMeta
 
 EXPLANATION_RE = re.compile(r"<explanation>\s*(.*?)\s*</explanation>", re.DOTALL)
@@ -113,7 +121,9 @@ class ActivationVerbalizer:
              device: str = "cpu", progress: bool = True) -> ActivationVerbalizer:
         directory = resolve_checkpoint(str(source), "av", progress=progress)
         meta = read_meta(directory, "av")
-        return cls.from_loaded(load_lm(directory, dtype=dtype, device=device), meta)
+        lm = load_lm(directory, dtype=dtype, device=device)
+        check_finite_weights(lm.model, "AV", str(directory))
+        return cls.from_loaded(lm, meta)
 
     @classmethod
     def from_loaded(cls, lm: LoadedModel, meta: NlaMeta) -> ActivationVerbalizer:
@@ -171,7 +181,7 @@ class ActivationVerbalizer:
         if not greedy and temperature <= 0:
             raise ValueError("temperature must be > 0 (or use greedy)")
         out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
+        past = output_cache(out)
         logits = out.logits[:, -1, :].float()
         produced: list[list[int]] = [[] for _ in range(n)]
         done = [False] * n
@@ -192,9 +202,9 @@ class ActivationVerbalizer:
                         produced[i].append(t)
             if all(done):
                 break
-            out = model(input_ids=nxt[:, None].to(embeds.device), past_key_values=past,
+            out = model(input_ids=nxt[:, None].to(embeds.device), **cache_kwargs(model, past),
                         use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
+            past = output_cache(out)
             logits = out.logits[:, -1, :].float()
         return [self.lm.tokenizer.decode(p, skip_special_tokens=True) for p in produced]
 

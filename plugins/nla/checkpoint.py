@@ -72,3 +72,11 @@ def as_id_list(encoded: Any) -> list[int]:
             raise ValueError("expected one sequence")
         encoded = list(encoded[0])
     return [int(x) for x in encoded]
+
+
+def check_finite_weights(module: torch.nn.Module, what: str, where: str) -> None:
+    """Refuse a checkpoint with NaN or Inf weights (corrupted RL'd value heads have been seen)."""
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConfigError(f"{what} weight {name!r} contains NaN or Inf", where=where,
+                              fix="the checkpoint is corrupted: re-download or re-export it")

@@ -15,6 +15,7 @@ import torch
 from steercmp.errors import ConfigError
 from steercmp.lm.capture import capture_at
 from steercmp.lm.load import load_base_model
+from steercmp.paths import writable_file
 
 from .method import checkpoint_source
 
@@ -125,6 +126,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
     from .ar import ActivationReconstructor
 
+    if args.out:
+        writable_file(args.out, where="--out")
     ar = ActivationReconstructor.load(checkpoint_source(args.ar, "ar"), dtype=args.dtype, device=args.device)
     vec = ar.reconstruct([args.text])[0].contiguous()
     ar.unload()

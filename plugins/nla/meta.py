@@ -170,7 +170,12 @@ class NlaMeta:
         injection_scale = None
         mse_scale = None
         if role == "av":
-            raw_scale = extraction.get("injection_scale", SCALE_SQRT_D)
+            if not isinstance(extraction, Mapping) or "injection_scale" not in extraction:
+                raise ConfigError("extraction.injection_scale is missing from an AV sidecar",
+                                  where=f"{where}: extraction.injection_scale",
+                                  fix="state the L2 norm the AV's injected vectors were trained at "
+                                      "(e.g. 80000 for Gemma-3-12B L32); scales are read, never assumed")
+            raw_scale = extraction["injection_scale"]
             injection_scale = resolve_scale(raw_scale, d_model, "extraction.injection_scale",
                                             scale_where)
             if injection_scale is None:

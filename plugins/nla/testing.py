@@ -99,7 +99,7 @@ def write_pair(root: Path, *, layer: int = 2, hidden: int = 64, seed: int = 0,
             *parents, last = key.split(".")
             for p in parents:
                 target = target.setdefault(p, {})
-            if value is _DELETE:
+            if value is DELETE:
                 target.pop(last, None)
             else:
                 target[last] = value
@@ -109,8 +109,7 @@ def write_pair(root: Path, *, layer: int = 2, hidden: int = 64, seed: int = 0,
 
 
 class _Delete:
-    pass
+    """Marker: an override value that removes the key from the sidecar."""
 
 
-_DELETE = _Delete()
-DELETE = _DELETE
+DELETE = _Delete()

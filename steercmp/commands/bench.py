@@ -41,7 +41,6 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +53,7 @@ from steercmp.lm.hooks import Injection, injecting
 from steercmp.lm.load import LoadedModel, load_base_model
 from steercmp.lm.prompts import pad_batch
 from steercmp.lm.readout import readout_directions
+from steercmp.paths import writable_file
 from steercmp.score.forms import branch_sequences, family_forms, logmass_from_logits
 from steercmp.score.reference import ScoreRow, group_rows, score_rows
 from steercmp.score.sample import _newline_ids, generate_rows
@@ -412,7 +412,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, lm: LoadedModel | None = None) -> int:
     """Entry point of ``steercmp bench``; ``lm`` lets tests pass a tiny model."""
-
+    out = writable_file(getattr(args, "out", None) or "artifacts/bench.json", where="--out")
     quick = bool(getattr(args, "quick", False))
     battery = Battery.from_yaml(getattr(args, "battery", None) or DEFAULT_BATTERY)
     n_prompts = getattr(args, "prompts", None) or (2 if quick else None)
@@ -434,8 +434,6 @@ def main(args: argparse.Namespace, lm: LoadedModel | None = None) -> int:
     result["environment"] = environment()
     result["model"] = lm.source
     result["quick"] = quick
-    out = Path(getattr(args, "out", None) or "artifacts/bench.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     print(format_table(result))
     print(f"\nwritten to {out}")

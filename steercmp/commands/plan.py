@@ -6,18 +6,66 @@ or a method's own estimate (:attr:`steercmp.api.Resource.params`).
 
 from __future__ import annotations
 
-from steercmp.catalog import DTYPE_BYTES, known_model
+import attrs
+
+from steercmp.catalog import DTYPE_BYTES, ModelInfo, known_model
 from steercmp.config import Experiment
 from steercmp.errors import ConfigError
-from steercmp.lm.memory import gib
+from steercmp.lm.memory import gib, rss_bytes
 from steercmp.plugin_manager import PluginSet
 from steercmp.run.validate import validate_experiment
+from steercmp.score.sweep import BATCH_MEMORY_FRACTION
 from steercmp.stats.power import mde_in_sd, min_p_value, prompts_to_reach
 
-GPU_80GB = 80 * 10**9
-#: working memory on top of weights while a stage runs (activations, KV cache, logits);
-#: measured on the embedded run as < 25% of the largest model, see the bench memory table
-OVERHEAD = 0.25
+#: bytes a fast tokenizer holds per vocabulary entry (measured: Gemma 3's 262,144 entries take 332 MiB)
+TOKENIZER_BYTES_PER_TOKEN = 1_330
+#: rows of one completion batch (steercmp.score.sample) and of one AV generation batch
+COMPLETION_ROWS, AV_ROWS = 64, 8
+SCORE_WORKING_FRACTION = BATCH_MEMORY_FRACTION  # the sweep caps its batches at this share of the weights
+
+
+@attrs.frozen
+class StageMemory:
+    name: str
+    what: str
+    weights: int | None
+    working: int
+
+
+def _working(kind: str, info: ModelInfo | None, weights: int | None, bpp: float, seq: int = 64) -> int:
+    """Working memory of a stage beyond weights: logits of a batch, KV caches, activations."""
+    if weights is None:
+        return 0
+    vocab = (info.vocab if info and info.vocab else 262_144)
+    layers = (info.layers if info and info.layers else 32)
+    d = (info.d_model if info and info.d_model else 4096)
+    kv = int(layers * 2 * seq * d * bpp)  # upper bound per row: kv width <= d_model
+    if kind == "score":
+        return int(SCORE_WORKING_FRACTION * weights)
+    if kind == "completions":
+        return COMPLETION_ROWS * (vocab * 4 * 3 + kv)
+    if kind == "av":
+        return AV_ROWS * (vocab * 4 * 3 + 4 * kv)
+    return int(seq * d * 4 * 16) + vocab * 4 * 3  # one forward: activations and last logits
+
+
+def _device_capacity(device: str) -> tuple[str, int | None]:
+    """The memory the configured device offers: RAM for cpu, the GPU's memory for cuda."""
+    import os
+
+    import torch
+
+    if device in ("cuda", "auto") or device.startswith("cuda:"):
+        if torch.cuda.is_available():
+            idx = int(device.split(":", 1)[1]) if ":" in device else 0
+            return f"GPU {torch.cuda.get_device_name(idx)}", int(torch.cuda.get_device_properties(idx).total_memory)
+        if device != "auto":
+            return "cuda (no GPU visible on this machine)", None
+    where = "auto -> cpu here (no GPU visible): this machine's RAM" if device == "auto" else "this machine's RAM"
+    try:
+        return where, int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError):
+        return where, None
 
 
 def describe_plan(experiment: Experiment, plugins: PluginSet) -> str:
@@ -34,33 +82,44 @@ def describe_plan(experiment: Experiment, plugins: PluginSet) -> str:
              f"decision alphas {list(experiment.decision_alphas)}",
              f"  controls {list(experiment.controls)} (+ unrelated_edit from every method)",
              "stages (one model resident at a time):"]
-    stages: list[tuple[str, str, int | None]] = [("extract", f"base {experiment.model.id}", base_bytes)]
+    base_what = f"base {experiment.model.id}"
+    stages = [StageMemory("extract", base_what, base_bytes, _working("forward", info, base_bytes, bpp))]
     for spec in experiment.methods:
-        method = methods[spec.key]
-        resources = list(method.resources())
+        resources = list(methods[spec.key].resources())
         if not resources:
-            stages.append((f"propose:{spec.key}", "base model (already resident)", base_bytes))
+            stages.append(StageMemory(f"propose:{spec.key}", "base model (already resident)", base_bytes,
+                                      _working("forward", info, base_bytes, bpp)))
         for r in resources:
-            est = r.estimated_bytes
-            stages.append((f"propose:{spec.key}:{r.name}", f"{r.kind} {r.source}", est))
-    stages.append(("score", f"base {experiment.model.id}", base_bytes))
+            kind = "av" if r.kind == "nla_av" else "forward"
+            stages.append(StageMemory(f"propose:{spec.key}:{r.name}", f"{r.kind} {r.source}", r.estimated_bytes,
+                                      _working(kind, info, r.estimated_bytes, r.bytes_per_param)))
+    stages.append(StageMemory("score", base_what, base_bytes, _working("score", info, base_bytes, bpp)))
     if experiment.completions.enabled:
-        stages.append(("completions", f"base {experiment.model.id}", base_bytes))
-    stages.append(("report", "no model", 0))
-    for name, what, est in stages:
-        lines.append(f"  {name:<34} loads {what:<60} weights {gib(est) if est is not None else 'unknown'}")
-    known = [e for _, _, e in stages if e is not None]
+        stages.append(StageMemory("completions", base_what, base_bytes, _working("completions", info, base_bytes, bpp)))
+    for st in stages:
+        lines.append(f"  {st.name:<34} loads {st.what:<58} weights "
+                     f"{gib(st.weights) if st.weights is not None else 'unknown':>10}  working {gib(st.working)}")
+    known = [st for st in stages if st.weights is not None]
     if not known:
         raise ConfigError("no model size is known for this plan", where=f"{experiment.source}: model.id",
                           fix="use a known model id or a local directory with config.json")
-    largest = max(known)
-    peak = largest * (1 + OVERHEAD)
+    baseline = rss_bytes()
+    tokenizer = TOKENIZER_BYTES_PER_TOKEN * (info.vocab if info and info.vocab else 262_144)
+    top = max(known, key=lambda st: (st.weights or 0) + st.working)
+    peak = baseline + tokenizer + (top.weights or 0) + top.working
+    largest = max(st.weights or 0 for st in known)
     n_cells = len(battery) * len(experiment.methods) * (2 + len(experiment.controls)) \
         * len(experiment.alphas) * len(experiment.scalings)
     lines += [f"cells: {n_cells} (prompts x methods x conditions x alphas x scalings)",
-              f"largest single model: {gib(largest)}; estimated staged peak: {gib(peak)} "
-              f"(<= {1 + OVERHEAD:.2f}x the largest model)",
-              f"fits one 80 GB GPU: {'yes' if peak < GPU_80GB else 'no (use device_map: auto across GPUs)'}"]
+              f"estimated peak: {gib(peak)} during {top.name} = process baseline {gib(baseline)} (measured now) "
+              f"+ tokenizer {gib(tokenizer)} + weights {gib(top.weights or 0)} + working {gib(top.working)} "
+              f"(batches, logits, KV caches); largest model {gib(largest)}, one resident at a time"]
+    where, capacity = _device_capacity(experiment.model.device)
+    if capacity is None:
+        lines.append(f"device {experiment.model.device}: {where}; capacity unknown here")
+    else:
+        verdict = "fits" if peak < 0.9 * capacity else "does NOT fit (use device_map: auto or a larger device)"
+        lines.append(f"device {experiment.model.device}: {where} has {gib(capacity)}: the plan {verdict}")
     lines += power_prediction(len(battery), experiment.decision_level)
     return "\n".join(lines)
 

@@ -44,6 +44,8 @@ def run_command(args: argparse.Namespace, experiment: Experiment, plugins: Plugi
         runner = Runner(experiment, plugins, out, fresh=args.fresh, progress=not args.no_progress)
         runner.run(stages)
         failures = [f.one_line() for f in runner.failures]
+        if getattr(args, "prune", False):
+            runner.prune_units()
     run = RunDir(out)
     if "report" in steps and run.cells.exists():
         write_report(out, decision_alphas=list(experiment.decision_alphas), seed=experiment.seed,

@@ -25,6 +25,7 @@ import attrs
 import torch
 
 from steercmp.errors import NumericalError
+from steercmp.lm.compat import cache_kwargs
 from steercmp.lm.load import decoder_layers
 
 SCALING_CODES = {"raw": 0, "norm_relative": 1}
@@ -197,7 +198,7 @@ def layer_outputs(model: torch.nn.Module, layer: int, input_ids: torch.Tensor | 
     handle = block.register_forward_hook(hook)
     try:
         inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-        model(**inputs, attention_mask=attention_mask, past_key_values=cache, use_cache=cache is not None,
+        model(**inputs, attention_mask=attention_mask, **cache_kwargs(model, cache), use_cache=cache is not None,
               logits_to_keep=1)
     except _StopForward:
         pass

@@ -2,8 +2,11 @@
 
 ``write_report(run_dir)`` (used by ``steercmp report`` and after ``steercmp run``) only needs
 ``cells.parquet``; every other input is optional and its section says "not available" when it
-is missing. Three layers: statistics (:mod:`steercmp.stats`), then polars transforms and Altair
-chart builders (:mod:`.transforms`, :mod:`.charts`), then the pages (:mod:`.pages`).
+is missing. Both tables are checked against docs/schemas.md (:mod:`steercmp.tables`) before
+anything is written: a bad table is one ConfigError line and the run directory stays as it was.
+Three layers: statistics (:mod:`steercmp.stats`), then polars transforms and Altair chart
+builders (:mod:`.transforms`, :mod:`.charts`), then the pages (:mod:`.pages`). The page's
+title is the experiment's name (config.yaml ``name``), else the run directory's name.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from steercmp.report.pages import ChartSpec, Page, html_page, markdown, save_png
 from steercmp.report.sections import Section, core_sections
 from steercmp.report.tables import frame_table
 from steercmp.run.rundir import RunDir
+from steercmp.tables import CELLS, COMPLETIONS, read_table
 
 
 def _read_config(run: RunDir) -> dict[str, Any]:
@@ -35,6 +39,12 @@ def _read_config(run: RunDir) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError("config is not a mapping", where=str(run.config), fix="write a YAML mapping")
     return data
+
+
+def _title(config: dict, run: RunDir) -> str:
+    """The experiment's name (config.yaml ``name``), else the run directory's name."""
+    name = config.get("name")
+    return str(name).strip() if name is not None and str(name).strip() else run.root.name
 
 
 def _decision_alphas(arg: Sequence[float] | None, config: dict, run: RunDir) -> list[float]:
@@ -126,10 +136,12 @@ def write_report(
 ) -> Path:
     """Write the comparison report for ``run_dir`` and return the report directory.
 
-    Reads ``cells.parquet`` (required), and if present ``completions.parquet``, ``config.yaml``
-    (``decision.alphas`` and ``seed`` are the defaults when the arguments are None; seed falls
-    back to 0), ``manifest.json`` and the methods' tables. Writes into ``out_dir`` (default
-    ``run_dir/report``): summary.parquet, paired.parquet, paired_completions.parquet,
+    Reads ``cells.parquet`` (required), and if present ``completions.parquet`` (both checked
+    against docs/schemas.md; a completions table with no rows means no completions),
+    ``config.yaml`` (``name`` titles the report; ``decision.alphas`` and ``seed`` are the
+    defaults when the arguments are None; seed falls back to 0), ``manifest.json`` and the
+    methods' tables. Writes into ``out_dir`` (default ``run_dir/report``): summary.parquet,
+    summary_secondary.parquet, paired.parquet, paired_completions.parquet,
     hit_rates.parquet, relative_to_noop.parquet, verdict.json, summary.md, report.html
     (self-contained: Vega JS inlined) and one PNG per chart. ``plugins`` adds their report
     sections (default: the built-in and installed plugins). ``level`` and ``correction`` (across
@@ -146,8 +158,11 @@ def write_report(
         seed = int(config.get("seed", 0) or 0)
     plugins = plugins if plugins is not None else build_plugin_manager()
 
-    cells = pl.read_parquet(run.cells)
-    swept = set(cells["alpha"].unique().to_list()) if "alpha" in cells.columns else set()
+    cells = read_table(run.cells, CELLS)
+    completions = read_table(run.completions, COMPLETIONS) if run.completions.is_file() else None
+    if completions is not None and completions.is_empty():
+        completions = None
+    swept = set(cells["alpha"].unique().to_list())
     unswept = [a for a in alphas if not any(abs(a - b) < 1e-9 for b in swept)]
     if unswept:
         raise ConfigError(f"decision alpha {unswept[0]:g} was not swept (the run has alphas "
@@ -156,9 +171,6 @@ def write_report(
                           fix="pick decision alphas from the swept alphas")
     out = Path(out_dir) if out_dir is not None else run.report
     out.mkdir(parents=True, exist_ok=True)
-    completions = pl.read_parquet(run.completions) if run.completions.is_file() else None
-    if completions is not None and completions.is_empty():
-        completions = None
     manifest = _read_manifest(run)
 
     # ---- statistics (pure functions)
@@ -239,7 +251,7 @@ def write_report(
               f"correction across methods: {across}. Supported = logmass and edited-family completion "
               f"hits won; underpowered = too few usable prompts for any outcome to pass. "
               f"Primary analysis: fallback and gated prompts excluded. Bootstrap: {n_boot} resamples, seed {seed}.")
-    page = Page(title=run.root.name, header=header, verdicts=verdicts, sections=sections, charts=chart_specs,
+    page = Page(title=_title(config, run), header=header, verdicts=verdicts, sections=sections, charts=chart_specs,
                 manifest=manifest)
     (out / "summary.md").write_text(markdown(page))
     (out / "report.html").write_text(html_page(page))

@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
-import polars as pl
 import torch
 
 from steercmp.api import (
@@ -32,14 +31,9 @@ from steercmp.lm.prompts import tokenize_prompt
 from steercmp.score.forms import FamilyForms, family_forms
 from steercmp.score.reference import ScoreRow
 from steercmp.score.sweep import score_rows_fast
+from steercmp.tables import CELL_SCHEMA as CELL_SCHEMA  # the columns of cells.parquet (re-exported)
 
 FAMILIES = ("edited", "original", "unrelated")
-CELL_SCHEMA = {
-    "prompt_id": pl.String, "method": pl.String, "condition": pl.String, "alpha": pl.Float64,
-    "scaling": pl.String, "position": pl.Int64, "inject_pos": pl.Int64, "score_pos": pl.Int64,
-    "delta_norm": pl.Float64, "logmass_edited": pl.Float64, "logmass_original": pl.Float64,
-    "logmass_unrelated": pl.Float64, "score": pl.Float64, "status": pl.String, "meta": pl.String,
-}
 
 
 @attrs.define

@@ -49,6 +49,7 @@ from steercmp.run.rundir import (
 )
 from steercmp.run.runner import Runner
 from steercmp.run.validate import validate_experiment
+from steercmp.tables import CELLS, COMPLETIONS, read_table
 
 
 @attrs.frozen
@@ -207,7 +208,7 @@ def merge_shards(experiment: Experiment, run_dir: Path, n_shards: int, *, plugin
 
     cells = None
     if all(d.cells.exists() for d in shards):
-        parts = [pl.read_parquet(d.cells).with_columns(pl.lit(k).alias("__shard"))
+        parts = [read_table(d.cells, CELLS, require_target=False).with_columns(pl.lit(k).alias("__shard"))
                  for k, d in enumerate(shards)]
         merged = pl.concat(parts).with_row_index("__row")
         # single-process order: method (config order), then prompt (battery order), then the
@@ -218,7 +219,7 @@ def merge_shards(experiment: Experiment, run_dir: Path, n_shards: int, *, plugin
         cells = merged.sort("__m", "__p", "__row", maintain_order=True).drop("__row", "__shard", "__m", "__p")
         write_parquet(run.cells, cells)
     if all(d.completions.exists() for d in shards):
-        comp = pl.concat([pl.read_parquet(d.completions) for d in shards])
+        comp = pl.concat([read_table(d.completions, COMPLETIONS) for d in shards])
         comp = comp.sort("method", "condition", "scaling", "alpha", "prompt_id", "seed", nulls_last=True)
         write_parquet(run.completions, comp)
 

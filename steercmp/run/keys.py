@@ -31,8 +31,8 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "extract": ("steercmp.lm", "steercmp.battery"),
     "propose": ("steercmp.api", "steercmp.run.proposals", "steercmp.run.runtime"),
     "score": ("steercmp.lm", "steercmp.score", "steercmp.battery", "steercmp.run.cells",
-              "steercmp.run.proposals"),
-    "completions": ("steercmp.lm", "steercmp.score", "steercmp.run.cells"),
+              "steercmp.run.proposals", "steercmp.tables"),
+    "completions": ("steercmp.lm", "steercmp.score", "steercmp.run.cells", "steercmp.tables"),
 }
 _FILE_DIGESTS: dict[str, str] = {}
 

@@ -19,7 +19,7 @@ import polars as pl
 import torch
 from safetensors.torch import load_file, save_file
 
-from steercmp.errors import ConfigError
+from steercmp.paths import writable_dir
 
 CONFIG = "config.yaml"
 ACTIVATIONS = "activations.safetensors"
@@ -164,13 +164,5 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def ensure_writable_dir(path: Path) -> Path:
-    """Create ``path`` if needed and check it is writable, before any model loads."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".steercmp-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"output directory is not writable ({exc.strerror})", where=str(path),
-                          fix="choose another --out directory or fix its permissions") from None
-    return path
+    """Create the run directory if needed and check it is writable, before any model loads."""
+    return writable_dir(path, where=str(path))

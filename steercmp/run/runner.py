@@ -41,8 +41,18 @@ from steercmp.run.rundir import (
 from steercmp.run.runtime import ResourceManager, RunnerRuntime, tqdm_progress
 from steercmp.run.validate import preflight, validate_experiment
 from steercmp.score.sample import COMPLETION_SCHEMA, sample_baseline, sample_completions
+from steercmp.tables import (
+    BASELINE_SCHEMA,
+    BASELINE_UNIT,
+    CELLS,
+    COMPLETION_UNIT,
+    SCORE_UNIT,
+    read_table,
+)
 
 Unit = tuple[str, str, str]  # (method key, prompt id, unit key)
+#: how to repair a stored result that fails its schema check (docs/schemas.md): compute it again
+RECOMPUTE = "delete the file or rerun with --fresh so it is computed again"
 
 
 class Runner:
@@ -226,7 +236,7 @@ class Runner:
         key = self.keys.units_stage("score", units)
         if self._reusable("score", key, self.rundir.cells):
             self.reused.append("score")
-            df = pl.read_parquet(self.rundir.cells)
+            df = read_table(self.rundir.cells, CELLS, require_target=False, fix=RECOMPUTE)
             self._report_error_cells(df)
             return df
         t = time.perf_counter()
@@ -235,7 +245,7 @@ class Runner:
             records = score_unit(self.resources.base(), self.experiment.layer, book.cells(method, pid),
                                  self.experiment.batch_size)
             write_parquet(self.rundir.unit("score", ukey), pl.DataFrame(records, schema=CELL_SCHEMA))
-        frames = [pl.read_parquet(self.rundir.unit("score", u)) for _, _, u in units]
+        frames = [read_table(self.rundir.unit("score", u), SCORE_UNIT, fix=RECOMPUTE) for _, _, u in units]
         df = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=CELL_SCHEMA)
         write_parquet(self.rundir.cells, df)
         self._mark_done("score", key)
@@ -267,8 +277,9 @@ class Runner:
             if self.fresh or not path.exists():
                 texts = sample_baseline(self.resources.base(), self.experiment, ctx.prompt.id, context)
                 write_parquet(path, pl.DataFrame({"prompt_id": [ctx.prompt.id] * len(texts),
-                                                  "seed": list(range(len(texts))), "text": texts}))
-            for r in pl.read_parquet(path).iter_rows(named=True):
+                                                  "seed": list(range(len(texts))), "text": texts},
+                                                 schema=BASELINE_SCHEMA))
+            for r in read_table(path, BASELINE_UNIT, fix=RECOMPUTE).iter_rows(named=True):
                 out[(context, r["seed"])] = r["text"]
         return out
 
@@ -283,7 +294,7 @@ class Runner:
             return
         t = time.perf_counter()
         if scored is None and self.rundir.cells.exists():
-            scored = pl.read_parquet(self.rundir.cells)
+            scored = read_table(self.rundir.cells, CELLS, require_target=False, fix=RECOMPUTE)
         errors: set[Any] = set()
         if scored is not None:
             errors = set(scored.filter(pl.col("status") == "error")
@@ -308,7 +319,8 @@ class Runner:
                 failed.add(method)
                 continue
             write_parquet(self.rundir.unit("completions", ukey), df)
-        frames = [pl.read_parquet(self.rundir.unit("completions", u)) for m, _, u in units if m not in failed]
+        frames = [read_table(self.rundir.unit("completions", u), COMPLETION_UNIT, fix=RECOMPUTE)
+                  for m, _, u in units if m not in failed]
         df = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=COMPLETION_SCHEMA)
         df = df.sort("method", "condition", "scaling", "alpha", "prompt_id", "seed", nulls_last=True)
         write_parquet(self.rundir.completions, df)
@@ -317,6 +329,23 @@ class Runner:
         if todo:
             self.resources.note("completions")
         self.timings["completions"] = time.perf_counter() - t
+
+    def prune_units(self) -> list[Path]:
+        """Delete the unit files this experiment no longer references (a changed config, code or
+        battery leaves old units behind); returns what was removed."""
+        methods = [s.key for s in self.experiment.methods]
+        wanted = {("score", u) for _, _, u in self.keys.units("score", methods)}
+        wanted |= {("completions", u) for _, _, u in self.keys.units("completions", methods)}
+        wanted |= {("completions", f"baseline-{self.keys.completion_baseline(p.id)}") for p in self.battery.prompts}
+        removed = []
+        for stage in ("score", "completions"):
+            folder = self.rundir.unit(stage, "x").parent
+            for path in sorted(folder.glob("*.parquet")) if folder.exists() else []:
+                if (stage, path.stem) not in wanted:
+                    path.unlink()
+                    removed.append(path)
+        self.log(f"[prune] removed {len(removed)} unit files no longer referenced")
+        return removed
 
     def write_manifest(self) -> None:
         from steercmp.run.provenance import build_manifest

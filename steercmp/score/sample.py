@@ -20,16 +20,10 @@ import torch
 from steercmp.battery import Battery
 from steercmp.config import Experiment
 from steercmp.hashing import derive_seed
+from steercmp.lm.compat import cache_kwargs, output_cache
 from steercmp.lm.hooks import Injection, injecting
 from steercmp.lm.load import LoadedModel
-
-COMPLETION_SCHEMA = {
-    "prompt_id": pl.String, "method": pl.String, "condition": pl.String, "alpha": pl.Float64,
-    "scaling": pl.String, "seed": pl.Int64, "text": pl.String, "line": pl.String,
-    "hit_original": pl.Boolean, "hit_edited": pl.Boolean, "hit_unrelated": pl.Boolean,
-    "end_original": pl.Boolean, "end_edited": pl.Boolean, "end_unrelated": pl.Boolean,
-    "status": pl.String,
-}
+from steercmp.tables import COMPLETION_SCHEMA
 
 
 def first_line(text: str) -> str:
@@ -72,14 +66,14 @@ def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Inje
     if share_prefix and p_min > 0:
         pre = model(input_ids=torch.as_tensor([list(context[:p_min])], device=device), use_cache=True,
                     logits_to_keep=1)
-        cache = pre.past_key_values
+        cache = output_cache(pre)
         cache.batch_repeat_interleave(n)
     else:
         p_min = 0
     ids = torch.as_tensor([list(context[p_min:])] * n, device=device)
     with injecting(model, layer, inj, once=True, offset=p_min):
-        res = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = res.past_key_values
+        res = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+        cache = output_cache(res)
         logits = res.logits[:, -1].float().cpu()
         active = torch.arange(n)  # rows still decoding; logits and cache rows follow this order
         for step in range(max_new_tokens):
@@ -97,8 +91,8 @@ def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Inje
                 sel = keep.nonzero().squeeze(-1)
                 cache.batch_select_indices(sel.to(device))
                 active, nxt = active[sel], nxt[sel]
-            res = model(input_ids=nxt.view(-1, 1).to(device), past_key_values=cache, use_cache=True)
-            cache = res.past_key_values
+            res = model(input_ids=nxt.view(-1, 1).to(device), **cache_kwargs(model, cache), use_cache=True)
+            cache = output_cache(res)
             logits = res.logits[:, -1].float().cpu()
     return out
 

@@ -23,6 +23,7 @@ import attrs
 import torch
 
 from steercmp.errors import NumericalError
+from steercmp.lm.compat import cache_kwargs, output_cache
 from steercmp.lm.hooks import Injection, apply_injection, layer_outputs, skipping_blocks
 from steercmp.lm.load import LoadedModel, decoder_layers, text_config
 from steercmp.lm.prompts import pad_batch
@@ -141,7 +142,7 @@ def prepare_context(lm: LoadedModel, layer: int, context: Sequence[int], forms: 
     if p_min > 0:
         out = model(input_ids=torch.as_tensor([list(context[:p_min])], device=device), use_cache=True,
                     logits_to_keep=1)
-        prefix_cache = out.past_key_values
+        prefix_cache = output_cache(out)
     return PreparedContext(p_min=p_min, context_len=n_ctx, h_ctx=h_ctx, h_branch=h_branch,
                            prefix_cache=prefix_cache, max_branch=max_branch)
 
@@ -161,12 +162,12 @@ def suffix_pass(model: torch.nn.Module, layer: int, prep: PreparedContext, inj: 
         cache = copy.deepcopy(prep.prefix_cache)
         cache.batch_repeat_interleave(n)
     with skipping_blocks(model, layer):
-        out = model(inputs_embeds=hidden, past_key_values=cache, use_cache=keep_cache or cache is not None,
+        out = model(inputs_embeds=hidden, **cache_kwargs(model, cache), use_cache=keep_cache or cache is not None,
                     logits_to_keep=1)
     logits = out.logits[:, -1]
     if not keep_cache:
         return logits, None
-    cache = out.past_key_values
+    cache = output_cache(out)
     _pad_skipped_layers(cache, layer, prep.context_len, hidden, model.config)
     return logits, cache
 
@@ -202,7 +203,7 @@ def branch_pass(model: torch.nn.Module, layer: int, prep: PreparedContext, cache
     cache.batch_repeat_interleave(nb)
     hidden = prep.h_branch.repeat(n_rows, 1, 1)
     with skipping_blocks(model, layer):
-        out = model(inputs_embeds=hidden, past_key_values=cache, use_cache=True,
+        out = model(inputs_embeds=hidden, **cache_kwargs(model, cache), use_cache=True,
                     logits_to_keep=prep.max_branch)
     logits = out.logits
     return logits.reshape(n_rows, nb, logits.shape[1], logits.shape[2])

@@ -123,6 +123,10 @@ CASES = [
     ("sae_d_in_mismatch", lambda w: {"model": {"id": "embedded:gemma-3-270m"}, "layer": 12, "methods": [
         {"name": "sae_features", "options": {"path": str(_sae_dir(w["root"], "model.layers.12", 64))}}]},
      None, "d_in"),
+    ("scaling_singular", {"scaling": ["raw"]}, None, "exp.yaml: scaling: "),
+    ("unknown_battery_short_name", {"battery": "note9"}, None, "exp.yaml: battery: 'note9' is not a shipped battery"),
+    ("missing_relative_battery", {"battery": "sub/nope.yaml"}, None,
+     "(relative paths resolve against the experiment file's folder, "),
 ]
 
 

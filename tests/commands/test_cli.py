@@ -61,7 +61,10 @@ def test_plan_12b_config_lists_stages():
     out = subprocess.run([sys.executable, "-m", "steercmp", "plan", str(ROOT / "experiments/gemma3-12b-v3.yaml")],
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
-    assert "google/gemma-3-12b-it" in out.stdout and "fits one 80 GB GPU: yes" in out.stdout
+    assert "google/gemma-3-12b-it" in out.stdout and "estimated peak:" in out.stdout
+    peak = out.stdout.split("estimated peak:", 1)[1].splitlines()[0]
+    assert "process baseline" in peak and "tokenizer" in peak and "weights 22.70 GiB" in peak
+    assert "device auto:" in out.stdout
     assert "nla_text_edit" in out.stdout and "sae_features" in out.stdout
 
 
@@ -70,3 +73,16 @@ def test_plugins_command_lists_builtins(capsys):
     out = capsys.readouterr().out
     for name in ("noop", "random_delta", "wrong_position", "unembed_direction", "nla_text_edit"):
         assert name in out
+
+
+@pytest.mark.parametrize("argv", [["bench", "--out", "{dir}"], ["nla", "reconstruct", "--ar", "mini", "--text", "x",
+                                                                  "--out", "{dir}"]])
+def test_output_paths_are_checked_before_any_work(argv, tmp_path, capsys):
+    """A directory where a file is expected fails at once (it once failed after 12 minutes)."""
+    import time
+
+    start = time.perf_counter()
+    code = main([a.replace("{dir}", str(tmp_path)) for a in argv])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1 and "--out: output file" in err[0] and "is a directory" in err[0]
+    assert time.perf_counter() - start < 30  # nothing was loaded or built

@@ -94,16 +94,16 @@ def test_tutorial_method_code_passes_the_kit():
 
     text = (DOCS / "tutorial-method-plugin.md").read_text(encoding="utf-8")
     block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S)
-                 if "steercmp_diffmean/__init__.py" in b)
-    module = types.ModuleType("tutorial_diffmean")
-    sys.modules["tutorial_diffmean"] = module
+                 if "steercmp_actadd/__init__.py" in b)
+    module = types.ModuleType("tutorial_actadd")
+    sys.modules["tutorial_actadd"] = module
     try:
         exec(compile(textwrap.dedent(block), "<tutorial>", "exec"), module.__dict__)
-        module.DiffMean.__module__ = "tutorial_diffmean"
-        module.DiffMean.name = "tutorial_diffmean"  # the installed example may hold "diffmean"
-        report = steercmp.testing.check_method(module.DiffMean, plugin=module)
+        module.ActAdd.__module__ = "tutorial_actadd"
+        module.ActAdd.name = "tutorial_actadd"  # the installed example may hold "actadd"
+        report = steercmp.testing.check_method(module.ActAdd, plugin=module)
     finally:
-        sys.modules.pop("tutorial_diffmean", None)
+        sys.modules.pop("tutorial_actadd", None)
     assert report.checks[-1] == "engine"
 
 

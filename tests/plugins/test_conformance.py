@@ -48,6 +48,7 @@ KIT_ARGS = {
 CONFORMANCE_OPTIONS = {
     "unembed_direction": lambda tmp: {"norm_fraction": 0.25},
     "prompting": lambda tmp: {},
+    "diffmean": lambda tmp: {},
     "nla_text_edit": _nla_pair,
     "sae_features": _tiny_sae,
 }

@@ -274,3 +274,25 @@ def test_plugin_report_section_errors(tmp_path):
     absent = ReportSection(name="quiet", title="Quiet", build=lambda inputs: None, missing="nothing here")
     out = write_report(run, n_boot=200, plugins=_plugins(SectionPlugin(absent)))
     assert "Chart: not available (nothing here)" in (out / "summary.md").read_text()
+
+
+def test_report_title_is_the_experiment_name(tmp_path):
+    """config.yaml's name titles the report; without one, the run directory's name does."""
+    run = make_run_dir(tmp_path, completions=False, manifest=False, selections=False)
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": "note8 sweep", "decision": {"alphas": [2]}}))
+    out = write_report(run, n_boot=200, plugins=_plugins())
+    assert (out / "summary.md").read_text().startswith("# steercmp report: note8 sweep\n")
+    assert "<title>steercmp report: note8 sweep</title>" in (out / "report.html").read_text()
+    (run / "config.yaml").write_text(yaml.safe_dump({"decision": {"alphas": [2]}}))
+    out = write_report(run, n_boot=200, plugins=_plugins())
+    assert (out / "summary.md").read_text().startswith(f"# steercmp report: {run.name}\n")
+
+
+def test_write_report_checks_cells_before_writing(tmp_path):
+    run = make_run_dir(tmp_path, completions=False, selections=False)
+    synthetic_cells().drop("status").write_parquet(run / "cells.parquet")
+    with pytest.raises(ConfigError) as err:
+        write_report(run, n_boot=200, plugins=_plugins())
+    line = err.value.one_line()
+    assert "cells.parquet has no column 'status'" in line and "docs/schemas.md (cells.parquet)" in line
+    assert "\n" not in line and not (run / "report").exists()

@@ -17,7 +17,7 @@ NOTE8 = "experiments/batteries/note8.yaml"
 PLUGINS = PluginSpec(builtins=("steercmp_plugins.controls", "steercmp_plugins.unembed"), entry_points=False)
 #: methods that look across prompts: SAE feature scales, NLA baselines, diffmean's means
 CROSS_PROMPT = PluginSpec(builtins=("steercmp_plugins.controls", "steercmp_plugins.sae", "steercmp_plugins.nla",
-                                    "steercmp_diffmean"), entry_points=False)
+                                    "steercmp_plugins.diffmean"), entry_points=False)
 
 
 def test_shard_prompt_ids_contiguous_and_complete():

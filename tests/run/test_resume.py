@@ -138,3 +138,33 @@ def test_fresh_ignores_the_cache(tmp_path, tiny_ckpt):  # noqa: F811
     run(exp, tmp_path / "r", steps=("extract", "propose", "score"))
     runner, _ = run(exp, tmp_path / "r", steps=("extract", "propose", "score"), fresh=True)
     assert runner.reused == [] and runner.reused_units["score"] == {"reused": 0, "computed": 3}
+
+
+def test_prune_removes_only_unreferenced_units(tmp_path, tiny_ckpt):  # noqa: F811
+    exp = write_experiment(tmp_path, tiny_ckpt)
+    run(exp, tmp_path / "r")
+    exp2 = write_experiment(tmp_path, tiny_ckpt, alphas=[-1, 0, 2, 4])
+    runner, _ = run(exp2, tmp_path / "r")
+    units = sorted((tmp_path / "r" / "units").rglob("*.parquet"))
+    removed = runner.prune_units()
+    assert removed and set(removed) < set(units)
+    assert all(p.parent.name == "score" for p in removed)  # the old alphas' score units
+    again, _ = run(exp2, tmp_path / "r")
+    assert {"score", "completions"} <= set(again.reused)  # everything still referenced was kept
+
+
+def test_unit_keys_cover_the_code_that_builds_and_scores_cells(tmp_path, tiny_ckpt, monkeypatch):  # noqa: F811
+    """Editing steercmp/run/cells.py (cell building, unsteered dedup) changes every score unit key."""
+    from steercmp.run import keys
+
+    exp = write_experiment(tmp_path, tiny_ckpt)
+    runner, _ = run(exp, tmp_path / "r", steps=("extract", "propose"))
+    before = runner.keys.score_unit("unembed_direction", "stream_dream")
+    real = keys._file_digest
+
+    def edited(path):
+        return "edited" if path.name == "cells.py" and path.parent.name == "run" else real(path)
+
+    monkeypatch.setattr(keys, "_file_digest", edited)
+    assert runner.keys.score_unit("unembed_direction", "stream_dream") != before
+    assert "steercmp.run.cells" in keys.STAGE_CODE["score"] and "steercmp.run.cells" in keys.STAGE_CODE["completions"]

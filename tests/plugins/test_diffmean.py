@@ -1,11 +1,11 @@
-"""The example plugin's own tests: the conformance kit, plus what is particular to diffmean."""
+"""The built-in diffmean method: the conformance kit, plus what is particular to diffmean."""
 
 import pytest
 import torch
-from steercmp_diffmean import DiffMean, mean_difference, swap_line_end
 
 import steercmp.testing
 from steercmp.errors import ConfigError
+from steercmp_plugins.diffmean import DiffMean, mean_difference, swap_line_end
 
 
 def test_conformance():

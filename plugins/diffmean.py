@@ -1,4 +1,6 @@
-"""Mean-difference steering (contrastive activation addition) as a steercmp method plugin.
+"""``diffmean``: mean-difference steering (contrastive activation addition, CAA), a built-in.
+
+AxBench found it the strongest simple baseline; every comparison carries it.
 
 ``delta = mean(h at the planning position | lines ending in target-family words)
         - mean(h at the planning position | lines ending in original-family words)``
@@ -21,8 +23,6 @@ import torch
 from steercmp.api import PROPOSAL_FAMILIES, Method, MethodRuntime, Prompt, PromptContext, Proposal
 from steercmp.errors import ConfigError
 from steercmp.hookspecs import hookimpl
-
-__version__ = "0.1.0"
 
 
 def swap_line_end(text: str, word: str) -> str | None:
