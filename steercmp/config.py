@@ -15,7 +15,7 @@ import yaml
 
 from steercmp.api import SCALINGS
 from steercmp.battery import Battery, read_yaml
-from steercmp.catalog import EMBEDDED_ID, is_embedded
+from steercmp.catalog import DTYPE_BYTES, EMBEDDED_ID, is_embedded
 from steercmp.errors import ConfigError
 from steercmp.redact import redact
 
@@ -162,9 +162,9 @@ class Experiment:
                               fix=f"valid keys are {', '.join(sorted(MODEL_KEYS))}")
         _check_model_fields(model_raw, source)
         model = ModelSpec(**{k: v for k, v in model_raw.items()})
-        if model.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        if model.dtype not in ("auto", *DTYPE_BYTES):
             raise ConfigError(f"unknown dtype {model.dtype!r}", where=f"{source}: model.dtype",
-                              fix="use float32 or bfloat16")
+                              fix="use auto (measured per machine), float32 or bfloat16")
         layer = f.integer(data, "layer", required=True, minimum=0)
         battery_obj = battery
         battery_name = data.get("battery")
@@ -380,7 +380,7 @@ def resolve_battery(source: str, name: str) -> Path:
 
 _MODEL_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "id": ((str,), "a model id or directory, e.g. embedded:gemma-3-270m"),
-    "dtype": ((str,), "float32 or bfloat16"),
+    "dtype": ((str,), "auto, float32 or bfloat16"),
     "device": ((str,), "cpu, cuda, cuda:0, mps or auto"),
     "device_map": ((str, type(None)), "auto, or leave it out"),
     "revision": ((str, type(None)), "a branch, tag or commit, or leave it out"),

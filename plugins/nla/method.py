@@ -159,10 +159,10 @@ class NlaTextEdit(Method):
 
     def _dtype(self) -> torch.dtype:
         if self.opts.dtype:
-            return parse_dtype(self.opts.dtype)
+            return parse_dtype(self.opts.dtype, self._device())
         exp_dtype = getattr(getattr(self.experiment, "model", None), "dtype", None)
         try:
-            return parse_dtype(exp_dtype) if exp_dtype else torch.float32
+            return parse_dtype(exp_dtype, self._device()) if exp_dtype else torch.float32
         except ConfigError:
             return torch.float32
 

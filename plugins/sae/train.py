@@ -36,6 +36,7 @@ import torch
 
 from steercmp.catalog import EMBEDDED_ID
 from steercmp.lm.capture import capture_tokens
+from steercmp.lm.device import resolve_dtype_name
 from steercmp.lm.embedded import cache_root
 from steercmp_plugins.sae.corpus import corpus_documents, corpus_fingerprint, pack_tokens
 
@@ -75,10 +76,11 @@ class TrainSettings:
     batch_size: int = 512
     lr: float = 3e-3  # with b_dec at the mean; 4e-4 reached EV 0.48, 3e-3 0.76 on a 2.6k-token probe
     forward_batch_rows: int = 16
-    #: dtype of the forward passes that produce TRAINING activations. bfloat16 is ~10x faster than
-    #: float32 on this project's shared 2-core CPUs (measured ~4,000 vs ~250-900 tokens/s); held-out
-    #: quality is always measured on float32 activations, the dtype the method sees by default.
-    train_forward_dtype: str = "bfloat16"
+    #: dtype of the forward passes that produce TRAINING activations: ``auto`` is what a measured
+    #: probe says this machine runs fastest (bfloat16 with native bf16, float32 on AVX2-only CPUs,
+    #: where bf16 is ~7x slower; see steercmp.lm.device); held-out quality is always measured on
+    #: float32 activations.
+    train_forward_dtype: str = "auto"
     #: rows (of ``context`` tokens) of held-out text also measured on float32 activations
     heldout_fp32_rows: int = 8
     dead_feature_window: int = 1_000_000  # AuxK off: at 200 steps it dominated the loss (EV 0.54, 87% dead)
@@ -199,7 +201,8 @@ def measure_quality(sae: Any, acts: torch.Tensor, *, chunk: int = 4096) -> dict[
 
 
 def _settings_key(settings: TrainSettings, fingerprint: str) -> dict[str, Any]:
-    return {"settings": attrs.asdict(settings), "corpus": fingerprint, "name": EMBEDDED_SAE_NAME}
+    return {"settings": attrs.asdict(settings), "corpus": fingerprint, "name": EMBEDDED_SAE_NAME,
+            "forward_dtype": resolve_dtype_name(settings.train_forward_dtype)}
 
 
 def ensure_embedded_sae(progress: bool = True, *, settings: TrainSettings | None = None,
@@ -246,7 +249,7 @@ def ensure_embedded_sae(progress: bool = True, *, settings: TrainSettings | None
                                         batch_rows=settings.forward_batch_rows, progress=progress,
                                         desc="embedded SAE: held-out activations, float32")
         if own_model:
-            lm.model.to(parse_dtype(settings.train_forward_dtype))
+            lm.model.to(parse_dtype(settings.train_forward_dtype, "cpu"))
         held = collect_activations(lm, held_tokens, settings.layer,
                                    batch_rows=settings.forward_batch_rows, progress=progress,
                                    desc="embedded SAE: held-out activations")
@@ -277,7 +280,7 @@ def ensure_embedded_sae(progress: bool = True, *, settings: TrainSettings | None
         "seconds_training": round(t_train, 1),
         "seconds_total": round(time.perf_counter() - t0, 1),
         "threads": torch.get_num_threads(),
-        "forward_dtype": settings.train_forward_dtype if own_model else str(lm_dtype),
+        "forward_dtype": (resolve_dtype_name(settings.train_forward_dtype) if own_model else str(lm_dtype)),
         "d_in": int(acts.shape[1]), "d_sae": settings.d_sae, "k": settings.k,
         "layer": settings.layer, "hook_name": hook_name,
         "targets": {"explained_variance_min": TARGET_EV, "l0_max": TARGET_L0},

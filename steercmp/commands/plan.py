@@ -11,6 +11,7 @@ import attrs
 from steercmp.catalog import DTYPE_BYTES, ModelInfo, known_model
 from steercmp.config import Experiment
 from steercmp.errors import ConfigError
+from steercmp.lm.device import dtype_report, resolve_dtype_name
 from steercmp.lm.memory import gib, rss_bytes
 from steercmp.plugin_manager import PluginSet
 from steercmp.run.validate import validate_experiment
@@ -72,10 +73,13 @@ def describe_plan(experiment: Experiment, plugins: PluginSet) -> str:
     battery = experiment.battery
     methods = validate_experiment(experiment, plugins).methods
     info = known_model(experiment.model.id)
-    bpp = DTYPE_BYTES.get(experiment.model.dtype, 4)
+    dtype = resolve_dtype_name(experiment.model.dtype, experiment.model.device)
+    bpp = DTYPE_BYTES.get(dtype, 4)
     base_bytes = info.params * bpp if info and info.params else None
     lines = [f"experiment {experiment.name} ({experiment.source})",
-             f"  model {experiment.model.id}  dtype {experiment.model.dtype}  layer {experiment.layer}"
+             f"  model {experiment.model.id}  dtype {experiment.model.dtype}"
+             + (f" ({dtype_report(experiment.model.device)})" if experiment.model.dtype == "auto" else "")
+             + f"  layer {experiment.layer}"
              + (f" of {info.layers}" if info and info.layers else ""),
              f"  battery {battery.source}: {len(battery)} prompts",
              f"  alphas {list(experiment.alphas)}  scalings {list(experiment.scalings)}  "

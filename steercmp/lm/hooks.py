@@ -26,7 +26,7 @@ import torch
 
 from steercmp.errors import NumericalError
 from steercmp.lm.compat import cache_kwargs
-from steercmp.lm.load import decoder_layers
+from steercmp.lm.layout import decoder_layers
 
 SCALING_CODES = {"raw": 0, "norm_relative": 1}
 
@@ -176,6 +176,25 @@ def capturing(model: torch.nn.Module, layer: int) -> Iterator[list[torch.Tensor]
 def attached_hooks(model: torch.nn.Module) -> int:
     """Count forward hooks left on any submodule (hook hygiene checks)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _contiguous_input(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    x = args[0]
+    # .contiguous() keeps the strides of size-1 dims (a [1, 1, d] slice stays strided);
+    # a view with fresh strides lets matmul fold the batch into one mm
+    return (x.contiguous().view(x.shape), *args[1:])
+
+
+def contiguous_readout(model: torch.nn.Module) -> None:
+    """Give the output layer a contiguous input, for the model's lifetime.
+
+    With ``logits_to_keep`` the model feeds the readout a strided slice of its hidden states;
+    ``matmul`` then cannot fold the batch and broadcasts the [vocab, d] weight per row. On CPU
+    in bfloat16 that copies the 262k-row weight for every row (measured: 6.8 s instead of
+    0.11 s for 8 rows of Gemma 3 270M; float32 also gains, 0.39 s -> 0.29 s)."""
+    readout = model.get_output_embeddings()
+    if readout is not None and _contiguous_input not in readout._forward_pre_hooks.values():
+        readout.register_forward_pre_hook(_contiguous_input)
 
 
 class _StopForward(Exception):

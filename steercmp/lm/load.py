@@ -1,7 +1,6 @@
-"""Loading and unloading models and tokenizers, and finding their text decoder blocks.
+"""Loading and unloading models and tokenizers (HF id, local directory, HF cache, embedded).
 
-Layer convention (shared with NLA checkpoints, sae-lens and Gemma Scope 2): "layer K" is the
-OUTPUT of decoder block K, 0-indexed = ``hidden_states[K+1]`` = ``blocks.K.hook_resid_post``.
+A model's blocks are found by :mod:`steercmp.lm.layout` (re-exported here for convenience).
 """
 
 from __future__ import annotations
@@ -16,14 +15,22 @@ import torch
 from steercmp.catalog import EMBEDDED_ID, is_embedded
 from steercmp.errors import ConfigError
 from steercmp.lm.embedded import ensure_embedded_model
+from steercmp.lm.hooks import contiguous_readout
+from steercmp.lm.layout import decoder_layers, text_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+def parse_dtype(name: str | torch.dtype, device: str = "cpu") -> torch.dtype:
+    """A torch dtype from a config spelling; ``auto`` is what ``device`` runs fastest
+    (:mod:`steercmp.lm.device`)."""
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        from steercmp.lm.device import fast_dtype
+
+        name = fast_dtype(device)
     try:
         return DTYPES[name]
     except KeyError:
@@ -39,38 +46,6 @@ def resolve_device(device: str) -> str:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The text decoder blocks of a causal LM or of Gemma 3's multimodal wrapper."""
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):
-        dec = get_decoder()
-        layers = getattr(dec, "layers", None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
-        lm = getattr(dec, "language_model", None)
-        if lm is not None and isinstance(getattr(lm, "layers", None), torch.nn.ModuleList):
-            return lm.layers
-    for path in ("model.layers", "model.language_model.layers", "model.model.language_model.layers",
-                 "language_model.model.layers"):
-        obj: Any = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        if isinstance(obj, torch.nn.ModuleList):
-            return obj
-    raise ConfigError(
-        f"cannot find the text decoder blocks of {type(model).__name__}",
-        fix="use a Gemma 3 / Llama-style causal LM or add its layout to steercmp.lm.load.decoder_layers",
-    )
-
-
-def text_config(config: Any) -> Any:
-    """The text config of a model config (Gemma 3 12B nests it under ``text_config``)."""
-    return getattr(config, "text_config", None) or config
 
 
 @attrs.define
@@ -129,7 +104,7 @@ def load_base_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype, device)
     device = resolve_device(device)
     path = resolve_source(model_id, progress=progress)
     if not is_embedded(model_id) and Path(path).exists() and not Path(path).is_dir():
@@ -162,6 +137,7 @@ def load_base_model(
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    contiguous_readout(model)
     return LoadedModel(model=model, tokenizer=tokenizer, source=model_id, path=str(path),
                        dtype=torch_dtype, device=device)
 
@@ -224,3 +200,7 @@ def load_tokenizer(model_id: str, *, revision: str | None = None, trust_remote_c
                           where=where,
                           fix="give a checkpoint directory with tokenizer files, a cached HF id "
                               "(HF_HUB_OFFLINE=1 uses the cache), or embedded:gemma-3-270m") from None
+
+
+__all__ = ["DTYPES", "LoadedModel", "check_model_source", "decoder_layers", "load_base_model", "load_tokenizer",
+           "parse_dtype", "release", "resolve_device", "resolve_source", "text_config"]

@@ -22,6 +22,7 @@ from steercmp import __version__
 from steercmp.api import Control, Method
 from steercmp.config import Experiment
 from steercmp.hashing import stable_hash
+from steercmp.lm.device import resolve_dtype_name
 
 STAGES = ("extract", "propose", "score", "completions")
 #: bump a stage's version when its outputs change meaning; the code hash below also covers edits
@@ -82,6 +83,7 @@ class RunKeys:
     def extract(self) -> str:
         exp = self.experiment
         model = attrs.asdict(exp.model)
+        model["dtype"] = resolve_dtype_name(exp.model.dtype, exp.model.device)  # auto -> this machine's
         model.pop("device", None)  # the same numbers are expected on any device of one dtype
         model.pop("device_map", None)
         return self.stage("extract", {"model": model, "checkpoint": dict(self.model_identity),

@@ -24,6 +24,7 @@ import torch
 
 from steercmp import __version__
 from steercmp.catalog import is_embedded
+from steercmp.lm.device import resolve_dtype_name
 from steercmp.lm.embedded import cache_root, embedded_dir
 from steercmp.redact import redact
 from steercmp.run.rundir import write_json
@@ -162,6 +163,7 @@ def checkpoint_identity(source: str, revision: str | None = None) -> dict[str, A
 def _device_info(exp: Any) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {"device": exp.model.device, "dtype": exp.model.dtype,
+            "dtype_resolved": resolve_dtype_name(exp.model.dtype, exp.model.device),
             "device_map": exp.model.device_map,
             "cuda": torch.cuda.get_device_name(0) if cuda else None,
             "cuda_version": torch.version.cuda if cuda else None,

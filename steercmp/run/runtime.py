@@ -118,7 +118,7 @@ class RunnerRuntime(MethodRuntime):
         self.seed = exp.seed
         self.layer = exp.layer
         self.device = exp.model.device
-        self.dtype = parse_dtype(exp.model.dtype)
+        self.dtype = parse_dtype(exp.model.dtype, exp.model.device)
         self.run_dir = run.root
 
     @contextmanager
