@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 import yaml
@@ -37,6 +38,13 @@ def main(argv=None) -> int:
     ap.add_argument("battery")
     ap.add_argument("--top", type=int, default=5, help="top next tokens to show")
     ap.add_argument("--hygiene-only", action="store_true", help="check the design faults only (no model)")
+    ap.add_argument("--usable", action="store_true",
+                    help="apply the pre-declared usability rule (steercmp.score.usable) and keep the usable prompts")
+    ap.add_argument("--layer", type=int, default=12, help="layer whose output the scorer resumes from (any works)")
+    ap.add_argument("--select", type=int, default=None, help="keep the first N usable prompts (battery order)")
+    ap.add_argument("--name", default=None, help="name of the written battery")
+    ap.add_argument("--out", default=None, help="with --usable: write the usable battery here")
+    ap.add_argument("--rejects", default=None, help="with --usable: write the rejected prompts and why here")
     args = ap.parse_args(argv)
 
     from steercmp.battery import Battery, hygiene_problems
@@ -55,6 +63,8 @@ def main(argv=None) -> int:
     print(f"{args.battery}: no design faults")
     if args.hygiene_only:
         return 0
+    if args.usable:
+        return select_usable(args)
 
     with open(args.battery) as fh:
         battery = yaml.safe_load(fh)
@@ -88,6 +98,43 @@ def main(argv=None) -> int:
           f"plan rank median {statistics.median(ranks) if ranks else 'n/a'}, "
           f"top-10 {sum(r <= 10 for r in ranks)}/{n}; "
           f"mean original-edited {statistics.mean(m['original'] - m['edited'] for _, m, _ in rows):+.2f}")
+    return 0
+
+
+def select_usable(args) -> int:
+    """Apply the usability rule, write the usable battery (first --select, battery order) and the
+    rejects with their reasons."""
+    import polars as pl
+
+    from steercmp.battery import Battery
+    from steercmp.lm.load import load_base_model
+    from steercmp.score.usable import RULE, usability
+
+    battery = Battery.from_yaml(args.battery)
+    lm = load_base_model(progress=False)
+    table = usability(lm, battery, args.layer)
+    with pl.Config(tbl_rows=-1, tbl_width_chars=160, fmt_str_lengths=80):
+        print(table)
+    usable = table.filter(pl.col("usable"))["prompt_id"].to_list()
+    keep = usable[: args.select] if args.select else usable
+    print(f"\n{len(usable)}/{table.height} prompts usable under the rule: {RULE}")
+    if args.out:
+        data = yaml.safe_load(open(args.battery))
+        by_id = {p["id"]: p for p in data["prompts"]}
+        head = [ln for ln in open(args.battery).read().splitlines() if ln.startswith("#")]
+        data["prompts"] = [by_id[pid] for pid in keep]
+        data["name"] = args.name or data.get("name")
+        data["description"] = (f"{len(keep)} usable couplets of {table.height} candidates ({args.battery}); "
+                               f"rule: {RULE}")
+        text = "\n".join([*head, f"# Selected by: python scripts/check_battery.py {args.battery} --usable "
+                                  f"--select {args.select} --out {args.out} --rejects {args.rejects}"]) + "\n"
+        Path(args.out).write_text(text + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120))
+        print(f"wrote {args.out}: {len(keep)} prompts")
+    if args.rejects:
+        rejected = table.filter(~pl.col("usable")).to_dicts()
+        Path(args.rejects).write_text(f"# Rejected by the usability rule: {RULE}\n"
+                                      + yaml.safe_dump(rejected, sort_keys=False, allow_unicode=True, width=120))
+        print(f"wrote {args.rejects}: {len(rejected)} rejects")
     return 0
 
 

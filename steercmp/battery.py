@@ -5,7 +5,8 @@ maps, position-rule syntax) run on load; tokenizer checks (family words known to
 position rules that resolve) run in :func:`steercmp.lm.prompts.check_against_tokenizer` once a
 tokenizer exists.
 
-Position rules are strings so batteries stay plain YAML: ``first_line_break`` (the token holding
+Position rules are strings so batteries stay plain YAML: ``first_line_end`` (the first token of
+the last word of line 1), ``first_line_break`` (the token holding
 the first "\\n"), ``last``, ``token:N`` (absolute index, negative from the end) and
 ``regex:PATTERN`` (the token where the single match starts).
 """
@@ -26,12 +27,12 @@ from steercmp.api import Prompt
 from steercmp.errors import ConfigError
 
 FAMILIES = ("original", "edited", "unrelated")
-RULE_KINDS = ("first_line_break", "last", "token:N", "regex:PATTERN")
+RULE_KINDS = ("first_line_break", "first_line_end", "last", "token:N", "regex:PATTERN")
 
 
 def check_rule_syntax(rule: str) -> None:
     """Validate a rule's spelling without a tokenizer (config validation, before models load)."""
-    if rule in ("first_line_break", "last"):
+    if rule in ("first_line_break", "first_line_end", "last"):
         return
     if rule.startswith("token:"):
         try:

@@ -52,6 +52,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report_command(args, _plugin_set(args))
 
 
+def cmd_locate(args: argparse.Namespace) -> int:
+    from steercmp.commands.locate import locate_command
+
+    return locate_command(args, _load_experiment(args.experiment))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from steercmp.commands.bench import main as bench_main
 
@@ -91,6 +97,12 @@ def build_parser(plugin_commands: Sequence[tuple] = ()) -> argparse.ArgumentPars
     report.add_argument("--level", type=float, help="significance level (default: config's decision.level, 0.05)")
     report.add_argument("--correction", help="correction across methods: none or holm (default: the config's)")
     report.set_defaults(func=cmd_report)
+
+    locate = sub.add_parser("locate", help="causal site scan: where patching a counterfactual moves the rhyme")
+    from steercmp.commands.locate import configure as configure_locate
+
+    configure_locate(locate)
+    locate.set_defaults(func=cmd_locate)
 
     bench = sub.add_parser("bench", help="benchmark steercmp's sweep against the usual loops")
     from steercmp.commands.bench import add_arguments

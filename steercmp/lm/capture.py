@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from steercmp.api import Prompt, PromptContext
-from steercmp.lm.hooks import layer_outputs
+from steercmp.lm.hooks import capturing_layers, layer_outputs
 from steercmp.lm.load import LoadedModel
 from steercmp.lm.prompts import pad_batch, resolve_rule, tokenize_prompt, tokenize_text
 
@@ -50,6 +50,24 @@ def capture_embeds(model: torch.nn.Module, layer: int, inputs_embeds: torch.Tens
     """The output of block ``layer`` for input embeddings (a builder's injected prompts);
     gradients are not tracked by the caller's choice (wrap in ``torch.no_grad()``)."""
     return layer_outputs(model, layer, inputs_embeds=inputs_embeds)
+
+
+@torch.no_grad()
+def capture_layers(lm: LoadedModel, sequences: Sequence[Sequence[int]], layers: Sequence[int], *,
+                   batch_size: int = 8) -> list[torch.Tensor]:
+    """The outputs of several blocks in one pass per batch: ``[len(layers), len, d_model]``
+    float32 on CPU for each sequence (the last block needed ends the forward)."""
+    out: list[torch.Tensor] = []
+    pad = lm.tokenizer.pad_token_id or 0
+    last = max(layers)
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        ids, mask, _ = pad_batch(chunk, pad, side="right")
+        with capturing_layers(lm.model, list(layers)) as stores:
+            layer_outputs(lm.model, last, ids.to(lm.input_device), attention_mask=mask.to(lm.input_device))
+        stacked = torch.stack([stores[layer][0].float().cpu() for layer in layers])  # [L, B, S, d]
+        out.extend(stacked[:, i, : len(seq)].clone() for i, seq in enumerate(chunk))
+    return out
 
 
 @torch.no_grad()
@@ -100,4 +118,4 @@ def capture_at(lm: LoadedModel, layer: int, inputs: Sequence[str | Sequence[int]
     return [r if p is None else r[p].clone() for r, p in zip(resids, where, strict=True)]
 
 
-__all__ = ["capture_at", "capture_embeds", "capture_residuals", "capture_tokens", "extract"]
+__all__ = ["capture_at", "capture_embeds", "capture_layers", "capture_residuals", "capture_tokens", "extract"]

@@ -173,6 +173,23 @@ def capturing(model: torch.nn.Module, layer: int) -> Iterator[list[torch.Tensor]
         handle.remove()
 
 
+@contextmanager
+def capturing_layers(model: torch.nn.Module, layers: Sequence[int]) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """Record the output of every block in ``layers`` for each forward call (one pass, many layers)."""
+    stores: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    handles = []
+    try:
+        for layer in layers:
+            def hook(_module: torch.nn.Module, _args: Any, output: Any, store: list = stores[layer]) -> None:
+                store.append(_output_tensor(output).detach())
+
+            handles.append(_check_layer(model, layer).register_forward_hook(hook))
+        yield stores
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def attached_hooks(model: torch.nn.Module) -> int:
     """Count forward hooks left on any submodule (hook hygiene checks)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

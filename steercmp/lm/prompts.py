@@ -18,6 +18,8 @@ from steercmp.api import Prompt
 from steercmp.battery import Battery, check_rule_syntax
 from steercmp.errors import ConfigError
 
+_LINE_WORD = re.compile(r"[A-Za-z][A-Za-z'\-]*")
+
 
 def token_offsets(tokenizer, text: str, add_special_tokens: bool = True
                   ) -> tuple[list[int], list[tuple[int, int]]]:
@@ -59,6 +61,10 @@ def find_position(tokenizer, input_ids: Sequence[int], text: str, rule: str, *,
     if rule == "first_line_break":
         starts = [text.index("\n")] if "\n" in text else []
         what = "a line break"
+    elif rule == "first_line_end":
+        words = list(_LINE_WORD.finditer(text.split("\n", 1)[0])) if "\n" in text else []
+        starts = [words[-1].start()] if words else []
+        what = "first line ending in a word"
     else:
         starts = [m.start() for m in re.finditer(rule.split(":", 1)[1], text)]
         what = f"pattern {rule[6:]!r}"

@@ -44,7 +44,7 @@ class Page:
 
 
 @functools.lru_cache(maxsize=1)
-def _js_bundle() -> str:
+def js_bundle() -> str:
     return vlc.javascript_bundle(vl_version=VL_VERSION)
 
 
@@ -165,7 +165,7 @@ def html_page(page: Page) -> str:
         f"{{renderer: 'svg', actions: false}}).catch(function(err) {{"
         f"document.getElementById('chart-{name}').setAttribute('data-error', String(err));}});"
         for name, spec in embeds)
-    js = _js_bundle().replace("</script", "<\\/script")
+    js = js_bundle().replace("</script", "<\\/script")
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>steercmp report: {e(page.title)}</title><style>{_CSS}</style>"
