@@ -14,7 +14,7 @@ import attrs
 import yaml
 
 from steercmp.api import SCALINGS
-from steercmp.battery import Battery, read_yaml
+from steercmp.battery import Battery, check_rule_syntax, read_yaml
 from steercmp.catalog import DTYPE_BYTES, EMBEDDED_ID, is_embedded
 from steercmp.errors import ConfigError
 from steercmp.redact import redact
@@ -64,7 +64,7 @@ COMPLETION_KEYS = frozenset(a.name for a in attrs.fields(CompletionSpec))
 DECISION_KEYS = frozenset({"alphas", "level", "correction"})
 EXPERIMENT_KEYS = frozenset({"name", "description", "model", "layer", "battery", "alphas", "scalings",
                              "methods", "controls", "control_options", "completions", "decision", "seed",
-                             "batch_size", "single_token_families"})
+                             "batch_size", "single_token_families", "inject"})
 #: old spellings that are rejected with a rename hint: old key -> (new key, fix)
 RENAMED_KEYS = {"scaling": ("scalings", "rename `scaling` to `scalings` (a list, e.g. [raw])")}
 #: corrections across the methods of a run (none: each method's verdict is its own claim)
@@ -289,6 +289,17 @@ class Experiment:
                                   where=f"{source}: control_options.{name}", fix="e.g. {offset: -1}")
         if battery_obj is None:
             battery_obj = Battery.from_yaml(resolve_battery(source, battery_name))
+        inject = data.get("inject")
+        if inject is not None:
+            if not isinstance(inject, str):
+                raise ConfigError(f"`inject` must be a position rule, got {inject!r}", where=f"{source}: inject",
+                                  fix="e.g. inject: first_line_end")
+            try:
+                check_rule_syntax(inject)
+            except ConfigError as exc:
+                raise ConfigError(exc.message, where=f"{source}: inject", fix=exc.fix) from None
+            battery_obj = attrs.evolve(battery_obj, prompts=tuple(attrs.evolve(p, inject=inject)
+                                                                   for p in battery_obj.prompts))
         return cls(
             name=str(data.get("name") or Path(source).stem),
             model=model,

@@ -28,6 +28,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "steercmp_plugins.nla",
     "steercmp_plugins.sae",
     "steercmp_plugins.prompting",
+    "steercmp_plugins.counterfactual",
 )
 
 

@@ -23,13 +23,14 @@ def _conditions(df: pl.DataFrame, col: str = "condition") -> tuple[list[str], li
 
 
 def dose_response_chart(df: pl.DataFrame) -> alt.FacetChart:
-    """Mean score vs alpha per condition with 95% CI bands, one facet per method · scaling."""
+    """Mean paired effect vs noop against alpha per condition with 95% CI bands, one facet per
+    method · scaling (noop itself is the zero line)."""
     order, colors = _conditions(df)
     color = alt.Color("condition:N", scale=alt.Scale(domain=order, range=colors),
                       sort=order, title="condition", legend=alt.Legend(orient="top"))
     base = alt.Chart().encode(x=alt.X("alpha:Q", title="alpha"), color=color)
     band = base.mark_area(opacity=0.15).encode(
-        y=alt.Y("ci_low:Q", title="edited − original logmass"), y2="ci_high:Q")
+        y=alt.Y("ci_low:Q", title="score − noop score (paired)"), y2="ci_high:Q")
     line = base.mark_line(point=True).encode(
         y="mean:Q",
         tooltip=["condition", "alpha", alt.Tooltip("mean:Q", format="+.3f"), "n",
@@ -37,16 +38,16 @@ def dose_response_chart(df: pl.DataFrame) -> alt.FacetChart:
     zero = alt.Chart().mark_rule(strokeDash=[4, 4], color="black").encode(y=alt.datum(0))
     return alt.layer(band, line, zero, data=df).properties(width=250, height=200).facet(
         facet=alt.Facet("panel:N", title=None), columns=3
-    ).properties(title="Dose-response: mean score with 95% bootstrap CI")
+    ).properties(title="Dose-response relative to noop: mean paired effect with 95% bootstrap CI")
 
 
 def heatmap_chart(df: pl.DataFrame) -> alt.VConcatChart:
-    """Per-prompt score, prompt (with selection status) x condition: one row of alpha facets
-    per method · scaling, stacked (each panel keeps its own prompt labels)."""
+    """Per-prompt effect vs noop, prompt (with selection status) x condition: one row of alpha
+    facets per method · scaling, stacked (each panel keeps its own prompt labels)."""
     order, _ = _conditions(df)
-    lim = float(df["score"].abs().max() or 1.0) if df.height else 1.0
-    color = alt.Color("score:Q", scale=alt.Scale(scheme="redblue", domain=[-lim, lim],
-                                                 reverse=True), title="score")
+    lim = float(df["effect"].abs().max() or 1.0) if df.height else 1.0
+    color = alt.Color("effect:Q", scale=alt.Scale(scheme="redblue", domain=[-lim, lim],
+                                                  reverse=True), title="− noop")
     rows = []
     for panel in sorted(df["panel"].unique().to_list()):
         part = df.filter(pl.col("panel") == panel)
@@ -61,14 +62,14 @@ def heatmap_chart(df: pl.DataFrame) -> alt.VConcatChart:
         rect = base.mark_rect().encode(
             color=color,
             tooltip=["prompt_id", "selection", "condition", "alpha",
-                     alt.Tooltip("score:Q", format="+.3f")])
+                     alt.Tooltip("effect:Q", format="+.3f")])
         text = base.mark_text(fontSize=9).encode(
-            text=alt.Text("score:Q", format="+.1f")).transform_filter("isValid(datum.score)")
+            text=alt.Text("effect:Q", format="+.2f")).transform_filter("isValid(datum.effect)")
         rows.append(alt.layer(missing, rect, text, data=part).properties(width=220).facet(
             column=alt.Column("alpha_label:N", title=None),
         ).properties(title=panel))
     return alt.vconcat(*rows).properties(
-        title="Per-prompt score at the decision alphas (prompt [selection])")
+        title="Per-prompt effect vs noop at the decision alphas (prompt [selection])")
 
 
 def forest_chart(df: pl.DataFrame) -> alt.FacetChart:
@@ -113,12 +114,12 @@ def hit_rate_chart(df: pl.DataFrame) -> alt.FacetChart:
 
 
 def matched_norm_chart(df: pl.DataFrame) -> alt.Chart:
-    """Target-edit score vs injected norm (delta_norm × |alpha|) per method, with 95% CI."""
+    """Target-edit effect vs noop against injected norm (delta_norm × |alpha|) per method, with 95% CI."""
     base = alt.Chart(df).encode(
         x=alt.X("injected_norm:Q", title="injected norm  ‖δ‖·|α|"),
         color=alt.Color("method:N", title="method"))
     line = base.mark_line(point=True).encode(
-        y=alt.Y("mean:Q", title="target_edit score"),
+        y=alt.Y("mean:Q", title="target_edit − noop score"),
         detail="scaling:N",
         tooltip=["method", "scaling", "alpha", "n", alt.Tooltip("injected_norm:Q", format=".3f"),
                  alt.Tooltip("mean:Q", format="+.3f")])

@@ -41,6 +41,7 @@ class Page:
     sections: Sequence[Section]
     charts: Mapping[str, ChartSpec]
     manifest: Mapping[str, Any] | None
+    banner: str = ""  # the first thing a reader sees: can anything tested steer this site?
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,9 +83,13 @@ def _empty(section: Section, charts: Mapping[str, ChartSpec]) -> bool:
 
 
 def markdown(page: Page) -> str:
-    lines = [f"# steercmp report: {page.title}", "", "## Verdicts", "", page.header, ""]
+    lines = [f"# steercmp report: {page.title}", ""]
+    if page.banner:
+        lines += [f"> **{page.banner}**", ""]
+    lines += ["## Verdicts", "", page.header, ""]
     for v in page.verdicts:
-        lines.append(f"- **{v['method']} · {v['scaling']}: {v['verdict']}** — {v['explanation']}")
+        role = " (positive control)" if v.get("role") == stats.POSITIVE_CONTROL else ""
+        lines.append(f"- **{v['method']} · {v['scaling']}{role}: {v['verdict']}** — {v['explanation']}")
         lines += [f"  - {line}" for line in failure_lines(v)]
     lines.append("")
     for sec in page.sections:
@@ -118,6 +123,7 @@ td:first-child,th:first-child{text-align:left}
 .na{color:#888;font-style:italic} .meta{color:#666;font-size:0.9em}
 .chart{margin:1em 0;overflow-x:auto} pre{background:#f5f5f5;padding:0.8em;overflow-x:auto;font-size:0.8em}
 details{margin:0.3em 0}
+.banner{font-weight:bold;border:2px solid #444;padding:0.6em 1em;background:#fffbe6}
 """
 
 
@@ -128,13 +134,16 @@ def _verdict_class(v: str) -> str:
 
 def html_page(page: Page) -> str:
     e = html.escape
-    body = [f"<h1>steercmp report: {e(page.title)}</h1>", "<h2 id='verdicts'>Verdicts</h2>",
-            f"<p class='meta'>{e(page.header)}</p>"]
+    body = [f"<h1>steercmp report: {e(page.title)}</h1>"]
+    if page.banner:
+        body.append(f"<p class='banner'>{e(page.banner)}</p>")
+    body += ["<h2 id='verdicts'>Verdicts</h2>", f"<p class='meta'>{e(page.header)}</p>"]
     for v in page.verdicts:
         fails = "".join(f"<li>{e(x)}</li>" for x in failure_lines(v))
         body.append(
             f"<div class='verdict {_verdict_class(v['verdict'])}'><b>{e(v['method'])} · "
-            f"{e(v['scaling'])}: {e(v['verdict'])}</b><br>{e(v['explanation'])}"
+            f"{e(v['scaling'])}{' (positive control)' if v.get('role') == stats.POSITIVE_CONTROL else ''}: "
+            f"{e(v['verdict'])}</b><br>{e(v['explanation'])}"
             + (f"<details><summary>failed checks ({len(v['failures'])})</summary><ul>{fails}"
                f"</ul></details>" if v["failures"] else "") + "</div>")
     embeds = []

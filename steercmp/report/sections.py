@@ -66,7 +66,8 @@ def core_sections(alphas: Sequence[float], cells: pl.DataFrame, verdicts: list[d
                 "dropped rows have no score."),
         Section("Logmass score at the decision alphas", "dose_response",
                 [(p, summary_table(df)) for p, df in per_panel(at_decision)],
-                "mean / median of edited − original next-token log-prob mass over prompts; "
+                "chart: mean paired effect (condition − noop score on the same prompt) against alpha; "
+                "tables: absolute mean / median of edited − original next-token log-prob mass over prompts; "
                 "positive = prompts with score > 0; 95% CI = percentile bootstrap over prompts."),
         Section("Logmass score, full alpha sweep", None,
                 [(p, summary_table(df)) for p, df in per_panel(summary)]),
@@ -84,13 +85,14 @@ def core_sections(alphas: Sequence[float], cells: pl.DataFrame, verdicts: list[d
         Section("Dose-response peaks (descriptive; not used for the verdict)", None,
                 [(p, peaks_table(df)) for p, df in per_panel(peaks)]),
         Section("Per-prompt heterogeneity", "per_prompt_heatmap", _het_tables(het, alphas),
-                "score per prompt and condition at the decision alphas; selection = status "
-                "of the prompt's target_edit row."),
+                "chart: per-prompt effect (condition − the prompt's noop score); tables: absolute score "
+                "per prompt and condition at the decision alphas; selection = status of the prompt's "
+                "target_edit row."),
         Section("Fallback and gated prompts (not in the verdicts)", None,
                 [(p, summary_table(df)) for p, df in per_panel(secondary)],
                 "text-edit prompts whose explanations name no editable term (fallback: nothing was edited) "
                 "or whose reconstruction fell below the fidelity gate, summarised on their own."),
         Section("Target effect against injected norm", "injected_norm", [],
-                "target_edit score against the injected norm ‖δ‖·|α| for every activation method "
+                "target_edit − noop score against the injected norm ‖δ‖·|α| for every activation method "
                 "(raw scaling when available): methods compared at matched delta norm."),
     ]

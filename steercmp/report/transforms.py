@@ -21,25 +21,29 @@ def _alpha_in(alphas: Sequence[float] | None) -> pl.Expr:
     return pl.any_horizontal([(pl.col("alpha") - float(a)).abs() < 1e-9 for a in alphas])
 
 
-def dose_frame(summary: pl.DataFrame) -> pl.DataFrame:
-    """Mean score and CI per panel, condition and alpha, with ``is_peak`` from dose-response."""
-    from steercmp.stats import dose_response
-
-    return dose_response(summary).filter(pl.col("mean").is_not_null()).with_columns(
-        panel_label()
-    ).select("panel", "method", "scaling", "condition", "alpha", "n", "mean", "median",
-             "ci_low", "ci_high", "is_peak")
+def dose_frame(relative: pl.DataFrame) -> pl.DataFrame:
+    """Paired effect vs noop (condition − noop, mean and CI over prompts) per panel, condition
+    and alpha, from :func:`steercmp.stats.relative_to_noop`. Paired, because the 3-nat spread
+    between prompts would otherwise hide effects of 0.02-0.5."""
+    return relative.filter(pl.col("mean_diff").is_not_null()).with_columns(
+        panel_label(), pl.col("mean_diff").alias("mean")
+    ).select("panel", "method", "scaling", "condition", "alpha", "n", "mean", "ci_low", "ci_high")
 
 
 def heatmap_frame(heterogeneity: pl.DataFrame, alphas: Sequence[float] | None) -> pl.DataFrame:
-    """Per-prompt scores at the given alphas; ``prompt`` reads ``id [selection]``."""
-    return heterogeneity.filter(_alpha_in(alphas)).with_columns(
+    """Per-prompt effect vs noop (condition score − the prompt's noop score, same method,
+    scaling and alpha) at the given alphas; ``prompt`` reads ``id [selection]``."""
+    keys = ["prompt_id", "method", "scaling", "alpha"]
+    het = heterogeneity.filter(_alpha_in(alphas))
+    noop = het.filter(pl.col("condition") == "noop").select(*keys, pl.col("score").alias("_noop"))
+    return het.filter(pl.col("condition") != "noop").join(noop, on=keys, how="left").with_columns(
         panel_label(),
         pl.concat_str([pl.col("prompt_id"), pl.lit(" ["),
                        pl.col("selection").fill_null("?"), pl.lit("]")]).alias("prompt"),
         pl.format("α={}", pl.col("alpha")).alias("alpha_label"),
+        (pl.col("score") - pl.col("_noop")).alias("effect"),
     ).select("panel", "prompt", "prompt_id", "selection", "condition", "alpha", "alpha_label",
-             "score")
+             "effect")
 
 
 def forest_frame(
@@ -79,37 +83,41 @@ def matched_norm_frame(
     cells: pl.DataFrame,
     *,
     methods: Sequence[str] | None = None,
-    condition: str = "target_edit",
     n_boot: int = 2_000,
     seed: int = 0,
 ) -> pl.DataFrame:
-    """Target-edit score against the injected norm ``delta_norm * |alpha|`` per method.
+    """Target-edit effect vs noop against the injected norm ``delta_norm * |alpha|`` per method.
 
     ``methods`` defaults to every method with a non-zero delta (activation methods). Uses
     ``raw`` scaling rows when there are any (there the injected norm is exactly
     ``delta_norm * |alpha|``), else all rows. One row per method, scaling and alpha: mean
-    injected norm, mean score and its percentile bootstrap CI over prompts.
+    injected norm, mean paired effect (target_edit − noop) and its percentile bootstrap CI.
     """
-    from steercmp.stats import summarize
+    from steercmp.stats import bootstrap_mean_ci, effects_vs_noop
     from steercmp.stats.summary import usable
 
+    schema = {"method": pl.String, "scaling": pl.String, "alpha": pl.Float64, "injected_norm": pl.Float64,
+              "mean": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "n": pl.Int64}
     if methods is None:
         methods = cells.filter(pl.col("delta_norm") > 0)["method"].unique().sort().to_list()
-    df = cells.filter(pl.col("method").is_in(list(methods)) & (pl.col("condition") == condition))
+    df = cells.filter(pl.col("method").is_in(list(methods)))
     if (df["scaling"] == "raw").any():
         df = df.filter(pl.col("scaling") == "raw")
-    df = df.filter(usable(df) & pl.col("delta_norm").is_not_null()
-                   & (pl.col("delta_norm") * pl.col("alpha").abs()).is_finite())
-    if df.is_empty():
-        return pl.DataFrame(schema={"method": pl.String, "scaling": pl.String,
-                                    "alpha": pl.Float64, "injected_norm": pl.Float64,
-                                    "mean": pl.Float64, "ci_low": pl.Float64,
-                                    "ci_high": pl.Float64, "n": pl.Int64})
-    norms = df.group_by("method", "scaling", "alpha").agg(
-        (pl.col("delta_norm") * pl.col("alpha").abs()).mean().alias("injected_norm")
-    )
-    stats = summarize(df, n_boot=n_boot, seed=seed).select(
-        "method", "scaling", "alpha", "mean", "ci_low", "ci_high", "n")
-    return norms.join(stats, on=["method", "scaling", "alpha"]).sort(
-        "method", "scaling", "injected_norm").select(
-        "method", "scaling", "alpha", "injected_norm", "mean", "ci_low", "ci_high", "n")
+    target = df.filter((pl.col("condition") == "target_edit") & usable(df) & pl.col("delta_norm").is_not_null()
+                       & (pl.col("delta_norm") * pl.col("alpha").abs()).is_finite())
+    if target.is_empty():
+        return pl.DataFrame(schema=schema)
+    norms = target.group_by("method", "scaling", "alpha").agg(
+        (pl.col("delta_norm") * pl.col("alpha").abs()).mean().alias("injected_norm"))
+    rows = []
+    for (m, sc, a), grp in effects_vs_noop(df).group_by("method", "scaling", "alpha", maintain_order=True):
+        eff = grp["effect"].to_numpy()
+        lo, hi = bootstrap_mean_ci(eff, n_boot=n_boot, seed=seed)
+        rows.append({"method": m, "scaling": sc, "alpha": a, "mean": float(eff.mean()), "ci_low": lo,
+                     "ci_high": hi, "n": len(eff)})
+    if not rows:
+        return pl.DataFrame(schema=schema)
+    effects = pl.DataFrame(rows, schema={k: schema[k] for k in ("method", "scaling", "alpha", "mean", "ci_low",
+                                                                 "ci_high", "n")})
+    return norms.join(effects, on=["method", "scaling", "alpha"]).sort(
+        "method", "scaling", "injected_norm").select(list(schema))

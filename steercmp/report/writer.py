@@ -26,6 +26,13 @@ from steercmp.errors import ConfigError, PluginError
 from steercmp.plugin_manager import PluginSet, build_plugin_manager
 from steercmp.report import charts, transforms
 from steercmp.report.pages import ChartSpec, Page, html_page, markdown, save_png
+from steercmp.report.reference import (
+    build_reference,
+    order_verdicts,
+    reference_section,
+    roles_of,
+    site_banner,
+)
 from steercmp.report.sections import Section, core_sections
 from steercmp.report.tables import frame_table
 from steercmp.run.rundir import RunDir
@@ -142,7 +149,9 @@ def write_report(
     defaults when the arguments are None; seed falls back to 0), ``manifest.json`` and the
     methods' tables. Writes into ``out_dir`` (default ``run_dir/report``): summary.parquet,
     summary_secondary.parquet, paired.parquet, paired_completions.parquet,
-    hit_rates.parquet, relative_to_noop.parquet, verdict.json, summary.md, report.html
+    hit_rates.parquet, relative_to_noop.parquet, positive_control.parquet (when the run has a
+    positive control), absolute_logmass.parquet, verdict.json (``site`` says first whether
+    anything tested steers the site), summary.md, report.html
     (self-contained: Vega JS inlined) and one PNG per chart. ``plugins`` adds their report
     sections (default: the built-in and installed plugins). ``level`` and ``correction`` (across
     methods) default to config.yaml's ``decision`` section, else 0.05 and none.
@@ -186,10 +195,14 @@ def write_report(
     if completions is not None:
         hits = stats.hit_rates(completions, n_boot=n_boot, seed=seed)
         paired_hits = stats.paired_hits(completions, controls=controls, n_boot=n_boot, seed=seed, level=level)
-    method_pairs = sorted({(r["method"], r["scaling"]) for r in cells.select("method", "scaling").unique().to_dicts()})
-    verdicts = stats.verdict(paired_score, paired_hits, decision_alphas=alphas, methods=method_pairs,
-                             controls=controls, not_applicable=_not_applicable(cells), level=level,
-                             correction=correction)
+    roles, positive, ceilings = roles_of(cells)
+    method_pairs = sorted({(r["method"], r["scaling"]) for r in cells.select("method", "scaling").unique().to_dicts()
+                           if r["method"] not in ceilings})  # a ceiling is a reference row, not a method
+    verdicts = order_verdicts(stats.verdict(paired_score, paired_hits, decision_alphas=alphas, methods=method_pairs,
+                                            controls=controls, not_applicable=_not_applicable(cells), level=level,
+                                            correction=correction), roles)
+    reference = build_reference(cells, alphas, n_boot=n_boot, seed=seed)
+    banner = site_banner(verdicts, reference)
 
     summary.write_parquet(out / "summary.parquet")
     paired_score.write_parquet(out / "paired.parquet")
@@ -200,7 +213,11 @@ def write_report(
         hits.write_parquet(out / "hit_rates.parquet")
     if not secondary.is_empty():
         secondary.write_parquet(out / "summary_secondary.parquet")
+    if not reference.fractions.is_empty():
+        reference.fractions.write_parquet(out / "positive_control.parquet")
+    reference.logmass.write_parquet(out / "absolute_logmass.parquet")
     (out / "verdict.json").write_text(json.dumps({
+        "site": banner, "positive_control": positive, "ceilings": list(ceilings),
         "decision_alphas": alphas, "controls": controls, "level": level, "rule": "intersection-union",
         "correction_across_controls": "none (intersection-union test)", "correction_across_methods": correction,
         "n_boot": n_boot, "seed": seed, "completions_available": completions is not None,
@@ -215,8 +232,8 @@ def write_report(
         chart_specs[name] = (ChartSpec(title, None, why) if frame is None or frame.is_empty()
                              else ChartSpec(title, build(frame)))
 
-    add("dose_response", "Dose-response", transforms.dose_frame(summary), charts.dose_response_chart,
-        "no usable scores")
+    add("dose_response", "Dose-response relative to noop", transforms.dose_frame(rel), charts.dose_response_chart,
+        "no usable paired scores")
     add("per_prompt_heatmap", "Per-prompt heterogeneity", transforms.heatmap_frame(het, alphas),
         charts.heatmap_chart, "no cells at the decision alphas")
     add("forest", "Paired effects vs each control", transforms.forest_frame(paired_score, paired_hits, alphas),
@@ -227,8 +244,9 @@ def write_report(
         transforms.matched_norm_frame(cells, n_boot=min(n_boot, 2_000), seed=seed), charts.matched_norm_chart,
         "no activation method with a non-zero delta")
 
-    sections = core_sections(alphas, cells, verdicts, summary, paired_score, paired_hits, hits, rel, pk, het,
-                             secondary)
+    sections = [reference_section(reference, alphas),
+                *core_sections(alphas, cells, verdicts, summary, paired_score, paired_hits, hits, rel, pk, het,
+                               secondary)]
     inputs = ReportInputs(run_dir=run.root, cells=cells, completions=completions,
                           decision_alphas=tuple(alphas), seed=seed, read_tables=_method_tables(run))
     for plugin_section in plugins.report_sections():
@@ -252,7 +270,7 @@ def write_report(
               f"hits won; underpowered = too few usable prompts for any outcome to pass. "
               f"Primary analysis: fallback and gated prompts excluded. Bootstrap: {n_boot} resamples, seed {seed}.")
     page = Page(title=_title(config, run), header=header, verdicts=verdicts, sections=sections, charts=chart_specs,
-                manifest=manifest)
+                manifest=manifest, banner=banner)
     (out / "summary.md").write_text(markdown(page))
     (out / "report.html").write_text(html_page(page))
     return out

@@ -24,6 +24,14 @@ from steercmp.stats.power import (
     prompts_for_power,
     prompts_to_reach,
 )
+from steercmp.stats.reference import (
+    CEILING,
+    POSITIVE_CONTROL,
+    absolute_logmass,
+    effects_vs_noop,
+    fractions,
+    method_roles,
+)
 from steercmp.stats.summary import (
     ALL,
     PRIMARY,
@@ -39,10 +47,11 @@ from steercmp.stats.summary import (
 )
 
 __all__ = [
-    "ALL", "CONTROLS", "CORRECTIONS", "EXACT_MAX_N", "NOT_SUPPORTED", "PRIMARY", "SECONDARY",
-    "SECONDARY_STATUSES", "SHIFT_ONLY", "SUPPORTED", "TARGET", "UNDERPOWERED", "bootstrap_mean_ci",
-    "dose_response", "format_summary_table", "heterogeneity", "heterogeneity_table", "hit_rates", "holm",
-    "mde_in_sd", "min_p_value", "minimum_detectable_effect", "paired", "paired_hits", "peaks",
+    "ALL", "CEILING", "CONTROLS", "CORRECTIONS", "EXACT_MAX_N", "NOT_SUPPORTED", "POSITIVE_CONTROL", "PRIMARY", "SECONDARY",
+    "SECONDARY_STATUSES", "SHIFT_ONLY", "SUPPORTED", "TARGET", "UNDERPOWERED", "absolute_logmass",
+    "bootstrap_mean_ci",
+    "dose_response", "effects_vs_noop", "format_summary_table", "fractions", "heterogeneity", "heterogeneity_table", "hit_rates", "holm",
+    "mde_in_sd", "method_roles", "min_p_value", "minimum_detectable_effect", "paired", "paired_hits", "peaks",
     "per_prompt_hits", "prompts_for_power", "prompts_to_reach", "relative_to_noop", "sign_flip_pvalue",
     "summarize", "verdict",
 ]

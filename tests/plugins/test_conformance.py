@@ -49,6 +49,8 @@ CONFORMANCE_OPTIONS = {
     "unembed_direction": lambda tmp: {"norm_fraction": 0.25},
     "prompting": lambda tmp: {},
     "diffmean": lambda tmp: {},
+    "counterfactual_patch": lambda tmp: {},
+    "counterfactual_text": lambda tmp: {},
     "nla_text_edit": _nla_pair,
     "sae_features": _tiny_sae,
 }

@@ -109,6 +109,7 @@ def computed():
         paired_hits=stats.paired_hits(comps, n_boot=N_BOOT),
         hits=stats.hit_rates(comps, n_boot=N_BOOT),
         het=stats.heterogeneity(cells),
+        rel=stats.relative_to_noop(cells, n_boot=N_BOOT),
     )
 
 
@@ -136,19 +137,30 @@ def _data_rows(spec: dict) -> int:
     return sum(len(v) for v in spec.get("datasets", {}).values())
 
 
-def test_dose_response_chart(computed):
-    df = transforms.dose_frame(computed["summary"])
-    assert df.height == computed["summary"].height  # aggregated: one row per group
+def test_dose_response_chart_is_relative_to_noop(computed):
+    df = transforms.dose_frame(computed["rel"])
+    assert df.height == computed["rel"].filter(pl.col("mean_diff").is_not_null()).height  # one row per group
+    assert "noop" not in df["condition"].to_list()  # noop is the zero line
     spec = charts.dose_response_chart(df).to_dict()
     assert spec["facet"]["field"] == "panel" and spec["columns"] == 3
     assert {"area", "line", "rule"} <= _mark_types(spec)
     assert _data_rows(spec) == df.height
-    assert df.filter(pl.col("is_peak")).height >= 4
+    # the synthetic effect is 3 + 0.5 alpha above noop at alpha > 0 and none at alpha <= 0
+    at4 = df.filter((pl.col("condition") == "target_edit") & (pl.col("alpha") == 4.0))["mean"]
+    at0 = df.filter((pl.col("condition") == "target_edit") & (pl.col("alpha") == 0.0))["mean"]
+    assert (at4 - 5.0).abs().max() < 1.2 and at0.abs().max() < 1.2  # noise: sd 0.7 per paired prompt, n 3-8
 
 
 def test_heatmap_chart(computed):
     df = transforms.heatmap_frame(computed["het"], [2.0, 4.0])
     assert set(df["alpha"].unique().to_list()) == {2.0, 4.0}
+    het = computed["het"]
+    one = het.filter((pl.col("method") == "sae_features") & (pl.col("scaling") == "raw") & (pl.col("alpha") == 2.0)
+                     & (pl.col("prompt_id") == "bird_word"))
+    score = dict(zip(one["condition"].to_list(), one["score"].to_list(), strict=True))
+    got = df.filter((pl.col("panel") == "sae_features · raw") & (pl.col("alpha") == 2.0)
+                    & (pl.col("prompt_id") == "bird_word") & (pl.col("condition") == "target_edit"))["effect"][0]
+    assert got == pytest.approx(score["target_edit"] - score["noop"])  # paired: minus the prompt's own noop
     assert df.filter(pl.col("prompt_id") == "bird_word")["prompt"].str.contains(r"\[").all()
     spec = charts.heatmap_chart(df).to_dict()
     assert {"rect", "text"} <= _mark_types(spec)

@@ -1,0 +1,80 @@
+"""The positive control and the ceiling: what a known-working intervention achieves at the site.
+
+``counterfactual_patch`` (the positive control) proposes ``h_cf - h`` at the experiment's layer
+and injection position, where ``h_cf`` is the residual of the counterfactual couplet, the same
+couplet whose first line ends with a word that moves the plan to the target family
+(:mod:`steercmp.lm.counterfactual`). At alpha 1 (raw scaling) it IS activation patching: if the
+plan lives at that site, the score moves; if even this does not move it, no method injecting
+there can be expected to. ``counterfactual_text`` (the ceiling) scores the counterfactual couplet
+itself: how far any intervention, at any site, could move the score.
+
+Both mark their proposals with ``meta.role`` (``positive_control`` / ``ceiling``): the report
+puts them on top and shows every method's effect as a fraction of the positive control's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from steercmp.api import PROPOSAL_FAMILIES, Method, MethodRuntime, PromptContext, Proposal
+from steercmp.errors import ConfigError
+from steercmp.hookspecs import hookimpl
+from steercmp.lm.counterfactual import CONSTRUCTIONS, build_counterfactual
+
+OPTIONS = ("construction",)
+
+
+class _Counterfactual(Method):
+    """Shared options: ``construction`` (``auto``: swap for a same-rhyme family, cue otherwise)."""
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.options) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(f"unknown {self.name} option {unknown[0]!r}",
+                              where=f"methods.{self.name}.options.{unknown[0]}", fix="the only option is construction")
+        construction = self.options.get("construction", "auto")
+        if construction != "auto" and construction not in CONSTRUCTIONS:
+            raise ConfigError(f"construction {construction!r} is not one of auto, {', '.join(CONSTRUCTIONS)}",
+                              where=f"methods.{self.name}.options.construction", fix="use auto, cue, swap or block")
+
+    def _counterfactuals(self, contexts: Sequence[PromptContext], runtime: MethodRuntime) -> list:
+        construction = self.options.get("construction", "auto")
+        chat = bool(getattr(getattr(self.experiment, "model", None), "chat_template", False))
+        source = getattr(getattr(self.experiment, "battery", None), "source", "battery")
+        with runtime.base() as lm:
+            return [(ctx, family, build_counterfactual(lm.tokenizer, ctx.prompt, family,
+                                                       None if construction == "auto" else construction,
+                                                       chat_template=chat, where=source))
+                    for ctx in contexts for family in PROPOSAL_FAMILIES]
+
+    @staticmethod
+    def _meta(role: str, cf) -> dict:  # noqa: ANN001
+        return {"role": role, "construction": cf.construction, "word": cf.word, "counterfactual": cf.text}
+
+
+class CounterfactualPatch(_Counterfactual):
+    name = "counterfactual_patch"
+    description = "positive control: patch the counterfactual couplet's residual at the site (h_cf - h)"
+
+    def propose(self, contexts: Sequence[PromptContext], runtime: MethodRuntime) -> Sequence[Proposal]:
+        cfs = self._counterfactuals(contexts, runtime)
+        acts = runtime.capture([cf.text for _c, _f, cf in cfs], [ctx.inject_pos for ctx, _f, _cf in cfs])
+        return [Proposal(prompt_id=ctx.prompt.id, family=family, delta=(h_cf - ctx.activation.float()).contiguous(),
+                         meta=self._meta("positive_control", cf))
+                for (ctx, family, cf), h_cf in zip(cfs, acts, strict=True)]
+
+
+class CounterfactualText(_Counterfactual):
+    name = "counterfactual_text"
+    intervention = "prompt"
+    description = "ceiling: the counterfactual couplet itself (how far any intervention could move the score)"
+
+    def propose(self, contexts: Sequence[PromptContext], runtime: MethodRuntime) -> Sequence[Proposal]:
+        return [Proposal(prompt_id=ctx.prompt.id, family=family, prompt_text=cf.text, meta=self._meta("ceiling", cf))
+                for ctx, family, cf in self._counterfactuals(contexts, runtime)]
+
+
+@hookimpl
+def register_methods(register):
+    register(CounterfactualPatch)
+    register(CounterfactualText)
