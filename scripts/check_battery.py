@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default=None, help="name of the written battery")
     ap.add_argument("--out", default=None, help="with --usable: write the usable battery here")
     ap.add_argument("--rejects", default=None, help="with --usable: write the rejected prompts and why here")
+    ap.add_argument("--min-usable", type=int, default=1,
+                    help="with --usable: fewer usable prompts is an error (exit 2, nothing written)")
+    ap.add_argument("--model", default="embedded:gemma-3-270m", help="model to judge with (HF id or local dir)")
     args = ap.parse_args(argv)
 
     from steercmp.battery import Battery, hygiene_problems
@@ -64,7 +67,11 @@ def main(argv=None) -> int:
     if args.hygiene_only:
         return 0
     if args.usable:
-        return select_usable(args)
+        try:
+            return select_usable(args)
+        except SteercmpError as exc:
+            print(f"check_battery: error: {exc.one_line()}", file=sys.stderr)
+            return 2
 
     with open(args.battery) as fh:
         battery = yaml.safe_load(fh)
@@ -111,13 +118,22 @@ def select_usable(args) -> int:
     from steercmp.score.usable import RULE, usability
 
     battery = Battery.from_yaml(args.battery)
-    lm = load_base_model(progress=False)
+    from steercmp.errors import ConfigError
+
+    lm = load_base_model(args.model, progress=False)
+    if not 0 <= args.layer < lm.num_layers:
+        raise ConfigError(f"layer {args.layer} is outside the model (0..{lm.num_layers - 1})", where="--layer",
+                          fix=f"use a layer in 0..{lm.num_layers - 1}")
     table = usability(lm, battery, args.layer)
     with pl.Config(tbl_rows=-1, tbl_width_chars=160, fmt_str_lengths=80):
         print(table)
     usable = table.filter(pl.col("usable"))["prompt_id"].to_list()
     keep = usable[: args.select] if args.select else usable
     print(f"\n{len(usable)}/{table.height} prompts usable under the rule: {RULE}")
+    if len(usable) < max(args.min_usable, 1):
+        raise ConfigError(f"{len(usable)} of {table.height} prompts are usable under the rule, fewer than "
+                          f"{max(args.min_usable, 1)}", where=args.battery,
+                          fix="generate more candidates (scripts/generate_battery.py --n) or lower --min-usable")
     if args.out:
         data = yaml.safe_load(open(args.battery))
         by_id = {p["id"]: p for p in data["prompts"]}

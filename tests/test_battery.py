@@ -46,3 +46,33 @@ def test_check_battery_script_rejects_a_faulty_battery(tmp_path):
     ok = subprocess.run([sys.executable, str(script), str(SHIPPED[0]), "--hygiene-only"], capture_output=True,
                         text=True)
     assert ok.returncode == 0 and "no design faults" in ok.stdout
+
+
+def test_usable_selection_writes_nothing_when_too_few_prompts_are_usable(tmp_path):
+    """The pre-declared usability rule on a tiny checkpoint: asking for more usable prompts than the
+    battery has is exit 2 with one line, and neither the battery nor the rejects file is written."""
+    import yaml
+
+    from steercmp.testing import save_tiny_checkpoint
+
+    words = [w for p in COUPLET_BATTERY["prompts"] for fam in p["families"].values() for w in fam]
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", words=words)
+    good = {**COUPLET_BATTERY, "prompts": COUPLET_BATTERY["prompts"][:2]}
+    src = tmp_path / "candidates.yaml"
+    src.write_text(yaml.safe_dump(good))
+    script = ROOT / "scripts" / "check_battery.py"
+    out, rejects = tmp_path / "usable.yaml", tmp_path / "rejects.yaml"
+    args = [sys.executable, str(script), str(src), "--usable", "--model", str(ckpt), "--layer", "1",
+            "--out", str(out), "--rejects", str(rejects)]
+    done = subprocess.run([*args, "--min-usable", "3"], capture_output=True, text=True)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "fewer than 3" in err[-1] and "fix:" in err[-1]
+    assert not out.exists() and not rejects.exists()
+    bad_layer = subprocess.run([*args[:-4], "--layer", "9"], capture_output=True, text=True)
+    assert bad_layer.returncode == 2 and "--layer" in bad_layer.stderr and "outside the model" in bad_layer.stderr
+    ok = subprocess.run(args, capture_output=True, text=True)
+    if "0/2 prompts usable" in ok.stdout:  # a random tiny model may prefer no rhyme at all
+        assert ok.returncode == 2
+    else:
+        assert ok.returncode == 0 and out.is_file() and rejects.is_file()

@@ -5,6 +5,7 @@ A model's blocks are found by :mod:`steercmp.lm.layout` (re-exported here for co
 
 from __future__ import annotations
 
+import copy
 import gc
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def load_base_model(
     ``device_map`` (e.g. ``"auto"``) spreads a model larger than one device via accelerate;
     otherwise the whole model goes to ``device``. Weights load from safetensors only.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype, device)
     device = resolve_device(device)
@@ -115,6 +116,11 @@ def load_base_model(
         kwargs["revision"] = revision
     if device_map is not None:
         kwargs["device_map"] = device_map
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:  # --no-progress silences transformers' own "Loading weights" bar too
+        hf_logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
                                             revision=revision)
@@ -124,8 +130,7 @@ def load_base_model(
 
             model_cls = Gemma3ForConditionalGeneration
         model = model_cls.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision,
-                                                  trust_remote_code=trust_remote_code)
+        tokenizer = cached_tokenizer(str(path), revision, trust_remote_code)
     except OSError as exc:
         raise ConfigError(
             f"cannot load model {model_id!r}: {str(exc).splitlines()[0]}",
@@ -133,6 +138,9 @@ def load_base_model(
             fix="give a local directory with config.json and safetensors weights, a cached HF id "
                 "(HF_HUB_OFFLINE=1 uses the cache), or 'embedded:gemma-3-270m'",
         ) from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if device_map is None:
         model.to(device)
     model.eval()
@@ -187,14 +195,33 @@ def check_model_source(model_id: str, where: str = "model.id") -> None:
             where=where, fix="convert the weights to safetensors (model.save_pretrained(dir, safe_serialization=True))")
 
 
+_TOKENIZERS: dict[tuple[Any, ...], Any] = {}
+
+
+def cached_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """A tokenizer, parsed once per process and handed out as a shallow copy.
+
+    A staged run loads the base model several times (extract, after the NLA and SAE stages, score,
+    completions) and Gemma's 262k-entry tokenizer takes ~2.5 s to parse each time. The copy keeps
+    attribute changes (e.g. a ``chat_template`` set by the mini-NLA build) private to its owner.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    stamp = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in folder.iterdir()
+                         if f.is_file() and f.suffix in (".json", ".model", ".txt", ".jinja"))) if folder.is_dir() else ()
+    key = (path, revision, trust_remote_code, stamp)  # a rewritten tokenizer file is a new key
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    return copy.copy(_TOKENIZERS[key])
+
+
 def load_tokenizer(model_id: str, *, revision: str | None = None, trust_remote_code: bool = False,
                    where: str = "model.id") -> Any:
     """A model's tokenizer alone (no weights), for checks before any model loads."""
-    from transformers import AutoTokenizer
-
     path = resolve_source(model_id, progress=False)
     try:
-        return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        return cached_tokenizer(str(path), revision, trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the tokenizer of {model_id!r}: {str(exc).splitlines()[0]}",
                           where=where,
