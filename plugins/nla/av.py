@@ -20,6 +20,7 @@ import torch
 from steercmp.errors import ConfigError, NumericalError
 from steercmp.lm.compat import cache_kwargs, output_cache
 from steercmp.lm.load import LoadedModel
+from steercmp.lm.sampling import sample_tokens
 
 from .checkpoint import (
     as_id_list,
@@ -182,17 +183,12 @@ class ActivationVerbalizer:
             raise ValueError("temperature must be > 0 (or use greedy)")
         out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
         past = output_cache(out)
-        logits = out.logits[:, -1, :].float()
+        logits = out.logits[:, -1, :].float().cpu()
         produced: list[list[int]] = [[] for _ in range(n)]
         done = [False] * n
         stop = set(self.stop_ids)
         for _ in range(max_new_tokens):
-            if greedy:
-                nxt = logits.argmax(dim=-1).cpu()
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1).cpu()
-                nxt = torch.stack([torch.multinomial(probs[i], 1, generator=generators[i])[0]
-                                   for i in range(n)])
+            nxt = (logits.argmax(dim=-1) if greedy else sample_tokens(logits, generators, temperature)).cpu()
             for i in range(n):
                 if not done[i]:
                     t = int(nxt[i])
@@ -205,7 +201,7 @@ class ActivationVerbalizer:
             out = model(input_ids=nxt[:, None].to(embeds.device), **cache_kwargs(model, past),
                         use_cache=True, logits_to_keep=1)
             past = output_cache(out)
-            logits = out.logits[:, -1, :].float()
+            logits = out.logits[:, -1, :].float().cpu()
         return [self.lm.tokenizer.decode(p, skip_special_tokens=True) for p in produced]
 
     def explain(self, vectors: torch.Tensor, **kwargs) -> list[tuple[str, str, bool]]:

@@ -4,7 +4,8 @@ position type, estimated from many generated couplets rather than from the few b
 ``fve_nrm = 1 - mse_nrm / B`` is comparable with the paper's ~0.75 only when ``B`` is a
 dataset-level variance: with 8 battery vectors it is noisy, and with one prompt (a shard) it is
 undefined. :data:`N_COUPLETS` couplets generated from the CMU dictionary (a fixed seed, so ``B``
-is a property of the model and layer, not of the run) are read at their first line break.
+is a property of the model, layer and position, not of the run) are read at the NLA's position
+(the first line break unless the experiment injects elsewhere).
 """
 
 from __future__ import annotations
@@ -23,16 +24,17 @@ CORPUS_SEED = 0
 POSITION = "first_line_break"
 
 
-def dataset_baseline(runtime: MethodRuntime, model_id: str, *, n: int = N_COUPLETS) -> dict[str, Any]:
+def dataset_baseline(runtime: MethodRuntime, model_id: str, *, n: int = N_COUPLETS,
+                     position: str = POSITION) -> dict[str, Any]:
     """``{"value": B, "n": n, "position": ...}`` for the base model at the runtime's layer,
     computed once and cached in the run directory."""
     couplets = make_couplets(n, CORPUS_SEED)
     key = {"model": model_id, "layer": runtime.layer, "n": len(couplets), "seed": CORPUS_SEED,
-           "position": POSITION, "version": 1}
+           "position": position, "version": 1}
 
     def compute() -> dict[str, Any]:
-        acts = runtime.capture([c.text for c in couplets], [POSITION] * len(couplets))
-        return {"value": baseline_variance(torch.stack(acts)), "n": len(couplets), "position": POSITION,
+        acts = runtime.capture([c.text for c in couplets], [position] * len(couplets))
+        return {"value": baseline_variance(torch.stack(acts)), "n": len(couplets), "position": position,
                 "source": "generated couplets (steercmp.rhymes.make_couplets)"}
 
     return runtime.cached("fve_baseline", key, compute)

@@ -50,6 +50,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     rc.add_argument("--device", default="cpu")
     bm = sub.add_parser("build-mini", help="build the miniature NLA pair for the embedded model")
     bm.add_argument("--force", action="store_true", help="rebuild even if cached")
+    bm.add_argument("--position", default="last", choices=("first_line_break", "last"),
+                    help="where the pair reads layer 12: last (the rhyme slot, the embedded default's site) or "
+                         "first_line_break (the research note's planning position)")
 
 
 def read_vector(path: str) -> torch.Tensor:
@@ -142,8 +145,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
 def _build_mini(args: argparse.Namespace) -> int:
     from .mini import ensure_mini_pair, mini_dir
 
-    av, ar = ensure_mini_pair(progress=True, force=args.force)
-    quality = json.loads((mini_dir() / "quality.json").read_text())
+    av, ar = ensure_mini_pair(progress=True, force=args.force, position=args.position)
+    quality = json.loads((mini_dir(args.position) / "quality.json").read_text())
     print(f"AV: {av}\nAR: {ar}\nbuild {quality.get('build_seconds')} s; held-out fve_nrm "
           f"{quality.get('fve_nrm_av'):.3f}; naming rate {quality.get('name_rate'):.1%}")
     return 0

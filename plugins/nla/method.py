@@ -36,14 +36,14 @@ MINI_ALIAS = "mini"
 MINI_PAIR = (EMBEDDED_ID, 12)
 
 
-def checkpoint_source(source: str, role: str, *, progress: bool = True) -> str:
+def checkpoint_source(source: str, role: str, *, progress: bool = True, position: str = "first_line_break") -> str:
     """The checkpoint to load for ``source``: ``mini`` builds (once) or reuses the miniature
-    pair and names its directory; anything else passes through to the loader."""
+    pair read at ``position`` and names its directory; anything else passes through to the loader."""
     if source != MINI_ALIAS:
         return source
     from .mini import ensure_mini_pair
 
-    av, ar = ensure_mini_pair(progress=progress)
+    av, ar = ensure_mini_pair(progress=progress, position=position)
     return str(av if role == "av" else ar)
 
 
@@ -149,7 +149,19 @@ class NlaTextEdit(Method):
         return NlaOptions.from_options(self.options)
 
     def validate(self) -> None:
-        self.opts  # noqa: B018 - raises ConfigError on bad options
+        from .mini.data import POSITIONS
+
+        if self.opts.av == MINI_ALIAS and self._position() not in POSITIONS:
+            raise ConfigError(f"the mini NLA pair is built for inject {' or '.join(POSITIONS)}, not "
+                              f"{self._position()!r}", where="methods.nla_text_edit.av",
+                              fix="set the experiment's inject to first_line_break or last, or give a trained pair")
+
+    def _position(self) -> str:
+        """The position rule the activations are read at: the battery's common inject rule (the
+        experiment's ``inject`` sets it for every prompt), else the first line break."""
+        battery = getattr(self.experiment, "battery", None)
+        rules = {getattr(p, "inject", None) for p in getattr(battery, "prompts", ())} - {None}
+        return rules.pop() if len(rules) == 1 else "first_line_break"
 
     # -- where and how to load
     def _device(self) -> str:
@@ -177,16 +189,18 @@ class NlaTextEdit(Method):
         from .av import ActivationVerbalizer
 
         o = self.opts
-        dtype, device = self._dtype(), self._device()
+        dtype, device, position = self._dtype(), self._device(), self._position()
         bpp = torch.finfo(dtype).bits / 8
         return (
             Resource(name="nla_av", kind="nla_av", source=o.av,
-                     loader=lambda: ActivationVerbalizer.load(checkpoint_source(o.av, "av"), dtype=dtype,
+                     loader=lambda: ActivationVerbalizer.load(checkpoint_source(o.av, "av", position=position),
+                                                              dtype=dtype,
                                                               device=device),
                      params=estimate_params(o.av, "av"), bytes_per_param=bpp,
                      note="activation verbalizer (explain)"),
             Resource(name="nla_ar", kind="nla_ar", source=o.ar,
-                     loader=lambda: ActivationReconstructor.load(checkpoint_source(o.ar, "ar"), dtype=dtype,
+                     loader=lambda: ActivationReconstructor.load(checkpoint_source(o.ar, "ar", position=position),
+                                                                 dtype=dtype,
                                                                  device=device),
                      params=estimate_params(o.ar, "ar"), bytes_per_param=bpp,
                      note="activation reconstructor (truncated backbone + value head)"),
@@ -203,7 +217,7 @@ class NlaTextEdit(Method):
         d_model = contexts[0].d_model
         acts = torch.stack([c.activation.float().cpu() for c in contexts])
         model_id = str(getattr(getattr(self.experiment, "model", None), "id", "") or "")
-        fve_base = dataset_baseline(runtime, model_id)  # with the base model, before the AV loads
+        fve_base = dataset_baseline(runtime, model_id, position=self._position())  # base model, before the AV
         baseline = float(fve_base["value"])
         jobs = [(ci, s) for ci in range(len(contexts)) for s in range(o.n_explanations)]
         texts: dict[tuple[int, int], tuple[str, str]] = {}

@@ -35,20 +35,23 @@ from .data import (
     CHAT_TEMPLATE,
     INJECTION_CANDIDATES,
     LAYER,
-    MINI_NAME,
     N_NEGATIVES,
+    POSITIONS,
     SEED,
     TRAIN_FROM_BLOCK,
     battery_words,
     extract_gold,
     make_eval_items,
     make_training_couplets,
+    mini_name,
 )
 from .evaluate import evaluate
 
 
-def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED) -> dict[str, Any]:
-    """Build the miniature pair into ``root/{av,ar}`` and write ``root/quality.json``."""
+def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
+                    position: str = POSITIONS[0]) -> dict[str, Any]:
+    """Build the miniature pair read at ``position`` into ``root/{av,ar}`` and write
+    ``root/quality.json``."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -57,7 +60,8 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED) -> d
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "av").mkdir(parents=True)
     (tmp / "ar").mkdir(parents=True)
-    log: dict[str, Any] = {"seed": seed, "layer": LAYER, "base": EMBEDDED_ID}
+    name = mini_name(position)
+    log: dict[str, Any] = {"seed": seed, "layer": LAYER, "position": position, "base": EMBEDDED_ID}
 
     lm = load_base_model(EMBEDDED_ID, dtype="float32", device="cpu", progress=progress)
     tok, model = lm.tokenizer, lm.model
@@ -70,8 +74,8 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED) -> d
     log.update(n_train=len(train), n_eval=len(evals), held_out_words=sorted(banned))
     bar = tqdm(total=len(train) + len(evals), desc="nla mini: layer-12 activations",
                disable=not progress)
-    gold_train = extract_gold(lm, train, bar)
-    gold_eval = extract_gold(lm, evals, bar)
+    gold_train = extract_gold(lm, train, bar, position=position)
+    gold_eval = extract_gold(lm, evals, bar, position=position)
     bar.close()
     scale = float(gold_train.norm(dim=-1).mean())
 
@@ -86,7 +90,7 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED) -> d
     site = prompt.index(inj_id)
     av_meta = {
         "kind": "nla_model", "role": "av", "d_model": d, "base_model": EMBEDDED_ID,
-        "extraction_layer_index": LAYER, "mini_version": MINI_NAME,
+        "extraction_layer_index": LAYER, "mini_version": name, "extraction_position": position,
         "extraction": {"injection_scale": round(scale, 3), "mse_scale": "sqrt_d_model"},
         "tokens": {"injection_char": inj, "injection_token_id": inj_id,
                    "injection_left_neighbor_id": prompt[site - 1],
@@ -186,7 +190,7 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED) -> d
                            for e in ("The line ends with x.", "planning dream or seem", "-eam"))
     ar_meta = {
         "kind": "nla_model", "role": "ar", "d_model": d, "base_model": EMBEDDED_ID,
-        "extraction_layer_index": LAYER, "mini_version": MINI_NAME,
+        "extraction_layer_index": LAYER, "mini_version": name, "extraction_position": position,
         "ar": {"num_hidden_layers": LAYER},
         "extraction": {"injection_scale": None, "mse_scale": "sqrt_d_model"},
         "tokens": {"critic_suffix_ids": suffix},

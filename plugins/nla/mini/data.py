@@ -1,5 +1,6 @@
 """The mini pair's data: training couplets, held-out battery prompts, templated explanations,
-and the gold vectors (the base model's layer-12 output at the first line break)."""
+and the gold vectors (the base model's layer-12 output at the pair's position: the first line
+break, or the rhyme slot for the embedded default's site, docs/embedded.md)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from steercmp.rhymes import FIRST_LINE_TEMPLATES, make_couplets, rhyme_group, si
 
 MINI_NAME = "gemma-3-270m-L12-mini-v1"
 LAYER = 12
+#: the position rules a mini pair can be built for; the first keeps the original cache name
+POSITIONS = ("first_line_break", "last")
 SEED = 1234
 INJECTION_CANDIDATES = ("\u321c", "\u3231", "\u3239", "\u2603")
 AV_TEMPLATE = ("Explain the activation <concept>{injection_char}</concept> as a rhyme plan. "
@@ -49,6 +52,33 @@ AV_LR = 3e-4
 N_NEGATIVES = 6000     # extra output-vocabulary tokens kept in the restricted softmax
 
 
+def mini_name(position: str = POSITIONS[0]) -> str:
+    """The cache name of the pair read at ``position`` (one of :data:`POSITIONS`)."""
+    if position not in POSITIONS:
+        raise ValueError(f"the mini pair is built for {', '.join(POSITIONS)}, not {position!r}")
+    return MINI_NAME if position == POSITIONS[0] else MINI_NAME.replace("-mini-", f"-{position}-mini-")
+
+
+def shipped_battery_files() -> list[Path]:
+    """The batteries the shipped experiment configs run, the embedded default's first: their
+    prompts are held out of training and the first :data:`N_EVAL_MAX` are the evaluation."""
+    exp_dir = experiments_dir()
+    configs = sorted(exp_dir.glob("*.yaml"), key=lambda q: (q.name != "embedded.yaml", q.name))
+    files: list[Path] = []
+    for cfg in configs:
+        try:
+            name = str((yaml.safe_load(cfg.read_text()) or {}).get("battery") or "")
+        except yaml.YAMLError:
+            continue
+        if not name:
+            continue
+        path = exp_dir / "batteries" / f"{name}.yaml" if "/" not in name and not name.endswith(".yaml") \
+            else (exp_dir / name).resolve()
+        if path.is_file() and path not in files:
+            files.append(path)
+    return files
+
+
 def rhyme_ending(word: str) -> str:
     """The spelled rhyme ending: last vowel group plus what follows (stream -> eam)."""
     m = re.search(r"[aeiouy]+[^aeiouy]*e?$", word.lower())
@@ -62,11 +92,13 @@ def explanation_for(line_end: str, plans: Sequence[str]) -> str:
 
 
 def battery_words(root: Path | None = None) -> tuple[set[str], list[dict[str, Any]]]:
-    """All words of the shipped batteries (held out of training) and their prompts."""
-    root = root or experiments_dir() / "batteries"
+    """All words of the batteries the shipped configs run and their prompts (held out of
+    training); ``root`` reads every battery in that folder instead."""
+    paths = sorted(root.glob("*.yaml")) if root is not None and root.is_dir() else (
+        [] if root is not None else shipped_battery_files())
     words: set[str] = set()
     prompts: list[dict[str, Any]] = []
-    for path in sorted(root.glob("*.yaml")) if root.is_dir() else []:
+    for path in paths:
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError:
@@ -177,15 +209,15 @@ def make_eval_items(tokenizer, seed: int = SEED) -> list[dict[str, Any]]:  # noq
 
 
 
-def extract_gold(lm, items: Sequence[dict[str, Any]], bar=None, batch: int = 16  # noqa: ANN001
-                 ) -> torch.Tensor:
-    """Layer-12 output at the first line break of each item's text, fp32 ``[n, d]``."""
+def extract_gold(lm, items: Sequence[dict[str, Any]], bar=None, batch: int = 16,  # noqa: ANN001
+                 position: str = POSITIONS[0]) -> torch.Tensor:
+    """Layer-12 output at ``position`` (a position rule) of each item's text, fp32 ``[n, d]``."""
     tok = lm.tokenizer
     out = []
     for s in range(0, len(items), batch):
         chunk = items[s:s + batch]
         seqs = [tokenize_text(tok, it["text"])[0] for it in chunk]
-        pos = [resolve_rule(tok, ids, it["text"], "first_line_break") for ids, it in zip(seqs, chunk, strict=True)]
+        pos = [resolve_rule(tok, ids, it["text"], position) for ids, it in zip(seqs, chunk, strict=True)]
         resids = capture_residuals(lm, LAYER, seqs, batch_size=batch)
         out.append(torch.stack([r[p] for r, p in zip(resids, pos, strict=True)]))
         if bar is not None:
