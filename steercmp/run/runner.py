@@ -25,7 +25,7 @@ from steercmp.errors import ConfigError, NumericalError, PluginError, SteercmpEr
 from steercmp.lm.capture import extract
 from steercmp.lm.prompts import check_against_tokenizer
 from steercmp.plugin_manager import PluginSet
-from steercmp.run.cells import CELL_SCHEMA, CellBook, FamilyForms, method_cells, score_unit
+from steercmp.run.cells import CELL_SCHEMA, Cell, CellBook, FamilyForms, method_cells, score_unit
 from steercmp.run.keys import STAGES, RunKeys
 from steercmp.run.proposals import check_proposals, load_proposals, save_proposals
 from steercmp.run.rundir import (
@@ -51,6 +51,15 @@ from steercmp.tables import (
 )
 
 Unit = tuple[str, str, str]  # (method key, prompt id, unit key)
+
+
+def by_prompt(units: Sequence[Unit]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """``[(prompt id, [(method, unit key), ...]), ...]`` in first-seen order: the pending units of
+    each prompt, computed together (one batch) and written apart."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for method, pid, ukey in units:
+        groups.setdefault(pid, []).append((method, ukey))
+    return list(groups.items())
 #: how to repair a stored result that fails its schema check (docs/schemas.md): compute it again
 RECOMPUTE = "delete the file or rerun with --fresh so it is computed again"
 
@@ -241,10 +250,14 @@ class Runner:
             return df
         t = time.perf_counter()
         units, todo, key = self._pending("score", units, key, book)
-        for method, pid, ukey in self.progress(todo, "score units", len(todo)):
-            records = score_unit(self.resources.base(), self.experiment.layer, book.cells(method, pid),
-                                 self.experiment.batch_size)
-            write_parquet(self.rundir.unit("score", ukey), pl.DataFrame(records, schema=CELL_SCHEMA))
+        # one batch per prompt over all its pending methods: the prompt's prefix is computed once and
+        # its unsteered rows score once; each (method, prompt) unit is still written on its own
+        for pid, group in self.progress(by_prompt(todo), "score prompts", len({u[1] for u in todo})):
+            records = score_unit(self.resources.base(), self.experiment.layer,
+                                 [c for method, _ in group for c in book.cells(method, pid)], self.experiment.batch_size)
+            for method, ukey in group:
+                write_parquet(self.rundir.unit("score", ukey),
+                              pl.DataFrame([r for r in records if r["method"] == method], schema=CELL_SCHEMA))
         frames = [read_table(self.rundir.unit("score", u), SCORE_UNIT, fix=RECOMPUTE) for _, _, u in units]
         df = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=CELL_SCHEMA)
         write_parquet(self.rundir.cells, df)
@@ -302,23 +315,40 @@ class Runner:
         units, todo, key = self._pending("completions", units, key, book)
         baseline = self._baselines([c for c in contexts if any(u[1] == c.prompt.id for u in todo)]) if todo else {}
         failed: set[str] = set()
-        for method, pid, ukey in self.progress(todo, "completion units", len(todo)):
-            if method in failed:
-                continue
-            chosen = []
+
+        def chosen(method: str, pid: str) -> list[Cell]:
+            out = []
             for c in book.cells(method, pid):
                 if c.alpha not in exp.completions.alphas:
                     continue
                 if (c.prompt_id, c.method, c.condition, c.alpha, c.scaling) in errors:
                     c = attrs.evolve(c, row=None, status="error")
-                chosen.append(c)
+                out.append(c)
+            return out
+
+        # one sampling batch per prompt over all its pending methods (each row keeps its own
+        # generator, so a row's text does not depend on its batch); a failure retries method by
+        # method so only the method at fault is dropped
+        for pid, group in self.progress(by_prompt(todo), "completion prompts", len({u[1] for u in todo})):
+            group = [(m, k) for m, k in group if m not in failed]
             try:
-                df = sample_completions(self.resources.base(), exp, chosen, self.battery, baseline=baseline)
-            except Exception as exc:
-                self._fail(method, "sampling completions", exc)
-                failed.add(method)
-                continue
-            write_parquet(self.rundir.unit("completions", ukey), df)
+                frames = {None: sample_completions(self.resources.base(), exp,
+                                                   [c for m, _ in group for c in chosen(m, pid)], self.battery,
+                                                   baseline=baseline)}
+            except Exception:
+                frames = {}
+                for method, _ in group:
+                    try:
+                        frames[method] = sample_completions(self.resources.base(), exp, chosen(method, pid),
+                                                            self.battery, baseline=baseline)
+                    except Exception as exc:
+                        self._fail(method, "sampling completions", exc)
+                        failed.add(method)
+            for method, ukey in group:
+                if method in failed:
+                    continue
+                df = frames[method] if method in frames else frames[None].filter(pl.col("method") == method)
+                write_parquet(self.rundir.unit("completions", ukey), df)
         frames = [read_table(self.rundir.unit("completions", u), COMPLETION_UNIT, fix=RECOMPUTE)
                   for m, _, u in units if m not in failed]
         df = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=COMPLETION_SCHEMA)

@@ -23,6 +23,7 @@ from steercmp.hashing import derive_seed
 from steercmp.lm.compat import cache_kwargs, output_cache
 from steercmp.lm.hooks import Injection, injecting
 from steercmp.lm.load import LoadedModel
+from steercmp.lm.sampling import sample_tokens
 from steercmp.tables import COMPLETION_SCHEMA
 
 
@@ -77,10 +78,9 @@ def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Inje
         logits = res.logits[:, -1].float().cpu()
         active = torch.arange(n)  # rows still decoding; logits and cache rows follow this order
         for step in range(max_new_tokens):
-            nxt = torch.empty(len(active), dtype=torch.long)
+            nxt = sample_tokens(logits, [generators[i] for i in active.tolist()], temperature, top_p)
             for j, i in enumerate(active.tolist()):
-                tok = _sample(logits[j], generators[i], temperature, top_p)
-                nxt[j] = tok
+                tok = int(nxt[j])
                 out[i].append(tok)
                 if tok == eos or (stop_on_newline and tok in newline_ids):
                     done[i] = True
@@ -104,18 +104,6 @@ def _newline_ids(tokenizer: Any) -> set[int]:
         if len(enc) == 1:
             ids.add(enc[0])
     return ids
-
-
-def _sample(logits: torch.Tensor, generator: torch.Generator, temperature: float, top_p: float) -> int:
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 UNSTEERED = "unsteered"
@@ -152,7 +140,7 @@ def sample_baseline(lm: LoadedModel, experiment: Experiment, prompt_id: str, con
 def sample_completions(lm: LoadedModel, experiment: Experiment, cells: Sequence[Any], battery: Battery, *,
                        baseline: Mapping[tuple[tuple[int, ...], int], str] | None = None,
                        progress: Callable[..., Any] | None = None, log: Callable[[str], None] | None = None,
-                       batch_rows: int = 64) -> pl.DataFrame:
+                       batch_rows: int = 256) -> pl.DataFrame:
     """Sample ``experiment.completions.seeds`` continuations for every scorable cell.
 
     A sample is identified by (context, injection, seed): cells that are the unsteered model on

@@ -40,10 +40,10 @@ def test_subsample_covers_every_condition_and_alpha():
     assert {i % 35 for i in idx} == set(range(35)) or len(idx) < 35
 
 
-def test_quick_bench_on_tiny_model(tmp_path, tiny_battery_lm, capsys):
+def test_smoke_bench_on_tiny_model(tmp_path, tiny_battery_lm, capsys):
     battery, lm = tiny_battery_lm
     out = tmp_path / "bench.json"
-    args = argparse.Namespace(out=str(out), battery=NOTE8, quick=True, layer=2)
+    args = argparse.Namespace(out=str(out), battery=NOTE8, smoke=True, layer=2)
     assert bench.main(args, lm=lm) == 0
     data = json.loads(out.read_text())
     assert data["all_agree"]
@@ -56,6 +56,24 @@ def test_quick_bench_on_tiny_model(tmp_path, tiny_battery_lm, capsys):
     assert "met" in capsys.readouterr().out
 
 
+def test_quick_bench_samples_the_slow_baselines_only(tmp_path, tiny_battery_lm, capsys):
+    """--quick: (d) and the bounds on every cell, (a), (b), (c) on sampled cells, every ratio printed."""
+    battery, lm = tiny_battery_lm
+    out = tmp_path / "bench.json"
+    args = argparse.Namespace(out=str(out), battery=NOTE8, quick=True, layer=2)
+    assert bench.main(args, lm=lm) == 0
+    data = json.loads(out.read_text())
+    n = len(battery.prompts) * len(bench.CONDITIONS) * len(bench.ALPHAS)
+    assert data["mode"] == "quick" and data["all_agree"]
+    assert data["timings"]["d"]["cells"] == data["timings"]["bound"]["cells"] == n
+    for key, cells in bench.QUICK.items():
+        path = {"loop_cells": "a", "nnsight_cells": "b", "batched_cells": "c"}[key]
+        assert data["timings"][path]["cells"] <= min(cells, n) and data["timings"][path]["sampled"]
+    printed = capsys.readouterr().out
+    for ratio in ("d/a", "d/b", "d/c", "d/bound", "completions"):
+        assert ratio in printed
+
+
 def test_bench_fails_loudly_on_disagreement(tmp_path, tiny_battery_lm, monkeypatch):
     battery, lm = tiny_battery_lm
     real = bench.loop_scores
@@ -66,7 +84,7 @@ def test_bench_fails_loudly_on_disagreement(tmp_path, tiny_battery_lm, monkeypat
         return out
 
     monkeypatch.setattr(bench, "loop_scores", broken)
-    args = argparse.Namespace(out=str(tmp_path / "b.json"), battery=NOTE8, quick=True, layer=2,
+    args = argparse.Namespace(out=str(tmp_path / "b.json"), battery=NOTE8, smoke=True, layer=2,
                               no_completions=True)
     assert bench.main(args, lm=lm) == 1
     assert not json.loads((tmp_path / "b.json").read_text())["agreement"]["a"]["ok"]
@@ -90,8 +108,8 @@ def test_generate_rows_shared_prefix_equals_full_prefill(tiny_battery_lm):
 
 
 @pytest.mark.slow
-def test_quick_bench_on_embedded_model(tmp_path, embedded_lm):
-    args = argparse.Namespace(out=str(tmp_path / "bench.json"), battery=NOTE8, quick=True)
+def test_smoke_bench_on_embedded_model(tmp_path, embedded_lm):
+    args = argparse.Namespace(out=str(tmp_path / "bench.json"), battery=NOTE8, smoke=True)
     assert bench.main(args, lm=embedded_lm) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["all_agree"] and data["grid"]["layer"] == 12

@@ -166,15 +166,15 @@ def test_exception_mid_generation_and_sweep_leaves_no_hook(tiny_lm, monkeypatch)
     from steercmp.score.reference import ScoreRow
 
     calls = {"n": 0}
-    real = completions._sample
+    real = completions.sample_tokens
 
     def flaky(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2:  # the second decoding step
             raise Boom
         return real(*a, **k)
 
-    monkeypatch.setattr(completions, "_sample", flaky)
+    monkeypatch.setattr(completions, "sample_tokens", flaky)
     inj = Injection.build(torch.ones(2, 64), [1.0, 2.0], [2, 2], "raw")
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     with pytest.raises(Boom):
@@ -199,7 +199,7 @@ def test_embedded_model_exception_mid_generation_leaves_no_hook(embedded_lm, mon
     def boom(*a, **k):
         raise Boom
 
-    monkeypatch.setattr(completions, "_sample", boom)
+    monkeypatch.setattr(completions, "sample_tokens", boom)
     # transformers 5 keeps its own output-capturing hooks once output_hidden_states was used,
     # so compare against what was attached before, not against zero
     before = attached_hooks(embedded_lm.model)

@@ -1,0 +1,52 @@
+"""Batched exact sampling with one generator per row, shared by completions and the NLA verbalizer.
+
+Hand-written rather than ``torch.multinomial`` per row because that call, on a 262k vocabulary,
+costs a softmax and a cumulative sum per row (~6 ms); here one batched softmax and a two-level
+inverse CDF do every row at once, and each row still draws from its own generator, so a row's
+token does not depend on the batch around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+#: vocabulary block of the two-level inverse-CDF sampler (block sums, then one block's entries)
+SAMPLE_BLOCK = 512
+
+
+def sample_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator], temperature: float,
+                  top_p: float = 1.0) -> torch.Tensor:
+    """One token per row of ``logits [n, V]``, row ``i`` drawing ONE uniform from ``generators[i]``.
+
+    Exact inverse-CDF sampling, batched: the softmax of every row at once, then the block whose
+    cumulative mass passes ``u * total`` and the token inside it (block sums and cumulative sums in
+    float64, so a 262k vocabulary loses no tail mass). One Python-level draw per row instead of a
+    softmax and a multinomial per row: about 12x faster at 140 rows of a 262k vocabulary, the
+    difference between minutes and seconds for the embedded default's completions.
+    ``top_p < 1`` keeps the smallest set of most likely tokens whose mass reaches ``top_p``.
+    """
+    n, vocab = logits.shape
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    order = None
+    if top_p < 1.0:
+        probs, order = torch.sort(probs, dim=-1, descending=True)
+        probs = torch.where(torch.cumsum(probs, -1) - probs < top_p, probs, torch.zeros_like(probs))
+    pad = (-vocab) % SAMPLE_BLOCK
+    blocks = torch.nn.functional.pad(probs, (0, pad)).view(n, -1, SAMPLE_BLOCK)
+    block_cum = torch.cumsum(blocks.sum(-1, dtype=torch.float64), -1)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    target = u * block_cum[:, -1]
+    b = torch.searchsorted(block_cum, target[:, None], right=True).squeeze(1).clamp_max(block_cum.shape[1] - 1)
+    before = torch.where(b > 0, block_cum.gather(1, (b - 1).clamp_min(0)[:, None]).squeeze(1),
+                         torch.zeros(n, dtype=torch.float64))
+    inner = torch.cumsum(blocks[torch.arange(n), b].to(torch.float64), -1)
+    k = torch.searchsorted(inner, (target - before)[:, None], right=True).squeeze(1).clamp_max(SAMPLE_BLOCK - 1)
+    tok = (b * SAMPLE_BLOCK + k).clamp_max(vocab - 1)
+    return tok if order is None else order.gather(1, tok[:, None]).squeeze(1)
+
+
+__all__ = ["SAMPLE_BLOCK", "sample_tokens"]
