@@ -4,10 +4,17 @@
 target delta's norm, seeded per run, method and prompt) and ``wrong_position`` (the target
 delta at a neighbouring token). ``unrelated_edit`` is not here: it is the method's own
 proposal toward the unrelated family, so every method gets it from the runner.
+
+Two more apply to text-edit methods only (methods that propose the companion families,
+:data:`steercmp.api.COMPANION_FAMILIES`): ``paraphrase_edit`` (a meaning-preserving rewording of
+the explanation through the reconstructor: an edit is semantic only if it beats this) and
+``round_trip`` (the activation replaced once by the reconstruction of its own explanation: how
+much of the behaviour survives the pair).
 """
 
 from __future__ import annotations
 
+import attrs
 import torch
 
 from steercmp.api import Control, Method, PromptContext, Proposal
@@ -68,8 +75,31 @@ class WrongPosition(Control):
                         position=pos, status=target.status, meta={"offset": self.offset})
 
 
+class ParaphraseEdit(Control):
+    name = "paraphrase_edit"
+    description = "text-edit methods: a meaning-preserving rewording of the explanation, through the reconstructor"
+    companion = "paraphrase"
+
+    def derive(self, target: Proposal, context: PromptContext, generator: torch.Generator) -> Proposal:
+        return target  # the method's paraphrase proposal, injected like the target
+
+
+class RoundTrip(Control):
+    name = "round_trip"
+    description = ("text-edit methods: the activation replaced once (alpha 1) by the reconstruction of "
+                   "its own explanation at the activation's norm")
+    companion = "round_trip"
+
+    def derive(self, target: Proposal, context: PromptContext, generator: torch.Generator) -> Proposal:
+        if target.fixed_alpha is None:
+            return attrs.evolve(target, fixed_alpha=1.0)  # a replacement is one operation, never a dose
+        return target
+
+
 @hookimpl
 def register_controls(register):
     register(Noop)
     register(RandomDelta)
     register(WrongPosition)
+    register(ParaphraseEdit)
+    register(RoundTrip)

@@ -24,10 +24,16 @@ PROPOSAL_FAMILIES: tuple[str, ...] = ("edited", "unrelated")
 TARGET_CONDITION = "target_edit"
 UNRELATED_CONDITION = "unrelated_edit"
 FAMILY_OF_CONDITION = {TARGET_CONDITION: "edited", UNRELATED_CONDITION: "unrelated"}
+#: Companion families a text-edit method proposes besides :data:`PROPOSAL_FAMILIES` (see
+#: :attr:`Method.companion_families`): ``paraphrase`` (a meaning-preserving rewording of the
+#: explanation, through the reconstructor) and ``round_trip`` (the activation replaced by the
+#: reconstruction of its own explanation). Controls with a :attr:`Control.companion` read them.
+COMPANION_FAMILIES: tuple[str, ...] = ("paraphrase", "round_trip")
 SCALINGS: tuple[str, ...] = ("raw", "norm_relative")
 #: statuses a proposal may carry: ``ok``; NLA selection outcomes ``editable`` / ``fallback``;
+#: ``below_fidelity`` (under the method's fidelity gate: reported apart like fallback);
 #: ``dropped`` (excluded from the analysis, visibly)
-PROPOSAL_STATUSES: tuple[str, ...] = ("ok", "editable", "fallback", "dropped")
+PROPOSAL_STATUSES: tuple[str, ...] = ("ok", "editable", "fallback", "below_fidelity", "dropped")
 
 
 def _frozen_dict(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -94,6 +100,8 @@ class Proposal:
     (``None`` = the prompt's injection position). ``status`` records selection outcomes such as
     NLA's ``editable`` / ``fallback`` / ``dropped``; a ``dropped`` proposal is excluded from the
     analysis visibly (its cells are written with ``status=dropped`` and no score).
+    ``fixed_alpha`` makes the condition one operation rather than a dose: every alpha cell injects
+    the raw delta at this alpha (the round trip replaces the activation once, at 1).
     ``meta`` must be JSON-serialisable: it is stored with the cells.
     """
 
@@ -104,6 +112,7 @@ class Proposal:
     prompt_text: str | None = None
     status: str = "ok"
     meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_dict)
+    fixed_alpha: float | None = None
 
     def __attrs_post_init__(self) -> None:
         if (self.delta is None) == (self.prompt_text is None) and self.status != "dropped":
@@ -201,6 +210,9 @@ class Method(abc.ABC):
     name: ClassVar[str]
     intervention: ClassVar[str] = "activation"
     description: ClassVar[str] = ""
+    #: families proposed besides :data:`PROPOSAL_FAMILIES`: a text-edit method sets
+    #: :data:`COMPANION_FAMILIES`, and the controls that read them then apply to it
+    companion_families: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Mapping[str, Any], experiment: Any):
         self.options = dict(options)
@@ -217,27 +229,35 @@ class Method(abc.ABC):
     def propose(
         self, contexts: Sequence[PromptContext], runtime: MethodRuntime
     ) -> Sequence[Proposal]:
-        """Return one proposal per prompt and per family in :data:`PROPOSAL_FAMILIES`."""
+        """Return one proposal per prompt and per family in :data:`PROPOSAL_FAMILIES` and
+        :attr:`companion_families`."""
 
 
 class Control(abc.ABC):
-    """A control condition derived from a method's target proposal (never from its own idea)."""
+    """A control condition derived from a method's target proposal (never from its own idea).
+
+    A control with a ``companion`` family derives from the method's proposal of that family
+    instead of the target, and applies only to methods that propose it
+    (:attr:`Method.companion_families`): how text-edit controls reach every text-edit plugin.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    companion: ClassVar[str | None] = None
 
     def __init__(self, options: Mapping[str, Any]):
         self.options = dict(options)
 
     def applies_to(self, method: Method) -> bool:
         """Whether this control makes sense for ``method``; if not, its cells say ``not_applicable``."""
-        return True
+        return self.companion is None or self.companion in method.companion_families
 
     @abc.abstractmethod
     def derive(
         self, target: Proposal, context: PromptContext, generator: torch.Generator
     ) -> Proposal:
-        """Build the control's proposal from the target proposal for the same prompt."""
+        """Build the control's proposal from the target proposal for the same prompt (or from the
+        method's ``companion`` proposal, for a companion control)."""
 
 
 @attrs.frozen

@@ -19,7 +19,7 @@ from steercmp.catalog import DTYPE_BYTES, EMBEDDED_ID, is_embedded
 from steercmp.errors import ConfigError
 from steercmp.redact import redact
 
-DEFAULT_CONTROLS = ("noop", "random_delta", "wrong_position")
+DEFAULT_CONTROLS = ("noop", "random_delta", "wrong_position", "paraphrase_edit", "round_trip")
 PACKAGE_EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 

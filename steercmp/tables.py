@@ -22,8 +22,12 @@ CELL_SCHEMA: dict[str, Any] = {
     "prompt_id": pl.String, "method": pl.String, "condition": pl.String, "alpha": pl.Float64,
     "scaling": pl.String, "position": pl.Int64, "inject_pos": pl.Int64, "score_pos": pl.Int64,
     "delta_norm": pl.Float64, "logmass_edited": pl.Float64, "logmass_original": pl.Float64,
-    "logmass_unrelated": pl.Float64, "score": pl.Float64, "status": pl.String, "meta": pl.String,
+    "logmass_unrelated": pl.Float64, "score": pl.Float64, "kl_unsteered": pl.Float64, "status": pl.String,
+    "meta": pl.String,
 }
+#: cell columns a reader accepts missing (descriptive only; runs written before they existed lack
+#: them); when missing they are added as nulls
+CELL_OPTIONAL = ("kl_unsteered",)
 COMPLETION_SCHEMA: dict[str, Any] = {
     "prompt_id": pl.String, "method": pl.String, "condition": pl.String, "alpha": pl.Float64,
     "scaling": pl.String, "seed": pl.Int64, "text": pl.String, "line": pl.String,
@@ -56,9 +60,9 @@ class TableSpec:
     extra_columns: bool = True
 
 
-CELLS = TableSpec("cells.parquet", CELL_SCHEMA, needs_target=True)
+CELLS = TableSpec("cells.parquet", CELL_SCHEMA, optional=CELL_OPTIONAL, needs_target=True)
 COMPLETIONS = TableSpec("completions.parquet", COMPLETION_SCHEMA, optional=END_COLUMNS)
-SCORE_UNIT = TableSpec("units/score/<key>.parquet", CELL_SCHEMA, extra_columns=False)
+SCORE_UNIT = TableSpec("units/score/<key>.parquet", CELL_SCHEMA, optional=CELL_OPTIONAL, extra_columns=False)
 COMPLETION_UNIT = TableSpec("units/completions/<key>.parquet", COMPLETION_SCHEMA, optional=END_COLUMNS,
                             extra_columns=False)
 BASELINE_UNIT = TableSpec("units/completions/baseline-<key>.parquet", BASELINE_SCHEMA,

@@ -20,10 +20,11 @@ def register_methods(register) -> None:  # noqa: ANN001
 
 @hookimpl
 def register_report_sections(register) -> None:  # noqa: ANN001
-    """Register the NLA fidelity and selection section."""
-    from .report import SECTION
+    """Register the NLA fidelity section and the text-edit panel."""
+    from .report import PANEL, SECTION
 
     register(SECTION)
+    register(PANEL)
 
 
 @hookimpl

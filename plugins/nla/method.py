@@ -7,6 +7,13 @@ baseline is a dataset-level variance, :mod:`.baseline`); one explanation is sele
 ``edited`` family (target) and the ``unrelated`` family (control), and the proposal's delta is
 ``AR(edited text) - AR(original text)``.
 
+It also proposes the two companion families every text-edit method offers its controls
+(:data:`steercmp.api.COMPANION_FAMILIES`): ``paraphrase`` = ``AR(reworded text) - AR(original
+text)`` (a meaning-preserving rewording, :mod:`.paraphrase`) and ``round_trip`` = the
+reconstruction of the original explanation rescaled to the activation's norm, minus the
+activation (applied once, at alpha 1). ``fidelity_gate`` moves prompts whose selected
+explanation reconstructs below the gate out of the primary analysis (``below_fidelity``).
+
 Nothing is fabricated: when no explanation names an editable term, ``strict`` (the default)
 drops the prompt, and ``default`` keeps it as a ``fallback`` prompt with a zero delta (there was
 nothing to edit), reported apart and never in the primary analysis.
@@ -22,13 +29,22 @@ from typing import Any
 import attrs
 import torch
 
-from steercmp.api import PROPOSAL_FAMILIES, Method, MethodRuntime, PromptContext, Proposal, Resource
+from steercmp.api import (
+    COMPANION_FAMILIES,
+    PROPOSAL_FAMILIES,
+    Method,
+    MethodRuntime,
+    PromptContext,
+    Proposal,
+    Resource,
+)
 from steercmp.catalog import EMBEDDED_ID, known_model, nla_pair
 from steercmp.errors import ConfigError
 from steercmp.lm.load import parse_dtype, resolve_device
 
 from .baseline import dataset_baseline
 from .fidelity import fidelity
+from .paraphrase import DEFAULT_RULES, paraphrase, parse_rules
 from .select import SELECTIONS, apply_edit, mentions, select_explanation
 
 #: the miniature pair steercmp builds for the embedded Gemma 3 270M (:mod:`.mini`)
@@ -97,6 +113,8 @@ class NlaOptions:
     dtype: str | None = None
     batch_size: int = 8
     greedy: bool = False
+    fidelity_gate: float | None = None
+    paraphrase_rules: tuple[tuple[str, str], ...] = DEFAULT_RULES
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> NlaOptions:
@@ -127,6 +145,16 @@ class NlaOptions:
                               where=f"{where}.selection", fix="use strict (drop prompts without an editable term) or default (keep them apart as fallback)")
         if opts.get("dtype") is not None:
             parse_dtype(opts["dtype"])
+        gate = opts.get("fidelity_gate")
+        if gate is not None:
+            if isinstance(gate, bool) or not isinstance(gate, int | float) or gate != gate:
+                raise ConfigError(f"fidelity_gate must be a number, got {gate!r}", where=f"{where}.fidelity_gate",
+                                  fix="use e.g. 0.5 (the FVE the community found edits need), or leave it out")
+            if gate > 1:
+                raise ConfigError(f"fidelity_gate {gate} is above 1: fve_nrm never exceeds 1, so every prompt "
+                                  "would be gated", where=f"{where}.fidelity_gate", fix="use a value <= 1, e.g. 0.5")
+            opts["fidelity_gate"] = float(gate)
+        opts["paraphrase_rules"] = parse_rules(opts.get("paraphrase_rules"), f"{where}.paraphrase_rules")
         return cls(**opts)
 
     @property
@@ -141,6 +169,7 @@ class NlaTextEdit(Method):
 
     name = "nla_text_edit"
     intervention = "activation"
+    companion_families = COMPANION_FAMILIES
     description = ("NLA text edit: explain the planning activation with the AV, edit the planning "
                    "words, inject AR(edited) - AR(original)")
 
@@ -260,8 +289,13 @@ class NlaTextEdit(Method):
                 for fam in PROPOSAL_FAMILIES:
                     orig, edited, mode, count = edit_texts(samples[idx], maps[fam])
                     plans.append((ci, fam, orig, edited, mode, count))
+                reworded, applied = paraphrase(samples[idx], o.paraphrase_rules, terms)
+                if applied:
+                    plans.append((ci, "paraphrase", samples[idx], reworded, "reworded", len(applied)))
             edit_inputs = [t for p in plans for t in (p[2], p[3])]
             edit_vecs = ar.reconstruct(edit_inputs) if edit_inputs else torch.zeros(0, d_model)
+            # AR(original explanation) of each prompt: the round trip's reconstruction
+            recon_orig = {p[0]: edit_vecs[2 * j].float() for j, p in enumerate(plans) if p[1] == "edited"}
 
         proposals: list[Proposal] = []
         sel_rows: list[dict[str, Any]] = []
@@ -276,7 +310,7 @@ class NlaTextEdit(Method):
                 meta = {"selection": sel, "reason": "no explanation names an editable term",
                         "n_explanations": o.n_explanations}
                 proposals.extend(Proposal(prompt_id=pid, family=fam, status="dropped", meta=meta)
-                                 for fam in PROPOSAL_FAMILIES)
+                                 for fam in (*PROPOSAL_FAMILIES, *COMPANION_FAMILIES))
                 sel_rows.append({"prompt_id": pid, "selection": sel, "sample": None,
                                  "explanation": None, "edited_text": None, "unrelated_text": None,
                                  "fve_nrm": None, "mse_nrm": None, "cosine": None,
@@ -284,15 +318,28 @@ class NlaTextEdit(Method):
                 continue
             f = fid[(ci, idx)]
             explanation = texts[(ci, idx)][0]
+            status = sel
+            if o.fidelity_gate is not None and sel == "editable" and not f.fve_nrm >= o.fidelity_gate:
+                status = "below_fidelity"  # reported apart, like fallback prompts
+            common = {"selection": sel, "sample": idx, "explanation": explanation, "fve_nrm": f.fve_nrm,
+                      "mse_nrm": f.mse_nrm, "cosine": f.cosine, "fve_baseline": baseline,
+                      "fidelity_gate": o.fidelity_gate, "av": o.av, "ar": o.ar}
             for fam in PROPOSAL_FAMILIES:
                 orig, edited, mode, count, delta = by_prompt[ci][fam]
-                meta = {"selection": sel, "sample": idx, "explanation": explanation,
-                        "original_text": orig, "edited_text": edited, "edit_mode": mode,
-                        "replacements": count, "fve_nrm": f.fve_nrm, "mse_nrm": f.mse_nrm,
-                        "cosine": f.cosine, "delta_norm": float(delta.norm()),
-                        "fve_baseline": baseline, "av": o.av, "ar": o.ar}
-                proposals.append(Proposal(prompt_id=pid, family=fam, delta=delta, status=sel,
+                meta = {**common, "original_text": orig, "edited_text": edited, "edit_mode": mode,
+                        "replacements": count, "delta_norm": float(delta.norm())}
+                proposals.append(Proposal(prompt_id=pid, family=fam, delta=delta, status=status,
                                           meta=meta))
+            target_norm = float(by_prompt[ci]["edited"][4].norm())
+            if "paraphrase" in by_prompt[ci]:
+                orig, reworded, _mode, count, delta = by_prompt[ci]["paraphrase"]
+                proposals.append(Proposal(prompt_id=pid, family="paraphrase", delta=delta, status=status, meta={
+                    **common, "original_text": orig, "paraphrase_text": reworded, "rules_applied": count,
+                    "delta_norm": float(delta.norm()), "target_delta_norm": target_norm}))
+            else:
+                proposals.append(Proposal(prompt_id=pid, family="paraphrase", status="dropped", meta={
+                    **common, "reason": "no paraphrase rule applies to the selected explanation"}))
+            proposals.append(round_trip(pid, acts[ci], recon_orig[ci], status, common))
             sel_rows.append({
                 "prompt_id": pid, "selection": sel, "sample": idx, "explanation": explanation,
                 "edited_text": by_prompt[ci]["edited"][1],
@@ -303,3 +350,18 @@ class NlaTextEdit(Method):
         runtime.write_table("explanations", expl_rows)
         runtime.write_table("selections", sel_rows)
         return proposals
+
+
+def round_trip(prompt_id: str, activation: torch.Tensor, reconstruction: torch.Tensor, status: str,
+               meta: Mapping[str, Any]) -> Proposal:
+    """The round trip: replace the activation by the reconstruction of its own explanation,
+    rescaled to the activation's norm (delta = rescaled AR(original) - h, applied once at alpha 1).
+    A faithful pair moves the score and the next-token distribution little."""
+    h = activation.float()
+    r = reconstruction.float()
+    scaled = r * (h.norm() / r.norm().clamp_min(1e-12))
+    delta = (scaled - h).contiguous()
+    cos = float(torch.nn.functional.cosine_similarity(r, h, dim=0))
+    return Proposal(prompt_id=prompt_id, family="round_trip", delta=delta, status=status, fixed_alpha=1.0,
+                    meta={**meta, "round_trip_cosine": cos, "delta_norm": float(delta.norm()),
+                          "activation_norm": float(h.norm())})

@@ -15,10 +15,13 @@ from typing import Any
 
 import attrs
 import polars as pl
+import torch
 
 from steercmp import stats
 from steercmp.report.sections import Section
 from steercmp.report.tables import Table, fmt, fmt_ci
+from steercmp.run.proposals import load_proposals
+from steercmp.run.rundir import RunDir
 
 
 @attrs.frozen
@@ -30,6 +33,7 @@ class Reference:
     fractions: pl.DataFrame
     effects: pl.DataFrame
     logmass: pl.DataFrame
+    cosines: pl.DataFrame = attrs.field(factory=pl.DataFrame)
 
 
 def roles_of(cells: pl.DataFrame) -> tuple[dict[str, str], str | None, tuple[str, ...]]:
@@ -83,12 +87,62 @@ def site_banner(verdicts: Sequence[Mapping[str, Any]], ref: Reference) -> str:
             f"about the method.")
 
 
-def build_reference(cells: pl.DataFrame, alphas: Sequence[float], *, n_boot: int, seed: int) -> Reference:
+def build_reference(cells: pl.DataFrame, alphas: Sequence[float], *, n_boot: int, seed: int,
+                    run: RunDir | None = None) -> Reference:
     _, positive, ceilings = roles_of(cells)
     effects = stats.effects_vs_noop(cells, alphas)
     fractions = (stats.fractions(effects, positive, n_boot=min(n_boot, 2_000), seed=seed) if positive
                  else pl.DataFrame())
-    return Reference(positive, ceilings, fractions, effects, stats.absolute_logmass(cells, alphas))
+    cosines = delta_cosines(run, positive, cells) if run is not None and positive else pl.DataFrame()
+    return Reference(positive, ceilings, fractions, effects, stats.absolute_logmass(cells, alphas), cosines)
+
+
+COSINE_SCHEMA = {"method": pl.String, "prompt_id": pl.String, "status": pl.String, "cosine": pl.Float64,
+                 "delta_norm": pl.Float64, "positive_norm": pl.Float64}
+
+
+def delta_cosines(run: RunDir, positive: str, cells: pl.DataFrame) -> pl.DataFrame:
+    """Per method and prompt: the cosine between the method's target delta and the positive
+    control's delta (does the method point where a known-working intervention points?).
+    Methods without deltas (prompting) and prompts without a live delta on both sides are left out."""
+    methods = sorted(set(cells["method"].unique().to_list()) - {positive})
+    try:
+        pc = {p.prompt_id: p for p in load_proposals(run, positive) if p.family == "edited"}
+    except (OSError, KeyError, ValueError):
+        return pl.DataFrame(schema=COSINE_SCHEMA)
+    rows = []
+    for m in methods:
+        if not run.proposal_records(m).is_file():
+            continue
+        try:
+            props = load_proposals(run, m)
+        except (OSError, KeyError, ValueError):
+            continue
+        for p in props:
+            ref = pc.get(p.prompt_id)
+            if (p.family != "edited" or p.delta is None or p.status == "dropped" or ref is None
+                    or ref.delta is None):
+                continue
+            a, b = p.delta.float(), ref.delta.float()
+            if float(a.norm()) == 0.0 or float(b.norm()) == 0.0:
+                continue
+            rows.append({"method": m, "prompt_id": p.prompt_id, "status": p.status,
+                         "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+                         "delta_norm": float(a.norm()), "positive_norm": float(b.norm())})
+    return pl.DataFrame(rows, schema=COSINE_SCHEMA)
+
+
+def cosine_table(ref: Reference) -> Table:
+    if ref.cosines.is_empty():
+        return ([], [])
+    df = ref.cosines.group_by("method").agg(
+        pl.len().alias("n"), pl.col("cosine").mean().alias("mean"), pl.col("cosine").median().alias("median"),
+        pl.col("cosine").min().alias("min"), pl.col("cosine").max().alias("max"),
+        (pl.col("delta_norm") / pl.col("positive_norm")).median().alias("norm_ratio")).sort("method")
+    rows = [[r["method"], str(r["n"]), fmt(r["mean"], ".3f"), fmt(r["median"], ".3f"),
+             f"{fmt(r['min'], '.3f')} .. {fmt(r['max'], '.3f')}", fmt(r["norm_ratio"], ".2f")]
+            for r in df.iter_rows(named=True)]
+    return (["method", "prompts", "mean cosine", "median cosine", "range", "median ‖δ‖ / ‖δ_pc‖"], rows)
 
 
 def _role(method: str, ref: Reference) -> str:
@@ -150,6 +204,9 @@ def reference_section(ref: Reference, alphas: Sequence[float]) -> Section:
                fraction_table(ref))]
     tables += [(f"per prompt at α={a:g}: effect vs noop (share of the positive control)", prompt_table(ref, a))
                for a in alphas]
+    if not ref.cosines.is_empty():
+        tables.append((f"direction: cosine of each method's target delta with {ref.positive}'s delta, per prompt",
+                       cosine_table(ref)))
     tables.append(("absolute family log-masses (mean over prompts)", logmass_table(ref)))
     ceiling = (f" The ceiling row ({', '.join(ref.ceilings)}) scores the counterfactual couplet itself: how far "
                f"any intervention at any site could move the score." if ref.ceilings else

@@ -201,7 +201,7 @@ def write_report(
     verdicts = order_verdicts(stats.verdict(paired_score, paired_hits, decision_alphas=alphas, methods=method_pairs,
                                             controls=controls, not_applicable=_not_applicable(cells), level=level,
                                             correction=correction), roles)
-    reference = build_reference(cells, alphas, n_boot=n_boot, seed=seed)
+    reference = build_reference(cells, alphas, n_boot=n_boot, seed=seed, run=run)
     banner = site_banner(verdicts, reference)
 
     summary.write_parquet(out / "summary.parquet")
@@ -216,6 +216,8 @@ def write_report(
     if not reference.fractions.is_empty():
         reference.fractions.write_parquet(out / "positive_control.parquet")
     reference.logmass.write_parquet(out / "absolute_logmass.parquet")
+    if not reference.cosines.is_empty():
+        reference.cosines.write_parquet(out / "positive_control_cosine.parquet")
     (out / "verdict.json").write_text(json.dumps({
         "site": banner, "positive_control": positive, "ceilings": list(ceilings),
         "decision_alphas": alphas, "controls": controls, "level": level, "rule": "intersection-union",

@@ -34,6 +34,7 @@ from steercmp.score.sweep import score_rows_fast
 from steercmp.tables import CELL_SCHEMA as CELL_SCHEMA  # the columns of cells.parquet (re-exported)
 
 FAMILIES = ("edited", "original", "unrelated")
+KL = "kl_unsteered"
 
 
 @attrs.define
@@ -73,8 +74,13 @@ def method_cells(exp: Experiment, key: str, method: Method, controls: Mapping[st
                 conditions.append((cname, None, "dropped"))
             elif not control.applies_to(method):
                 conditions.append((cname, None, "not_applicable"))
+            elif control.companion is not None and (
+                    (pid, control.companion) not in by_key or by_key[(pid, control.companion)].status == "dropped"):
+                # the method proposed no companion here (e.g. no paraphrase rule applied): visible, unscored
+                conditions.append((cname, None, "dropped"))
             else:
-                derived = control.derive(target, ctx, make_generator(exp.seed, key, pid, cname))
+                source = target if control.companion is None else by_key[(pid, control.companion)]
+                derived = control.derive(source, ctx, make_generator(exp.seed, key, pid, cname))
                 if derived.delta is not None and not torch.isfinite(derived.delta).all():
                     raise NumericalError(f"control {cname!r} derived a NaN or inf delta from method "
                                          f"{key!r}'s proposal for {pid!r}", fix="check the method's delta norms")
@@ -105,6 +111,12 @@ def _cell(exp: Experiment, ctx: PromptContext, method: str, cond: str, prop: Pro
     assert prop.delta is not None
     pos = prop.position if prop.position is not None else ctx.inject_pos
     norm = prop.delta_norm
+    if prop.fixed_alpha is not None:  # one operation, not a dose: the same raw injection in every alpha cell
+        meta["alpha_applies"] = False
+        meta["fixed_alpha"] = prop.fixed_alpha
+        row = ScoreRow(ctx.input_ids, ctx.score_pos, forms, prop.delta.float(), float(prop.fixed_alpha), pos, "raw")
+        return Cell(ctx.prompt.id, method, cond, alpha, scaling, status, pos, ctx.inject_pos, ctx.score_pos,
+                    norm, meta, row, baseline=prop.fixed_alpha == 0.0 or norm == 0.0)
     row = ScoreRow(ctx.input_ids, ctx.score_pos, forms, prop.delta.float(), alpha, pos, scaling)
     return Cell(ctx.prompt.id, method, cond, alpha, scaling, status, pos, ctx.inject_pos, ctx.score_pos,
                 norm, meta, row, baseline=alpha == 0.0 or norm == 0.0)
@@ -167,13 +179,13 @@ def score_unit(lm: LoadedModel, layer: int, cells: Sequence[Cell], batch_size: i
             rows.append(r if not c.baseline else attrs.evolve(r, alpha=0.0))
         index.append(unique[ukey])
     try:
-        masses = score_rows_fast(lm, layer, rows, batch_size=batch_size) if rows else {}
+        masses = score_rows_fast(lm, layer, rows, batch_size=batch_size, kl=True) if rows else {}
     except NumericalError:
         # some row overflowed: score row by row so only the rows at fault become errors
-        masses = {f: torch.full((len(rows),), float("nan")) for f in FAMILIES}
+        masses = {f: torch.full((len(rows),), float("nan")) for f in (*FAMILIES, KL)}
         for j, r in enumerate(rows):
             try:
-                one = score_rows_fast(lm, layer, [r], batch_size=1)
+                one = score_rows_fast(lm, layer, [r], batch_size=1, kl=True)
             except NumericalError:
                 continue
             for f in masses:
@@ -181,17 +193,19 @@ def score_unit(lm: LoadedModel, layer: int, cells: Sequence[Cell], batch_size: i
     records = []
     for c, i in zip(cells, index, strict=True):
         vals = {f: (float(masses[f][i]) if i is not None else None) for f in FAMILIES}
+        kl = float(masses[KL][i]) if i is not None else None
         status, meta = c.status, dict(c.meta)
         if i is not None and not all(math.isfinite(v) for v in vals.values()):  # type: ignore[arg-type]
             status, meta["error"] = "error", "NaN or inf logits"
-            vals = {f: None for f in vals}
+            vals, kl = {f: None for f in vals}, None
         score = None if vals["edited"] is None else vals["edited"] - vals["original"]  # type: ignore[operator]
         records.append({
             "prompt_id": c.prompt_id, "method": c.method, "condition": c.condition, "alpha": c.alpha,
             "scaling": c.scaling, "position": c.position, "inject_pos": c.inject_pos,
             "score_pos": c.score_pos, "delta_norm": c.delta_norm,
             "logmass_edited": vals["edited"], "logmass_original": vals["original"],
-            "logmass_unrelated": vals["unrelated"], "score": score, "status": status,
+            "logmass_unrelated": vals["unrelated"], "score": score,
+            "kl_unsteered": None if kl is None or not math.isfinite(kl) else kl, "status": status,
             "meta": json.dumps(meta, sort_keys=True, default=str),
         })
     return records

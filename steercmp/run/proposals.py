@@ -7,6 +7,7 @@ The runner and the conformance kit (:mod:`steercmp.testing`) call the same
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ def check_proposals(method: str, proposals: Any, contexts: Sequence[PromptContex
         raise ProposalError("proposals", f"method {method!r} returned {type(proposals).__name__}, "
                                          "not a list of proposals", fix="return a list of Proposal objects")
     proposals = list(proposals)
+    allowed = list(dict.fromkeys([*PROPOSAL_FAMILIES, *families]))
     have: dict[tuple[str, str], Proposal] = {}
     known = {c.prompt.id for c in contexts}
     for p in proposals:
@@ -55,9 +57,10 @@ def check_proposals(method: str, proposals: Any, contexts: Sequence[PromptContex
         if p.prompt_id not in known:
             raise ProposalError("proposals", f"method {method!r} returned a proposal for unknown prompt "
                                              f"{p.prompt_id!r}", fix="propose only for the contexts you were given")
-        if p.family not in PROPOSAL_FAMILIES:
+        if p.family not in allowed:
             raise ProposalError("families", f"method {method!r} proposed for family {p.family!r}",
-                                fix=f"families are {', '.join(PROPOSAL_FAMILIES)}")
+                                fix=f"families are {', '.join(allowed)} (companion families need "
+                                    "Method.companion_families)")
         if (p.prompt_id, p.family) in have:
             raise ProposalError("proposals", f"method {method!r} returned two proposals for prompt "
                                              f"{p.prompt_id!r}, family {p.family!r}",
@@ -87,6 +90,10 @@ def _check_one(method: str, p: Proposal, ctx: PromptContext, intervention: str, 
     except (TypeError, ValueError) as exc:
         raise ProposalError("proposals", f"{where}: meta is not JSON-serialisable ({exc})",
                             fix="store plain numbers, strings, lists and dicts in meta") from None
+    if p.fixed_alpha is not None and (isinstance(p.fixed_alpha, bool) or not isinstance(p.fixed_alpha, int | float)
+                                      or not math.isfinite(p.fixed_alpha)):
+        raise ProposalError("proposals", f"{where}: fixed_alpha {p.fixed_alpha!r} is not a finite number",
+                            fix="leave fixed_alpha None (swept) or give e.g. 1.0")
     if p.status == "dropped":
         return
     if intervention == "prompt":
@@ -143,7 +150,7 @@ def save_proposals(run: RunDir, method: str, proposals: Sequence[Proposal]) -> N
     write_json(run.proposal_records(method),
                [{"prompt_id": p.prompt_id, "family": p.family, "position": p.position,
                  "prompt_text": p.prompt_text, "status": p.status, "meta": dict(p.meta),
-                 "has_delta": p.delta is not None} for p in proposals])
+                 "has_delta": p.delta is not None, "fixed_alpha": p.fixed_alpha} for p in proposals])
 
 
 def load_proposals(run: RunDir, method: str) -> list[Proposal]:
@@ -152,5 +159,6 @@ def load_proposals(run: RunDir, method: str) -> list[Proposal]:
     for r in read_json(run.proposal_records(method)):
         delta = tensors[f"{r['prompt_id']}|{r['family']}"] if r["has_delta"] else None
         out.append(Proposal(prompt_id=r["prompt_id"], family=r["family"], delta=delta, position=r["position"],
-                            prompt_text=r["prompt_text"], status=r["status"], meta=r["meta"]))
+                            prompt_text=r["prompt_text"], status=r["status"], meta=r["meta"],
+                            fixed_alpha=r.get("fixed_alpha")))
     return out

@@ -19,7 +19,7 @@ import attrs
 import polars as pl
 import torch
 
-from steercmp.api import PromptContext, Proposal
+from steercmp.api import PROPOSAL_FAMILIES, PromptContext, Proposal
 from steercmp.config import Experiment
 from steercmp.errors import ConfigError, NumericalError, PluginError, SteercmpError
 from steercmp.lm.capture import extract
@@ -191,7 +191,8 @@ class Runner:
             runtime = RunnerRuntime(self.resources, self.rundir, spec.key, progress=self.progress, fresh=self.fresh)
             try:
                 proposals = check_proposals(spec.key, method.propose(contexts, runtime), contexts,
-                                            scalings=self.experiment.scalings, intervention=method.intervention)
+                                            scalings=self.experiment.scalings, intervention=method.intervention,
+                                            families=(*PROPOSAL_FAMILIES, *method.companion_families))
             except Exception as exc:
                 # one failing method must not cost the others' results: record it and go on
                 self._fail(spec.key, "proposing", exc)

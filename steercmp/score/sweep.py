@@ -61,7 +61,8 @@ def auto_batch_size(lm: LoadedModel, seq_len: int, n_branches: int, keep: int) -
 
 @torch.no_grad()
 def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
-                    batch_size: int | str = "auto", progress: Any = None) -> dict[str, torch.Tensor]:
+                    batch_size: int | str = "auto", progress: Any = None, kl: bool = False
+                    ) -> dict[str, torch.Tensor]:
     """Same result as :func:`steercmp.score.reference.score_rows`, recomputing only blocks L+1..N after p.
 
     Per context (rows grouped by prompt): one pass of blocks 0..L over the context and its scoring
@@ -70,8 +71,14 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
     of the context only (one sequence per row, logits at the scoring slot only); stage B, only
     when a family has multi-token forms, extends stage A's cache with each branch's tokens (their
     layer-L output is shared by every row) and computes logits at the branch tokens only.
+
+    With ``kl`` the result adds ``kl_unsteered``: KL(unsteered || row) of the next-token
+    distribution at the scoring slot, in nats, against one unsteered pass per context (how far a
+    row moves the whole distribution, not only the two families).
     """
     result = {f: torch.full((len(rows),), float("nan")) for f in ("original", "edited", "unrelated")}
+    if kl:
+        result["kl_unsteered"] = torch.full((len(rows),), float("nan"))
     model = lm.model
     pad = lm.tokenizer.pad_token_id or 0
     groups = list(group_rows(rows).values())
@@ -83,6 +90,10 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
         prep = prepare_context(lm, layer, first.context, forms, min(rows[i].position for i in idx), pad)
         size = batch_size if isinstance(batch_size, int) else auto_batch_size(
             lm, prep.h_ctx.shape[0], len(forms.branches), prep.max_branch + 1)
+        base_logp = None
+        if kl:
+            zero = Injection.build(torch.zeros(1, prep.h_ctx.shape[-1]), [0.0], [prep.p_min], "raw")
+            base_logp = torch.log_softmax(suffix_pass(model, layer, prep, zero)[0].float(), dim=-1)[0]
         for s in range(0, len(idx), size):
             chunk = idx[s:s + size]
             inj = Injection.build([rows[i].delta for i in chunk], [rows[i].alpha for i in chunk],
@@ -90,6 +101,8 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
             step0, cache = suffix_pass(model, layer, prep, inj, keep_cache=prep.n_branches > 0)
             branch_logits = branch_pass(model, layer, prep, cache, len(chunk)) if prep.n_branches else None
             masses = masses_from_steps(step0, branch_logits, forms)
+            if base_logp is not None:
+                masses["kl_unsteered"] = kl_from(base_logp, step0)
             sel = torch.as_tensor(list(chunk))
             for fam, vals in masses.items():
                 result[fam][sel] = vals
@@ -207,6 +220,12 @@ def branch_pass(model: torch.nn.Module, layer: int, prep: PreparedContext, cache
                     logits_to_keep=prep.max_branch)
     logits = out.logits
     return logits.reshape(n_rows, nb, logits.shape[1], logits.shape[2])
+
+
+def kl_from(base_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(base || row) in nats for each row of ``logits [R, V]`` against ``base_logp [V]``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return (base_logp.exp() * (base_logp - logp)).sum(-1).clamp_min(0.0).cpu()
 
 
 def masses_from_steps(step0: torch.Tensor, branch_logits: torch.Tensor | None, forms: FamilyForms

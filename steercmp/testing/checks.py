@@ -238,6 +238,7 @@ def check_method(
     kit's three-prompt battery and tiny model; ``chat_template`` checks the instruction-model form.
     ``allow_zero`` accepts zero-norm deltas (only sensible for ``scalings=("raw",)``);
     ``distinct_families=False`` skips the check that ``edited`` and ``unrelated`` proposals differ.
+    A method's :attr:`~steercmp.api.Method.companion_families` are checked like the others.
     """
     if not (isinstance(method_cls, type) and issubclass(method_cls, Method)):
         raise _fail("registers", f"{method_cls!r} is not a steercmp.api.Method subclass")
@@ -265,6 +266,7 @@ def check_method(
 
     hooks_before = _attached(lm)
     runtime = TestRuntime(lm, seed=seed, layer=layer, method_key=method_cls.name, chat_template=chat_template)
+    families = (*families, *[f for f in method_cls.companion_families if f not in families])
     proposals = _check_proposals(method, contexts, method.propose(contexts, runtime), families, lm,
                                  chat_template, allow_zero)
     checks += ["proposals", "shape", "dtype", "finite", "families"]

@@ -46,7 +46,7 @@ def cells(pc_effect: float, half_method: bool = True, seed: int = 0) -> pl.DataF
 
 def _run(tmp_path, frame: pl.DataFrame):
     run = tmp_path / "run"
-    run.mkdir()
+    run.mkdir(exist_ok=True)
     frame.write_parquet(run / "cells.parquet")
     (run / "config.yaml").write_text(yaml.safe_dump({"name": "pc", "decision": {"alphas": [2.0]}}))
     return write_report(run, n_boot=500, plugins=build_plugin_manager(builtins=(), entry_points=False))
@@ -109,3 +109,38 @@ def test_underpowered_positive_control_cannot_say_either_way(tmp_path):
     frame = cells(pc_effect=1.0).filter(pl.col("prompt_id").is_in(["p00", "p01", "p02"]))
     verdict = json.loads((_run(tmp_path, frame) / "verdict.json").read_text())
     assert verdict["site"].startswith("Cannot tell whether this site can be steered")
+
+
+def test_cosine_with_the_positive_control_is_read_from_the_proposals(tmp_path):
+    """A method pointing along the positive control's delta has cosine 1, one pointing against
+    it -1; a dropped proposal and a prompting method (no delta) have no row."""
+    import torch
+
+    from steercmp.api import Proposal
+    from steercmp.run.proposals import save_proposals
+    from steercmp.run.rundir import RunDir
+
+    frame = cells(pc_effect=1.0)
+    frame = pl.concat([frame, frame.filter(pl.col("method") == "half").with_columns(pl.lit("against").alias("method"))])
+    run = RunDir(tmp_path / "run")
+    (tmp_path / "run" / "proposals").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    pcs = {f"p{i:02d}": torch.randn(16, generator=g) for i in range(N)}
+
+    def props(sign, dropped=()):
+        return [Proposal(prompt_id=pid, family="edited", status="dropped") if pid in dropped else
+                Proposal(prompt_id=pid, family="edited", delta=(sign * 0.5 * d).contiguous()) for pid, d in pcs.items()]
+
+    save_proposals(run, "counterfactual_patch", props(1.0))
+    save_proposals(run, "half", props(1.0, dropped={"p00"}))
+    save_proposals(run, "against", props(-1.0))
+    save_proposals(run, "counterfactual_text", [Proposal(prompt_id=pid, family="edited", prompt_text="x")
+                                                for pid in pcs])
+    out = _run(tmp_path, frame)
+    cos = pl.read_parquet(out / "positive_control_cosine.parquet")
+    by = cos.group_by("method").agg(pl.len(), pl.col("cosine").min().alias("lo"), pl.col("cosine").max().alias("hi"))
+    by = {r["method"]: r for r in by.iter_rows(named=True)}
+    assert set(by) == {"half", "against"}
+    assert by["half"]["len"] == N - 1 and by["half"]["lo"] == pytest.approx(1.0, abs=1e-6)
+    assert by["against"]["hi"] == pytest.approx(-1.0, abs=1e-6)
+    assert "cosine of each method's target delta with counterfactual_patch" in (out / "summary.md").read_text()

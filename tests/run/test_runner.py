@@ -17,16 +17,20 @@ def test_end_to_end_cells_schema(tmp_path, tiny_ckpt):
     exp = write_experiment(tmp_path, tiny_ckpt)
     runner, cells = run(exp, tmp_path / "run")
     write_report(tmp_path / "run", plugins=build_plugin_manager(builtins=TINY_BUILTINS, entry_points=False))
-    n = 3 * 1 * 5 * 3 * 2  # prompts x methods x conditions x alphas x scalings
-    assert cells.height == n
+    n = 3 * 1 * 5 * 3 * 2  # prompts x methods x live conditions x alphas x scalings
+    # the default controls include the text-edit pair (paraphrase_edit, round_trip): not_applicable here
+    assert cells.height == 3 * 1 * 7 * 3 * 2
     for col in ("prompt_id", "method", "condition", "alpha", "scaling", "position", "delta_norm",
-                "logmass_edited", "logmass_original", "score"):
+                "logmass_edited", "logmass_original", "score", "kl_unsteered"):
         assert col in cells.columns
+    na = cells.filter(pl.col("status") == "not_applicable")
+    assert set(na["condition"]) == {"paraphrase_edit", "round_trip"} and na["score"].is_null().all()
     ok = cells.filter(pl.col("status") == "ok")
-    assert ok.height == n and ok["score"].is_finite().all()
+    assert ok.height == n and ok["score"].is_finite().all() and (ok["kl_unsteered"] >= 0).all()
     assert (cells["score"] - (cells["logmass_edited"] - cells["logmass_original"])).abs().max() < 1e-9
     # alpha 0 is the unsteered model for every condition; noop is identical at every alpha
-    base = cells.filter(pl.col("alpha") == 0).group_by("prompt_id").agg(pl.col("score").n_unique())
+    base = cells.filter((pl.col("alpha") == 0) & (pl.col("status") == "ok")).group_by("prompt_id").agg(
+        pl.col("score").n_unique())
     assert base["score"].max() == 1
     noop = cells.filter(pl.col("condition") == "noop").group_by("prompt_id").agg(pl.col("score").n_unique())
     assert noop["score"].max() == 1
@@ -42,7 +46,9 @@ def test_end_to_end_cells_schema(tmp_path, tiny_ckpt):
     # unsteered cells (alpha 0, noop) share one set of samples per method, prompt and seed
     shared = comp.filter((pl.col("alpha") == 0) | (pl.col("condition") == "noop"))
     assert shared.group_by("method", "prompt_id", "seed").agg(pl.col("text").n_unique())["text"].max() == 1
-    assert comp.height == 3 * 5 * 2 * 2 * 2  # prompts x conditions x alphas x scalings x seeds
+    live = comp.filter(pl.col("status") == "ok")
+    assert live.height == 3 * 5 * 2 * 2 * 2  # prompts x conditions x alphas x scalings x seeds
+    assert comp.filter(pl.col("status") == "not_applicable")["text"].is_null().all()
     for f in ("summary.parquet", "paired.parquet", "verdict.json", "summary.md", "report.html"):
         assert (run_dir / "report" / f).exists(), f
     verdicts = json.loads((run_dir / "report" / "verdict.json").read_text())
@@ -69,7 +75,7 @@ def test_single_steps_in_sequence(tmp_path, tiny_ckpt):
     assert (out / "activations.safetensors").exists() and not (out / "cells.parquet").exists()
     run(exp, out, steps=("propose",))
     _, cells = run(exp, out, steps=("score",))
-    assert cells.height == 90
+    assert cells.height == 126
 
 
 def test_score_step_without_extract_is_a_clear_error(tmp_path, tiny_ckpt):
@@ -109,7 +115,7 @@ def test_completions_share_the_unsteered_baseline_and_sample_prompting_texts(tmp
     exp = write_experiment(tmp_path, tiny_ckpt, methods=["unembed_direction", "prompting"])
     run(exp, tmp_path / "r", builtins=(*TINY_BUILTINS, "steercmp_plugins.prompting"))
     comp = pl.read_parquet(tmp_path / "r" / "completions.parquet")
-    base = comp.filter((pl.col("condition") == "noop") | (pl.col("alpha") == 0))
+    base = comp.filter(((pl.col("condition") == "noop") | (pl.col("alpha") == 0)) & (pl.col("status") == "ok"))
     base = base.filter((pl.col("method") != "prompting") | (pl.col("condition") == "noop"))
     per = base.group_by("prompt_id", "seed").agg(pl.col("text").n_unique(), pl.col("method").n_unique())
     assert per["text"].max() == 1 and per["method"].min() == 2

@@ -165,3 +165,24 @@ def test_batched_sampler_draws_from_the_softmax():
                         temperature=1.0, top_p=0.4)
     assert set(top.tolist()) == {700}
     assert torch.equal(sample_tokens(logits[None], [torch.Generator()], temperature=0.0), torch.tensor([700]))
+
+
+def test_kl_unsteered_equals_plain_forward():
+    """kl_unsteered is KL(unsteered || row) of the next-token distribution at the scoring slot,
+    against a plain forward with and without the injection hook; zero for an unsteered row."""
+    model = tiny_model(seed=5)
+    lm = LoadedModel(model, FakeTokenizer(TABLE), "tiny", "", torch.float32, "cpu")
+    plan = family_forms(lm.tokenizer, FAMILIES)
+    rows = make_rows(plan, [2, 10, 11, 12, 13, 14, 15, 16], n=6)
+    rows.append(ScoreRow(rows[0].input_ids, rows[0].score_pos, plan, torch.zeros(64), 0.0, 2, "raw"))
+    fast = score_rows_fast(lm, LAYER, rows, batch_size=4, kl=True)
+    ids = torch.tensor([list(rows[0].input_ids)])
+    with torch.no_grad():
+        base = torch.log_softmax(model(input_ids=ids).logits[0, rows[0].score_pos].float(), -1)
+        for i, r in enumerate(rows):
+            with injecting(model, LAYER, Injection.build(r.delta[None], [r.alpha], [r.position], r.scaling)):
+                lp = torch.log_softmax(model(input_ids=ids).logits[0, r.score_pos].float(), -1)
+            want = float((base.exp() * (base - lp)).sum())
+            assert float(fast["kl_unsteered"][i]) == pytest.approx(want, abs=1e-5)
+    assert float(fast["kl_unsteered"][-1]) < 1e-6 and float(fast["kl_unsteered"][:-1].max()) > 1e-3
+    assert "kl_unsteered" not in score_rows_fast(lm, LAYER, rows[:2])  # only on request
