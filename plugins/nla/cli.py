@@ -144,11 +144,12 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 def _build_mini(args: argparse.Namespace) -> int:
     from .mini import ensure_mini_pair, mini_dir
+    from .mini.build import quality_lines
 
     av, ar = ensure_mini_pair(progress=True, force=args.force, position=args.position)
-    quality = json.loads((mini_dir(args.position) / "quality.json").read_text())
-    print(f"AV: {av}\nAR: {ar}\nbuild {quality.get('build_seconds')} s; held-out fve_nrm "
-          f"{quality.get('fve_nrm_av'):.3f}; naming rate {quality.get('name_rate'):.1%}")
+    root = mini_dir(args.position)
+    quality = json.loads((root / "quality.json").read_text())
+    print(f"AV: {av}\nAR: {ar}\n{quality_lines(quality, root)}\nsaved: {root / 'quality.json'}")
     return 0
 
 

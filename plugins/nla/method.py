@@ -45,7 +45,7 @@ from steercmp.lm.load import parse_dtype, resolve_device
 from .baseline import dataset_baseline
 from .fidelity import fidelity
 from .paraphrase import DEFAULT_RULES, paraphrase, parse_rules
-from .select import SELECTIONS, apply_edit, mentions, select_explanation
+from .select import SELECTIONS, apply_edit, mentions, select_explanation, spelled_ending
 
 #: the miniature pair steercmp builds for the embedded Gemma 3 270M (:mod:`.mini`)
 MINI_ALIAS = "mini"
@@ -86,13 +86,28 @@ def estimate_params(source: str, role: str) -> int | None:
 
 
 def edit_map_for(prompt: Any, family: str) -> dict[str, str]:
-    """The prompt's explanation edit map toward ``family`` (or original[i] -> family[i])."""
+    """The prompt's explanation edit map toward ``family`` (or original[i] -> family[i]).
+
+    A rhyme-change prompt that names a cue word for ``family`` (``meta.cue``: the word line 1 of
+    its counterfactual couplet ends in, the positive control's edit) also maps line 1's last word
+    to the cue and its spelled rhyme ending to the cue's (``bat -> shell``, ``-at -> -ell``), so
+    the text edit states the same counterfactual the positive control patches in.
+    """
     edits = dict(prompt.edits.get(family, {}) or {})
     if edits:
-        return {str(k): str(v) for k, v in edits.items()}
-    original = list(prompt.families.get("original", ()))
-    target = list(prompt.families.get(family, ()))
-    return dict(zip(original, target, strict=False))
+        out = {str(k): str(v) for k, v in edits.items()}
+    else:
+        original = list(prompt.families.get("original", ()))
+        target = list(prompt.families.get(family, ()))
+        out = dict(zip(original, target, strict=False))
+    cue = ((getattr(prompt, "meta", None) or {}).get("cue") or {}).get(family)
+    end = getattr(prompt, "line_end_word", "")
+    if isinstance(cue, str) and cue and end and end.lower() != cue.lower():
+        out.setdefault(end, cue)
+        a, b = spelled_ending(end), spelled_ending(cue)
+        if a != b:
+            out.setdefault(f"-{a}", f"-{b}")
+    return out
 
 
 def edit_texts(explanation: str, edit_map: Mapping[str, str]) -> tuple[str, str, str, int]:

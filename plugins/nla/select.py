@@ -58,6 +58,13 @@ def apply_edit(text: str, edit_map: Mapping[str, str]) -> tuple[str, int]:
     return pat.sub(sub, text), count
 
 
+def spelled_ending(word: str) -> str:
+    """The spelled rhyme ending an explanation may name: last vowel group and what follows
+    (``stream -> eam``), the form the mini pair's explanations use."""
+    m = re.search(r"[aeiouy]+[^aeiouy]*e?$", word.lower())
+    return m.group(0) if m else word.lower()
+
+
 def select_explanation(explanations: Sequence[str], scores: Sequence[float],
                        editable_terms: Iterable[str], rule: str = "default"
                        ) -> tuple[str, int | None]:

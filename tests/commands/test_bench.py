@@ -107,6 +107,31 @@ def test_generate_rows_shared_prefix_equals_full_prefill(tiny_battery_lm):
     assert alone[0] == runs[0][2]
 
 
+def test_left_padded_unsteered_batch_equals_one_context_at_a_time(tiny_battery_lm):
+    """Contexts of different lengths sampled in one left-padded batch give the tokens each
+    context gives alone (fp32), rows finishing early included."""
+    from steercmp.score.sample import generate_unsteered
+
+    _battery, lm = tiny_battery_lm
+    contexts = [[2] + list(range(10, 24)), [2, 30, 31, 32], [2] + list(range(40, 49))]
+    seeds = [0, 1, 2]
+    batched = generate_unsteered(lm, contexts, [torch.Generator().manual_seed(s) for s in seeds],
+                                 max_new_tokens=6, temperature=1.0, stop_on_newline=False)
+    for ctx, seed, toks in zip(contexts, seeds, batched, strict=True):
+        zero = Injection.build(torch.zeros(1, 64), [0.0], [len(ctx) - 1])
+        alone = generate_rows(lm, 2, ctx, zero, [torch.Generator().manual_seed(seed)], max_new_tokens=6,
+                              temperature=1.0, stop_on_newline=False)
+        assert toks == alone[0] and len(toks) == 6
+    # with stopping on: rows that finish leave the batch, the others go on unchanged
+    many = [contexts[i % 3] for i in range(12)]
+    batched = generate_unsteered(lm, many, [torch.Generator().manual_seed(s) for s in range(12)],
+                                 max_new_tokens=8, temperature=2.0)
+    for s, (ctx, toks) in enumerate(zip(many, batched, strict=True)):
+        zero = Injection.build(torch.zeros(1, 64), [0.0], [len(ctx) - 1])
+        assert toks == generate_rows(lm, 2, ctx, zero, [torch.Generator().manual_seed(s)], max_new_tokens=8,
+                                     temperature=2.0)[0]
+
+
 @pytest.mark.slow
 def test_smoke_bench_on_embedded_model(tmp_path, embedded_lm):
     args = argparse.Namespace(out=str(tmp_path / "bench.json"), battery=NOTE8, smoke=True)

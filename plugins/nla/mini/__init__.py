@@ -10,17 +10,20 @@ wider CMU lexicon, so the AV learns to read words it has not seen), with every b
 out (battery words appear in other training couplets, so the AV can name them). Gold vectors
 are the base model's layer-12 output at the pair's position: the first line break (the note's
 planning position) or the rhyme slot ``last`` (the embedded default's site, docs/embedded.md).
-Explanations are templated: they name the line-end word, its spelled rhyme ending and two plan
-words.
+Explanations are grounded in the 270M's own behaviour (v2): the words it predicts at the rhyme
+slot, the line-end word with its spelled rhyme ending, and the first line's content words.
 
-Training (CPU-sized): the AV is the base model with blocks 13..17 fine-tuned on cached block-12
-outputs and a restricted output vocabulary (the 262k-vocab output layer dominates CPU cost); the
-AR's value head is fit in closed form (ridge regression) on the frozen truncated backbone's
-last-token features. Every random choice is seeded.
+Training (CPU-sized, fp32): the AV is the base model with blocks 13..17 fine-tuned on cached
+block-12 outputs (the gold vector injected at the injection character, as in the release) and a
+restricted output vocabulary (the 262k-vocab output layer dominates CPU cost); the AR's top blocks
+and value head are trained by gradient on the normalised MSE, the head starting from a ridge fit.
+``quality.json`` records the three quality targets (held-out fve_nrm from the AV's explanations,
+naming rate, build time) and the AR's learning curves. Every random choice is seeded.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from steercmp.lm.embedded import cache_root
@@ -33,9 +36,19 @@ def mini_dir(position: str = POSITIONS[0]) -> Path:
 
 
 def is_built(root: Path | None = None, position: str = POSITIONS[0]) -> bool:
+    """Whether a complete pair of this version is cached: both checkpoints, and a quality file
+    that parses, names this version and carries the measured targets (a missing or stale quality
+    file means a rebuild, never a silent pass)."""
     root = root or mini_dir(position)
-    return all((root / p).exists() for p in ("av/nla_meta.yaml", "ar/nla_meta.yaml",
-                                             "ar/value_head.safetensors", "quality.json"))
+    if not all((root / p).exists() for p in ("av/nla_meta.yaml", "ar/nla_meta.yaml",
+                                             "ar/value_head.safetensors", "quality.json")):
+        return False
+    try:
+        quality = json.loads((root / "quality.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(quality, dict) and quality.get("mini_version") == mini_name(position)
+            and isinstance(quality.get("targets"), dict))
 
 
 def ensure_mini_pair(progress: bool = True, *, force: bool = False, position: str = POSITIONS[0]
@@ -43,7 +56,7 @@ def ensure_mini_pair(progress: bool = True, *, force: bool = False, position: st
     """Return ``(av_dir, ar_dir)`` of the miniature pair read at ``position``, building it (once)
     if needed."""
     root = mini_dir(position)
-    if force or not is_built(root):
+    if force or not is_built(root, position):
         from .build import build_mini_pair
 
         build_mini_pair(root, progress=progress, position=position)

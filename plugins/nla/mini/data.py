@@ -1,11 +1,15 @@
-"""The mini pair's data: training couplets, held-out battery prompts, templated explanations,
+"""The mini pair's data: training couplets, held-out battery prompts, grounded explanations,
 and the gold vectors (the base model's layer-12 output at the pair's position: the first line
-break, or the rhyme slot for the embedded default's site, docs/embedded.md)."""
+break, or the rhyme slot for the embedded default's site, docs/embedded.md).
+
+Explanations are grounded in what the 270M itself does (v2): the words it predicts at the rhyme
+slot (its own top next-token words), the line-end word with its spelled rhyme ending, and the
+first line's content words. Nothing in them comes from a dictionary the activation cannot know.
+"""
 
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,9 @@ from steercmp.lm.capture import capture_residuals
 from steercmp.lm.prompts import resolve_rule, tokenize_text
 from steercmp.rhymes import FIRST_LINE_TEMPLATES, make_couplets, rhyme_group, single_token_filter
 
-MINI_NAME = "gemma-3-270m-L12-mini-v1"
+from ..select import spelled_ending
+
+MINI_NAME = "gemma-3-270m-L12-mini-v2"
 LAYER = 12
 #: the position rules a mini pair can be built for; the first keeps the original cache name
 POSITIONS = ("first_line_break", "last")
@@ -50,6 +56,18 @@ AV_EPOCHS = 2
 AV_BATCH = 16
 AV_LR = 3e-4
 N_NEGATIVES = 6000     # extra output-vocabulary tokens kept in the restricted softmax
+N_PREDICTED = 3        # the model's own top next-token words named in an explanation
+N_CONTENT = 2          # content words of the first line named in an explanation
+AR_TRAIN_BLOCKS = 3    # the AR's top blocks fine-tuned by gradient (with the value head)
+AR_EPOCHS = 12
+AR_BATCH = 32
+AR_LR = 2e-4
+STOPWORDS = frozenset("""a an the and or but so if then than that this these those with from into onto upon
+over under about above below beside between through while where when what which who whom whose
+all any each every some such no not nor only own same too very just once again still ever never
+i me my we our you your he him his she her it its they them their there here at by for of on in to
+as is was were be been being am are do did does have has had will would shall should can could may
+might must let lets like""".split())
 
 
 def mini_name(position: str = POSITIONS[0]) -> str:
@@ -80,15 +98,68 @@ def shipped_battery_files() -> list[Path]:
 
 
 def rhyme_ending(word: str) -> str:
-    """The spelled rhyme ending: last vowel group plus what follows (stream -> eam)."""
-    m = re.search(r"[aeiouy]+[^aeiouy]*e?$", word.lower())
-    return m.group(0) if m else word.lower()
+    """The spelled rhyme ending: last vowel group plus what follows (stream -> eam); the same
+    rule the method's cue edit uses."""
+    return spelled_ending(word)
 
 
-def explanation_for(line_end: str, plans: Sequence[str]) -> str:
-    plan_txt = " or ".join(plans[:2])
-    return (f"The line ends with {line_end}, so the next line should rhyme with "
-            f"-{rhyme_ending(line_end)}, planning {plan_txt}.")
+def content_words(text: str, n: int = N_CONTENT) -> list[str]:
+    """The first line's content words before its last word (no stopwords), in order, first ``n``."""
+    first = text.split("\n", 1)[0]
+    words = [w.strip(".,;:!?\"'()").lower() for w in first.split()][:-1]
+    return [w for w in words if w.isalpha() and len(w) >= 3 and w not in STOPWORDS][:n]
+
+
+def explanation_for(line_end: str, predicted: Sequence[str], content: Sequence[str] = ()) -> str:
+    """A grounded explanation: what the model predicts at the rhyme slot, the line-end word and
+    its rhyme ending, and the line's content words."""
+    said = ", ".join(predicted[:-1]) + (" or " if len(predicted) > 1 else "") + predicted[-1] if predicted else "?"
+    about = f" The line is about {' and '.join(content)}." if content else ""
+    return (f"The line ends with {line_end}, rhyme -{rhyme_ending(line_end)}. "
+            f"The next word is likely {said}.{about}")
+
+
+def word_token_ids(tokenizer) -> dict[int, str]:  # noqa: ANN001
+    """Vocabulary tokens that are a whole lower-case word after a space (``▁dream``): the words
+    an explanation may say the model predicts."""
+    out = {}
+    for tid, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if isinstance(tok, str) and tok.startswith("\u2581"):
+            w = tok[1:]
+            if len(w) >= 2 and w.isascii() and w.isalpha() and w.islower():
+                out[tid] = w
+    return out
+
+
+@torch.no_grad()
+def predicted_words(lm, items: Sequence[dict[str, Any]], k: int = N_PREDICTED,  # noqa: ANN001
+                    batch: int = 16) -> list[list[str]]:
+    """The base model's own top-``k`` next words at each item's rhyme slot (the end of its text),
+    from a plain forward; rows of equal length are batched (no padding)."""
+    tok = lm.tokenizer
+    words = word_token_ids(tok)
+    ids_of = torch.tensor(sorted(words))
+    seqs = [tokenize_text(tok, it["text"])[0] for it in items]
+    out: list[list[str]] = [[] for _ in items]
+    by_len: dict[int, list[int]] = {}
+    for i, sq in enumerate(seqs):
+        by_len.setdefault(len(sq), []).append(i)
+    for idx_all in by_len.values():
+        for s in range(0, len(idx_all), batch):
+            idx = idx_all[s:s + batch]
+            ids = torch.tensor([list(seqs[i]) for i in idx], device=lm.input_device)
+            logits = lm.model(input_ids=ids, logits_to_keep=1).logits[:, -1].float().cpu()
+            top = logits[:, ids_of].topk(k, dim=-1).indices
+            for row, i in enumerate(idx):
+                out[i] = [words[int(ids_of[j])] for j in top[row]]
+    return out
+
+
+def ground_explanations(lm, items: list[dict[str, Any]]) -> None:  # noqa: ANN001
+    """Give every item its grounded explanation (and its ``predicted`` words), in place."""
+    for it, pred in zip(items, predicted_words(lm, items), strict=True):
+        it["predicted"] = pred
+        it["explanation"] = explanation_for(it["line_end"], pred, content_words(it["text"]))
 
 
 def battery_words(root: Path | None = None) -> tuple[set[str], list[dict[str, Any]]]:
@@ -175,10 +246,7 @@ def make_training_couplets(tokenizer, banned: set[str], seed: int = SEED  # noqa
         items.append({"text": text, "line_end": word, "plans": plans})
     items.extend(battery_word_couplets(seed))
     held_out = {str(p.get("text")) for p in battery_words()[1]}
-    items = [it for it in items if it["text"] not in held_out]  # battery prompts stay unseen
-    for it in items:
-        it["explanation"] = explanation_for(it["line_end"], it["plans"])
-    return items
+    return [it for it in items if it["text"] not in held_out]  # battery prompts stay unseen
 
 
 def make_eval_items(tokenizer, seed: int = SEED) -> list[dict[str, Any]]:  # noqa: ANN001

@@ -93,8 +93,14 @@ def test_propose_with_fake_runtime(pair_dir):
     props = m.propose(_contexts(), rt)
     assert rt.loaded == ["nla_av", "nla_ar"]
     assert rt.captures == 1  # the dataset-level FVE baseline, read once with the base model
-    assert len(props) == 6 and {p.family for p in props} == {"edited", "unrelated"}
+    assert len(props) == 12 and {p.family for p in props} == {"edited", "unrelated", "paraphrase", "round_trip"}
     for p in props:  # the tiny vocabulary cannot say quux/zorp: nothing to edit, nothing fabricated
+        if p.family == "round_trip":  # the round trip needs no edit: h replaced by AR(original) at ||h||
+            assert p.status == "fallback" and p.fixed_alpha == 1.0 and p.delta.shape == (64,)
+            continue
+        if p.family == "paraphrase":  # no built-in rule names tiny-vocabulary words: visibly dropped
+            assert p.status == "dropped" and p.delta is None and "no paraphrase rule" in p.meta["reason"]
+            continue
         assert p.status == "fallback" and p.delta.dtype == torch.float32 and p.delta.shape == (64,)
         assert p.meta["edit_mode"] == "none" and p.meta["replacements"] == 0
         assert float(p.delta.abs().max()) == 0.0 and p.meta["edited_text"] == p.meta["original_text"]
@@ -111,7 +117,7 @@ def test_propose_with_fake_runtime(pair_dir):
 
     strict = NlaTextEdit(dict(m.options, selection="strict"), exp)
     props = strict.propose(_contexts(), fake_runtime())
-    assert all(p.status == "dropped" and p.delta is None for p in props)
+    assert len(props) == 12 and all(p.status == "dropped" and p.delta is None for p in props)
     assert NlaTextEdit({"av": "x", "ar": "y"}, exp).opts.selection == "strict"  # the default
 
 
@@ -133,12 +139,46 @@ def test_editable_explanations_are_edited(pair_dir, monkeypatch):
     original, edited = ar.reconstruct(["the line ends with stream , planning dream or seem",
                                        "the line ends with stream , planning gleam or beam"])
     for p in props:
-        assert p.status == "editable" and p.meta["edit_mode"] == "replaced" and p.meta["replacements"] == 2
-        assert p.meta["fve_baseline"] > 0
+        assert p.status == "editable" and p.meta["fve_baseline"] > 0
+        if p.family in ("edited", "unrelated"):
+            assert p.meta["edit_mode"] == "replaced" and p.meta["replacements"] == 2
     target = next(p for p in props if p.family == "edited")
     assert torch.allclose(target.delta, (edited - original).float(), atol=1e-5)
     unrelated = next(p for p in props if p.family == "unrelated")
     assert "stone or bone" in unrelated.meta["edited_text"] and not torch.equal(unrelated.delta, target.delta)
+    # the paraphrase rewords the framing, keeps the plan words, and goes through the same AR
+    para = next(p for p in props if p.family == "paraphrase")
+    reworded = "the last word of the line is stream , aiming for dream or seem"
+    assert para.meta["paraphrase_text"] == reworded and para.status == "editable"
+    assert torch.allclose(para.delta, (ar.reconstruct([reworded])[0] - original).float(), atol=1e-5)
+    # the round trip: h + delta is AR(original) rescaled to ||h||, applied once at alpha 1
+    ctx = _contexts(orig=("dream", "seem"))[0]
+    rt_prop = next(p for p in props if p.family == "round_trip" and p.prompt_id == ctx.prompt.id)
+    h = ctx.activation
+    assert rt_prop.fixed_alpha == 1.0
+    assert torch.allclose(h + rt_prop.delta, original / original.norm() * h.norm(), atol=1e-4)
+
+
+def test_fidelity_gate_moves_prompts_apart(pair_dir, monkeypatch):
+    """Below the gate a prompt keeps its deltas but leaves the primary analysis (below_fidelity);
+    a gate above 1 is refused before anything loads."""
+    from steercmp_plugins.nla.av import ActivationVerbalizer
+
+    monkeypatch.setattr(ActivationVerbalizer, "explain",
+                        lambda self, vectors, **kw: [("planning dream or seem", "raw", True)] * len(vectors))
+    exp = types.SimpleNamespace(layer=2, seed=0, model=types.SimpleNamespace(id="tiny"))
+    opts = {"av": str(pair_dir[0]), "ar": str(pair_dir[1]), "n_explanations": 1}
+    open_gate = NlaTextEdit({**opts, "fidelity_gate": -1e9}, exp).propose(_contexts(orig=("dream", "seem")),
+                                                                          fake_runtime())
+    assert {p.status for p in open_gate} == {"editable"}
+    shut = NlaTextEdit({**opts, "fidelity_gate": 1.0}, exp).propose(_contexts(orig=("dream", "seem")),
+                                                                    fake_runtime())
+    assert {p.status for p in shut} == {"below_fidelity"} and all(p.delta is not None for p in shut)
+    assert all(p.meta["fidelity_gate"] == 1.0 for p in shut)
+    with pytest.raises(ConfigError, match="fidelity_gate 1.5 is above 1"):
+        NlaTextEdit({**opts, "fidelity_gate": 1.5}, exp).validate()
+    with pytest.raises(ConfigError, match="leaves the text unchanged"):
+        NlaTextEdit({**opts, "paraphrase_rules": {"planning": "Planning"}}, exp).validate()
 
 
 def test_propose_checks_layer(pair_dir, tmp_path):
@@ -184,3 +224,51 @@ def test_plugin_registers():
     ps = build_plugin_manager(builtins=(), entry_points=False, extra=[nla])
     assert ps.method("nla_text_edit") is NlaTextEdit
     assert [c[0] for c in ps.commands()] == ["nla"]
+
+
+def test_stale_or_missing_mini_quality_file_means_rebuild(tmp_path):
+    """A cached mini pair counts as built only with a quality file of this version that carries
+    the measured targets; a missing, unreadable or older one is rebuilt, never silently used."""
+    from steercmp_plugins.nla import mini
+
+    root = tmp_path / "pair"
+    for f in ("av/nla_meta.yaml", "ar/nla_meta.yaml", "ar/value_head.safetensors"):
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text("x")
+    assert not mini.is_built(root, "last")  # no quality file
+    (root / "quality.json").write_text("{not json")
+    assert not mini.is_built(root, "last")
+    (root / "quality.json").write_text(json.dumps({"mini_version": "gemma-3-270m-L12-last-mini-v1",
+                                                   "targets": {}}))
+    assert not mini.is_built(root, "last")  # an older version
+    (root / "quality.json").write_text(json.dumps({"mini_version": mini.mini_name("last"), "targets": {}}))
+    assert mini.is_built(root, "last") and not mini.is_built(root, "first_line_break")
+
+
+def test_cue_edit_states_the_positive_controls_counterfactual():
+    """On a rhyme-change prompt with cue words the edit also swaps line 1's last word for the cue
+    (and its spelled ending), the counterfactual the positive control patches in."""
+    from steercmp_plugins.nla.method import edit_map_for
+    from steercmp_plugins.nla.select import apply_edit
+
+    p = Prompt(id="bat", text="The children laughed and pointed at the bat,\nAnd every night I dreamed about the",
+               families={"original": ("hat", "cat"), "edited": ("bell", "well"), "unrelated": ("ship", "trip")},
+               edits={"edited": {"hat": "bell", "cat": "well"}, "unrelated": {"hat": "ship", "cat": "trip"}},
+               meta={"cue": {"edited": "shell", "unrelated": "lip"}})
+    assert edit_map_for(p, "edited") == {"hat": "bell", "cat": "well", "bat": "shell", "-at": "-ell"}
+    text = "The line ends with bat, rhyme -at. The next word is likely bat, hat or night."
+    assert apply_edit(text, edit_map_for(p, "edited"))[0] == (
+        "The line ends with shell, rhyme -ell. The next word is likely shell, bell or night.")
+    assert apply_edit(text, edit_map_for(p, "unrelated"))[0].startswith("The line ends with lip, rhyme -ip.")
+    plain = Prompt(id="p", text=p.text, families=p.families, edits=p.edits)  # no cue: the battery's map only
+    assert edit_map_for(plain, "edited") == {"hat": "bell", "cat": "well"}
+
+
+def test_grounded_explanation_names_what_the_model_can_know():
+    from steercmp_plugins.nla.mini.data import content_words, explanation_for
+
+    text = "Upon the bank I sat beside the stream,\nAnd closed my eyes and drifted in a"
+    assert content_words(text) == ["bank", "sat"]
+    assert explanation_for("stream", ["dream", "team", "stream"], ["bank", "sat"]) == (
+        "The line ends with stream, rhyme -eam. The next word is likely dream, team or stream. "
+        "The line is about bank and sat.")

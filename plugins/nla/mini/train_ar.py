@@ -1,0 +1,135 @@
+"""Training the mini AR by gradient: the truncated backbone's top blocks and the value head,
+on the normalised MSE the release uses (both vectors at L2 norm sqrt(d)).
+
+CPU-sized: the explanations' block inputs below the trained blocks are computed once and cached,
+so an epoch runs only the top blocks. The value head starts from the closed-form ridge solution
+on the frozen features (the v1 AR), so training can only improve on it in-sample; the held-out
+curve (oracle explanations of prompts never seen in training) is recorded every epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from steercmp.lm.blocks import top_blocks_only
+from steercmp.lm.capture import capture_residuals
+from steercmp.lm.load import LoadedModel
+
+from ..fidelity import baseline_variance, normalise
+
+
+@contextmanager
+def raw_residual(model: torch.nn.Module):  # noqa: ANN201
+    """The decoder's final norm off for the duration (the AR reads the raw residual after block K)."""
+    decoder = model.get_decoder()
+    norm = decoder.norm
+    decoder.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.norm = norm
+
+
+def _last_states(model: torch.nn.Module, start: int, cached: Sequence[torch.Tensor],
+                 idx: Sequence[int]) -> torch.Tensor:
+    """Run blocks ``start..K`` over the cached block inputs of ``idx`` (right-padded: causal rows
+    never see their pads); the last real token's output, ``[len(idx), d]``."""
+    width = max(cached[i].shape[0] for i in idx)
+    d = cached[idx[0]].shape[-1]
+    x = torch.zeros(len(idx), width, d)
+    last = torch.tensor([cached[i].shape[0] - 1 for i in idx])
+    for j, i in enumerate(idx):
+        x[j, : cached[i].shape[0]] = cached[i]
+    with top_blocks_only(model, start) as top:
+        hid = top(inputs_embeds=x, use_cache=False).last_hidden_state
+    return hid[torch.arange(len(idx)), last]
+
+
+def nmse(pred: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the sqrt(d)-normalised vectors (the release's mse_nrm)."""
+    return ((normalise(pred) - normalise(gold)) ** 2).mean()
+
+
+def length_batches(lengths: Sequence[int], batch: int, generator: torch.Generator) -> list[list[int]]:
+    """Batches of similar length (little padding), in a seeded random order each epoch: indices
+    are shuffled, sorted by length within windows of 8 batches, cut into batches, and the batches
+    shuffled."""
+    perm = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch * 8
+    out = []
+    for s in range(0, len(perm), window):
+        chunk = sorted(perm[s:s + window], key=lambda i: lengths[i])
+        out.extend(chunk[j:j + batch] for j in range(0, len(chunk), batch))
+    order = torch.randperm(len(out), generator=generator).tolist()
+    return [out[i] for i in order]
+
+
+def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], texts: Sequence[str], gold: torch.Tensor,
+             eval_texts: Sequence[str], eval_gold: torch.Tensor,
+             fit_head: Callable[[torch.Tensor], torch.Tensor], *, blocks: int, epochs: int, batch: int, lr: float,
+             seed: int, progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """Fine-tune the top ``blocks`` blocks of ``lm`` (the AR backbone, blocks 0..K) and a value head
+    (``[d, d]``, applied as ``features @ W``) in place; returns ``(W, curves)``. The head starts
+    from ``fit_head(frozen last-token features)`` (the closed-form ridge fit)."""
+    from tqdm.auto import tqdm
+
+    model = lm.model
+    n_layers = len(model.get_decoder().layers)
+    start = n_layers - blocks
+    seqs = [prompt_ids(t) for t in texts]
+    eval_seqs = [prompt_ids(t) for t in eval_texts]
+    cached = capture_residuals(lm, start - 1, seqs, batch_size=32)
+    eval_cached = capture_residuals(lm, start - 1, eval_seqs, batch_size=32)
+    with raw_residual(model), torch.no_grad():
+        model.eval()
+        frozen = torch.cat([_last_states(model, start, cached, list(range(s, min(s + 64, len(cached)))))
+                            for s in range(0, len(cached), 64)])
+    head = torch.nn.Parameter(fit_head(frozen).clone().float())
+    trainable = [p for blk in list(model.get_decoder().layers)[start:] for p in blk.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([*trainable, head], lr=lr, weight_decay=0.0)
+    steps_total = epochs * math.ceil(len(seqs) / batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps_total))
+    g = torch.Generator().manual_seed(seed)
+    base_eval = baseline_variance(eval_gold)
+    base_train = baseline_variance(gold)
+    curves: dict[str, Any] = {"epoch": [], "train_fve_nrm": [], "heldout_fve_nrm": [],
+                              "blocks_trained": blocks, "epochs": epochs, "lr": lr, "batch": batch}
+
+    def evaluate(which: Sequence[torch.Tensor], target: torch.Tensor, base: float) -> float:
+        model.eval()
+        with torch.no_grad():
+            preds = torch.cat([_last_states(model, start, which, list(range(s, min(s + 64, len(which))))) @ head
+                               for s in range(0, len(which), 64)])
+        curves["pred_norm_mean"] = float(preds.norm(dim=-1).mean())
+        return 1.0 - float(nmse(preds, target)) / base
+
+    bar = tqdm(total=steps_total, desc="nla mini: train AR", disable=not progress)
+    with raw_residual(model):
+        curves["epoch"].append(0)
+        curves["heldout_fve_nrm"].append(evaluate(eval_cached, eval_gold, base_eval))
+        curves["train_fve_nrm"].append(evaluate(cached, gold, base_train))
+        for epoch in range(1, epochs + 1):
+            model.train()
+            for idx in length_batches([len(sq) for sq in seqs], batch, g):
+                loss = nmse(_last_states(model, start, cached, idx) @ head, gold[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([*trainable, head], 1.0)
+                opt.step()
+                sched.step()
+                bar.update(1)
+            curves["epoch"].append(epoch)
+            curves["heldout_fve_nrm"].append(evaluate(eval_cached, eval_gold, base_eval))
+            curves["train_fve_nrm"].append(evaluate(cached, gold, base_train))  # last: its pred norm is kept
+            bar.set_postfix(train=f"{curves['train_fve_nrm'][-1]:.3f}", heldout=f"{curves['heldout_fve_nrm'][-1]:.3f}")
+    bar.close()
+    model.eval()
+    model.requires_grad_(False)
+    return head.detach().clone(), curves
