@@ -45,6 +45,11 @@ def _object_bytes(obj: Any) -> int:
     inner = getattr(obj, "model", None)
     if isinstance(inner, torch.nn.Module):
         return model_bytes(inner)
+    held = getattr(obj, "lm", None)  # a wrapper around a loaded model (an NLA AV or AR)
+    if isinstance(held, LoadedModel):
+        names = [a.name for a in getattr(type(obj), "__attrs_attrs__", ())] or list(getattr(obj, "__dict__", {}))
+        modules = [getattr(obj, n, None) for n in names]
+        return _object_bytes(held) + sum(model_bytes(m) for m in modules if isinstance(m, torch.nn.Module))
     return 0
 
 

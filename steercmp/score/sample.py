@@ -23,6 +23,7 @@ from steercmp.hashing import derive_seed
 from steercmp.lm.compat import cache_kwargs, output_cache
 from steercmp.lm.hooks import Injection, injecting
 from steercmp.lm.load import LoadedModel
+from steercmp.lm.prompts import pad_batch
 from steercmp.lm.sampling import sample_tokens
 from steercmp.tables import COMPLETION_SCHEMA
 
@@ -78,13 +79,8 @@ def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Inje
         logits = res.logits[:, -1].float().cpu()
         active = torch.arange(n)  # rows still decoding; logits and cache rows follow this order
         for step in range(max_new_tokens):
-            nxt = sample_tokens(logits, [generators[i] for i in active.tolist()], temperature, top_p)
-            for j, i in enumerate(active.tolist()):
-                tok = int(nxt[j])
-                out[i].append(tok)
-                if tok == eos or (stop_on_newline and tok in newline_ids):
-                    done[i] = True
-            keep = ~done[active]
+            nxt, keep = _step(logits, active, generators, out, done, temperature, top_p,
+                              {eos} | (newline_ids if stop_on_newline else set()))
             if not bool(keep.any()) or step == max_new_tokens - 1:
                 break
             if not bool(keep.all()):  # finished rows leave the batch (and the cache)
@@ -95,6 +91,63 @@ def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Inje
             cache = output_cache(res)
             logits = res.logits[:, -1].float().cpu()
     return out
+
+
+@torch.no_grad()
+def generate_unsteered(lm: LoadedModel, contexts: Sequence[Sequence[int]], generators: Sequence[torch.Generator],
+                       *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+                       stop_on_newline: bool = True) -> list[list[int]]:
+    """One continuation per row, each row its OWN context and nothing injected: the rows are
+    left-padded into one batch (attention mask and position ids per row), so the many small
+    contexts of a prompt (prompting texts, counterfactual couplets) cost one generation, not one
+    each. Each row keeps its own generator, so its text does not depend on its batch (in fp32 the
+    tokens equal :func:`generate_rows` per context; tests/score/test_forms.py)."""
+    model = lm.model
+    n = len(contexts)
+    device = lm.input_device
+    newline_ids = _newline_ids(lm.tokenizer)
+    eos = lm.tokenizer.eos_token_id
+    pad = lm.tokenizer.pad_token_id or 0
+    ids, mask, _ = pad_batch(contexts, pad, side="left")
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    out: list[list[int]] = [[] for _ in range(n)]
+    done = torch.zeros(n, dtype=torch.bool)
+    res = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                use_cache=True, logits_to_keep=1)
+    cache = output_cache(res)
+    logits = res.logits[:, -1].float().cpu()
+    nxt_pos = positions[:, -1] + 1
+    active = torch.arange(n)
+    for step in range(max_new_tokens):
+        nxt, keep = _step(logits, active, generators, out, done, temperature, top_p,
+                          {eos} | (newline_ids if stop_on_newline else set()))
+        if not bool(keep.any()) or step == max_new_tokens - 1:
+            break
+        if not bool(keep.all()):
+            sel = keep.nonzero().squeeze(-1)
+            cache.batch_select_indices(sel.to(device))
+            active, nxt, mask, nxt_pos = active[sel], nxt[sel], mask[sel], nxt_pos[sel]
+        mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype)], dim=1)
+        res = model(input_ids=nxt.view(-1, 1).to(device), attention_mask=mask.to(device),
+                    position_ids=nxt_pos.view(-1, 1).to(device), **cache_kwargs(model, cache), use_cache=True)
+        cache = output_cache(res)
+        logits = res.logits[:, -1].float().cpu()
+        nxt_pos = nxt_pos + 1
+    return out
+
+
+def _step(logits: torch.Tensor, active: torch.Tensor, generators: Sequence[torch.Generator], out: list[list[int]],
+          done: torch.Tensor, temperature: float, top_p: float, stop_ids: set[Any]
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token for every active row (each with its own generator), append it, mark rows
+    that hit a stop token; returns the tokens and which active rows go on."""
+    nxt = sample_tokens(logits, [generators[i] for i in active.tolist()], temperature, top_p)
+    for j, i in enumerate(active.tolist()):
+        tok = int(nxt[j])
+        out[i].append(tok)
+        if tok in stop_ids:
+            done[i] = True
+    return nxt, ~done[active]
 
 
 def _newline_ids(tokenizer: Any) -> set[int]:
@@ -172,7 +225,19 @@ def sample_completions(lm: LoadedModel, experiment: Experiment, cells: Sequence[
     if log:
         log(f"[completions] {sum(len(v) for v in work.values())} distinct samples for {len(wanted)} rows, "
             f"{spec.seeds} seeds, alphas {list(spec.alphas)}")
-    batches = [(ctx, list(items.items())[s:s + batch_rows]) for ctx, items in work.items()
+    # contexts where nothing is injected (prompting texts, counterfactual couplets) share one
+    # left-padded batch; contexts with injected rows keep their shared-prefix batches
+    plain = [(ctx, key, item) for ctx, items in work.items() if all(k[1] == UNSTEERED for k in items)
+             for key, item in items.items()]
+    for s in range(0, len(plain), batch_rows):
+        chunk = plain[s:s + batch_rows]
+        gens = [sample_generator(experiment.seed, c.prompt_id, seed) for _, _, (c, seed) in chunk]
+        new = generate_unsteered(lm, [ctx for ctx, _, _ in chunk], gens, max_new_tokens=spec.max_new_tokens,
+                                 temperature=spec.temperature, top_p=spec.top_p)
+        for (_, key, _), toks in zip(chunk, new, strict=True):
+            texts[key] = lm.tokenizer.decode(toks, skip_special_tokens=True)
+    steered = {ctx: items for ctx, items in work.items() if any(k[1] != UNSTEERED for k in items)}
+    batches = [(ctx, list(items.items())[s:s + batch_rows]) for ctx, items in steered.items()
                for s in range(0, len(items), batch_rows)]
     if progress is not None:
         batches = progress(batches, "sample completions", len(batches))

@@ -33,6 +33,7 @@ TABLE = {
 FAMILIES = {"original": ("dream",), "edited": ("gleam",), "unrelated": ("stone",)}
 
 
+@torch.no_grad()
 def chained_logprob(model, context, form, inj=None):
     """Independent reference: one plain forward per form, log_softmax, sum over the chain."""
     ids = torch.tensor([list(context) + list(form[:-1])])
