@@ -41,13 +41,11 @@ def final_norm_gain(model: Any) -> torch.Tensor | None:
 def readout_directions(lm: Any, words: Sequence[str]) -> torch.Tensor:
     """Residual-space directions that raise each word's leading-space first token's logit:
     the output-embedding row times the final norm's gain, ``[len(words), d_model]``."""
-    w_u = lm.model.get_output_embeddings().weight.detach().float().cpu()
+    w_u = lm.model.get_output_embeddings().weight
+    ids = torch.as_tensor([encode_form(lm.tokenizer, " " + word)[0] for word in words], device=w_u.device)
+    rows = w_u.detach().index_select(0, ids).float().cpu()  # only the rows needed: no vocabulary-sized copy
     gain = final_norm_gain(lm.model)
-    rows = []
-    for word in words:
-        row = w_u[encode_form(lm.tokenizer, " " + word)[0]]
-        rows.append(row * gain if gain is not None else row)
-    return torch.stack(rows)
+    return rows * gain if gain is not None else rows
 
 
 __all__ = ["final_norm", "final_norm_gain", "readout_directions"]

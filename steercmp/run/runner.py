@@ -188,6 +188,7 @@ class Runner:
                 raise ConfigError(f"no proposals for method {spec.key!r} in this run directory",
                                   where=str(self.run_dir), fix="run `--step propose` first")
             self.log(f"[propose] {spec.key}")
+            t_method = time.perf_counter()
             runtime = RunnerRuntime(self.resources, self.rundir, spec.key, progress=self.progress, fresh=self.fresh)
             try:
                 proposals = check_proposals(spec.key, method.propose(contexts, runtime), contexts,
@@ -200,6 +201,8 @@ class Runner:
             save_proposals(self.rundir, spec.key, proposals)
             self._mark_done(f"propose:{spec.key}", key)
             out[spec.key] = proposals
+            self.timings[f"propose:{spec.key}"] = time.perf_counter() - t_method
+            self.log(f"  {spec.key} proposed in {self.timings[f'propose:{spec.key}']:.1f} s")
         self.timings["propose"] = time.perf_counter() - t
         return out
 

@@ -90,10 +90,10 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
         prep = prepare_context(lm, layer, first.context, forms, min(rows[i].position for i in idx), pad)
         size = batch_size if isinstance(batch_size, int) else auto_batch_size(
             lm, prep.h_ctx.shape[0], len(forms.branches), prep.max_branch + 1)
-        base_logp = None
+        base = None
         if kl:
             zero = Injection.build(torch.zeros(1, prep.h_ctx.shape[-1]), [0.0], [prep.p_min], "raw")
-            base_logp = torch.log_softmax(suffix_pass(model, layer, prep, zero)[0].float(), dim=-1)[0]
+            base = unsteered_distribution(suffix_pass(model, layer, prep, zero)[0][0])
         for s in range(0, len(idx), size):
             chunk = idx[s:s + size]
             inj = Injection.build([rows[i].delta for i in chunk], [rows[i].alpha for i in chunk],
@@ -101,8 +101,8 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
             step0, cache = suffix_pass(model, layer, prep, inj, keep_cache=prep.n_branches > 0)
             branch_logits = branch_pass(model, layer, prep, cache, len(chunk)) if prep.n_branches else None
             masses = masses_from_steps(step0, branch_logits, forms)
-            if base_logp is not None:
-                masses["kl_unsteered"] = kl_from(base_logp, step0)
+            if base is not None:
+                masses["kl_unsteered"] = kl_from(base, step0)
             sel = torch.as_tensor(list(chunk))
             for fam, vals in masses.items():
                 result[fam][sel] = vals
@@ -222,10 +222,20 @@ def branch_pass(model: torch.nn.Module, layer: int, prep: PreparedContext, cache
     return logits.reshape(n_rows, nb, logits.shape[1], logits.shape[2])
 
 
-def kl_from(base_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(base || row) in nats for each row of ``logits [R, V]`` against ``base_logp [V]``."""
+def unsteered_distribution(logits: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(p, sum p log p)`` of one unsteered next-token distribution (logits ``[V]``)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return (base_logp.exp() * (base_logp - logp)).sum(-1).clamp_min(0.0).cpu()
+    p = logp.exp()
+    return p, float((p * logp).sum())
+
+
+def kl_from(base: tuple[torch.Tensor, float], logits: torch.Tensor) -> torch.Tensor:
+    """KL(base || row) in nats for each row of ``logits [R, V]``:
+    ``sum p log p - p . logits + logsumexp(logits)``, one matrix-vector product and one
+    logsumexp per row (no row-sized log-softmax)."""
+    p, neg_entropy = base
+    x = logits.float()
+    return (neg_entropy - x @ p.to(x.device) + torch.logsumexp(x, dim=-1)).clamp_min(0.0).cpu()
 
 
 def masses_from_steps(step0: torch.Tensor, branch_logits: torch.Tensor | None, forms: FamilyForms
