@@ -24,10 +24,10 @@ from steercmp.lm.capture import capture_embeds
 from steercmp.lm.load import load_base_model
 from steercmp.lm.prompts import pad_batch
 
-from ..ar import ActivationReconstructor
+from ..ar import ar_prompt_ids, check_suffix
 from ..checkpoint import as_id_list
 from ..fidelity import normalise
-from ..meta import SIDECAR_NAME, VALUE_HEAD_NAME
+from ..meta import SIDECAR_NAME, VALUE_HEAD_NAME, NlaMeta
 from .data import (
     AR_BATCH,
     AR_EPOCHS,
@@ -211,9 +211,14 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
         "prompt_templates": {"av": AV_TEMPLATE, "ar": AR_TEMPLATE},
     }
     (tmp / "ar" / SIDECAR_NAME).write_text(yaml.safe_dump(ar_meta, sort_keys=False))
-    save_file({"weight": torch.eye(d)}, str(tmp / "ar" / VALUE_HEAD_NAME))
+    meta = NlaMeta.from_yaml(tmp / "ar" / SIDECAR_NAME)
 
-    ar = ActivationReconstructor.load(tmp / "ar")  # the released-layout prompt format
+    def prompt_ids(text: str) -> list[int]:
+        """The released-layout AR prompt (the loader's own function), suffix checked."""
+        ids = ar_prompt_ids(tok, meta, text)
+        check_suffix(ids, meta)
+        return ids
+
     target = normalise(gold_train)
 
     def fit_head(feats: torch.Tensor) -> torch.Tensor:
@@ -229,10 +234,9 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
         log["ar_ridge_lambda"] = best[1]
         return _ridge(feats, target, best[1])
 
-    w, curves = train_ar(lm, ar.prompt_ids, [it["explanation"] for it in train], gold_train,
+    w, curves = train_ar(lm, prompt_ids, [it["explanation"] for it in train], gold_train,
                          [it["explanation"] for it in evals], gold_eval, fit_head, blocks=AR_TRAIN_BLOCKS,
                          epochs=AR_EPOCHS, batch=AR_BATCH, lr=AR_LR, seed=seed, progress=progress)
-    ar.unload()
     log["ar_training"] = curves
     # the loss is scale-free (sqrt(d)-normalised); a released AR outputs vectors in the activation's
     # own scale, and deltas AR(edited) - AR(original) are injected raw, so rescale the head to the
