@@ -14,6 +14,8 @@ much of the behaviour survives the pair).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 import torch
 
@@ -25,6 +27,7 @@ from steercmp.hookspecs import hookimpl
 class Noop(Control):
     name = "noop"
     description = "zero delta at the target position: the unsteered baseline"
+    matching = "baseline"
 
     def derive(self, target: Proposal, context: PromptContext, generator: torch.Generator) -> Proposal:
         d = context.d_model
@@ -34,18 +37,52 @@ class Noop(Control):
 
 class RandomDelta(Control):
     name = "random_delta"
-    description = "a random direction with the same norm as the target delta"
+    description = ("random directions: in the alpha sweep one draw at the target delta's norm (a destruction "
+                   "diagnostic); in the verdict K isotropic draws per prompt, each dose-matched to the budget")
+    matching = "shared"
 
     def applies_to(self, method: Method) -> bool:
         return method.intervention == "activation"
+
+    def derive_shared(self, context: PromptContext, others: Sequence[PromptContext], generator: torch.Generator,
+                      draw: int) -> Proposal:
+        direction = torch.randn(context.d_model, generator=generator, dtype=torch.float32)
+        return Proposal(prompt_id=context.prompt.id, family="edited", delta=direction / direction.norm(),
+                        position=context.inject_pos, status="ok", meta={"draw": draw})
 
     def derive(self, target: Proposal, context: PromptContext, generator: torch.Generator) -> Proposal:
         assert target.delta is not None
         direction = torch.randn(target.delta.shape, generator=generator, dtype=torch.float32)
         delta = direction / direction.norm() * target.delta.float().norm()
-        return Proposal(prompt_id=target.prompt_id, family=target.family, delta=delta,
-                        position=target.position, status=target.status,
-                        meta={"matched_norm": float(target.delta.float().norm())})
+        return attrs.evolve(target, delta=delta, meta={"matched_norm": float(target.delta.float().norm())})
+
+
+class RandomDonor(Control):
+    name = "random_donor"
+    description = ("an on-manifold random control: the patch from another prompt of the run (h_j - h_i at the "
+                   "site), dose-matched to the budget; K donors per prompt")
+    matching = "shared"
+
+    def applies_to(self, method: Method) -> bool:
+        return False  # no alpha-sweep cells: it exists only at matched dose
+
+    def derive(self, target: Proposal, context: PromptContext, generator: torch.Generator) -> Proposal:
+        raise NotImplementedError("random_donor has no alpha-sweep cells")
+
+    def derive_shared(self, context: PromptContext, others: Sequence[PromptContext], generator: torch.Generator,
+                      draw: int) -> Proposal:
+        donors = [o for o in others if o.prompt.id != context.prompt.id]
+        if not donors:
+            return Proposal(prompt_id=context.prompt.id, family="edited", status="dropped",
+                            meta={"why": "no other prompt to take a donor from"})
+        # the donors after this prompt in battery order, cyclically: the same for every method and run
+        ids = [o.prompt.id for o in others]
+        start = ids.index(context.prompt.id) if context.prompt.id in ids else -1
+        ring = [others[(start + 1 + k) % len(others)] for k in range(len(others))]
+        donor = [o for o in ring if o.prompt.id != context.prompt.id][draw % len(donors)]
+        delta = (donor.activation.float() - context.activation.float()).contiguous()
+        return Proposal(prompt_id=context.prompt.id, family="edited", delta=delta, position=context.inject_pos,
+                        status="ok", meta={"draw": draw, "donor": donor.prompt.id})
 
 
 class WrongPosition(Control):
@@ -71,8 +108,7 @@ class WrongPosition(Control):
                 f"wrong_position offset {self.offset} puts prompt {context.prompt.id!r} at token {pos}, "
                 f"outside 0..{context.score_pos}",
                 where="control_options.wrong_position.offset", fix="use a smaller offset")
-        return Proposal(prompt_id=target.prompt_id, family=target.family, delta=target.delta,
-                        position=pos, status=target.status, meta={"offset": self.offset})
+        return attrs.evolve(target, position=pos, meta={"offset": self.offset})
 
 
 class ParaphraseEdit(Control):
@@ -87,8 +123,9 @@ class ParaphraseEdit(Control):
 class RoundTrip(Control):
     name = "round_trip"
     description = ("text-edit methods: the activation replaced once (alpha 1) by the reconstruction of "
-                   "its own explanation at the activation's norm")
+                   "its own explanation at the activation's norm (a fidelity diagnostic, not in the verdict)")
     companion = "round_trip"
+    matching = "descriptive"
 
     def derive(self, target: Proposal, context: PromptContext, generator: torch.Generator) -> Proposal:
         if target.fixed_alpha is None:
@@ -100,6 +137,7 @@ class RoundTrip(Control):
 def register_controls(register):
     register(Noop)
     register(RandomDelta)
+    register(RandomDonor)
     register(WrongPosition)
     register(ParaphraseEdit)
     register(RoundTrip)

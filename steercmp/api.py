@@ -30,6 +30,8 @@ FAMILY_OF_CONDITION = {TARGET_CONDITION: "edited", UNRELATED_CONDITION: "unrelat
 #: reconstruction of its own explanation). Controls with a :attr:`Control.companion` read them.
 COMPANION_FAMILIES: tuple[str, ...] = ("paraphrase", "round_trip")
 SCALINGS: tuple[str, ...] = ("raw", "norm_relative")
+#: how a control enters the matched-dose verdict (:attr:`Control.matching`)
+CONTROL_MATCHING: tuple[str, ...] = ("per_method", "shared", "baseline", "descriptive")
 #: statuses a proposal may carry: ``ok``; NLA selection outcomes ``editable`` / ``fallback``;
 #: ``below_fidelity`` (under the method's fidelity gate: reported apart like fallback);
 #: ``dropped`` (excluded from the analysis, visibly)
@@ -239,11 +241,19 @@ class Control(abc.ABC):
     A control with a ``companion`` family derives from the method's proposal of that family
     instead of the target, and applies only to methods that propose it
     (:attr:`Method.companion_families`): how text-edit controls reach every text-edit plugin.
+
+    ``matching`` says how the matched-dose verdict uses the control (docs/statistics.md):
+    ``per_method`` (derived from the method's proposal and dose-matched like the target, the
+    default), ``shared`` (a direction that does not depend on the method: K draws per prompt
+    from :meth:`derive_shared`, dose-matched to the budget once and compared with every method
+    through their mean), ``baseline`` (the unsteered model: no-op) or ``descriptive`` (reported,
+    never in a verdict).
     """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     companion: ClassVar[str | None] = None
+    matching: ClassVar[str] = "per_method"
 
     def __init__(self, options: Mapping[str, Any]):
         self.options = dict(options)
@@ -258,6 +268,13 @@ class Control(abc.ABC):
     ) -> Proposal:
         """Build the control's proposal from the target proposal for the same prompt (or from the
         method's ``companion`` proposal, for a companion control)."""
+
+    def derive_shared(self, context: PromptContext, others: Sequence[PromptContext], generator: torch.Generator,
+                      draw: int) -> Proposal:
+        """A ``shared`` control's draw ``draw`` for one prompt: a direction whose norm does not
+        matter (it is dose-matched), built from the prompt, the run's other prompts and a
+        generator seeded by (run seed, control, prompt, draw)."""
+        raise NotImplementedError(f"control {self.name!r} has matching={self.matching!r} but no derive_shared")
 
 
 @attrs.frozen

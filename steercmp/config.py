@@ -61,7 +61,10 @@ class CompletionSpec:
 MODEL_KEYS = frozenset(a.name for a in attrs.fields(ModelSpec))
 METHOD_KEYS = frozenset(a.name for a in attrs.fields(MethodSpec))
 COMPLETION_KEYS = frozenset(a.name for a in attrs.fields(CompletionSpec))
-DECISION_KEYS = frozenset({"alphas", "level", "correction"})
+DECISION_KEYS = frozenset({"alphas", "level", "correction", "min_effect", "max_kl", "random_draws"})
+#: the matched-dose verdict's pre-declared defaults (docs/statistics.md says why each)
+DEFAULT_MIN_EFFECT = 0.5
+DEFAULT_RANDOM_DRAWS = 16
 EXPERIMENT_KEYS = frozenset({"name", "description", "model", "layer", "battery", "alphas", "scalings",
                              "methods", "controls", "control_options", "completions", "decision", "seed",
                              "batch_size", "single_token_families", "inject"})
@@ -89,6 +92,13 @@ class Experiment:
     decision_alphas: tuple[float, ...] = (2.0,)
     decision_level: float = 0.05
     decision_correction: str = "none"
+    #: smallest effect of interest, nats of the score: "no effect" means the CI lies below it
+    decision_min_effect: float = DEFAULT_MIN_EFFECT
+    #: the side-effect budget in nats of off-target KL; None = auto (the positive control's own
+    #: KL per prompt where the run has one, else :data:`steercmp.score.dose.DEFAULT_MAX_KL`)
+    decision_max_kl: float | None = None
+    #: K: draws per prompt of each shared random control (random_delta, random_donor)
+    decision_random_draws: int = DEFAULT_RANDOM_DRAWS
     seed: int = 0
     batch_size: int | str = "auto"
     single_token_families: bool = False
@@ -124,10 +134,16 @@ class Experiment:
         data["alphas"] = list(self.alphas)
         data["scalings"] = list(self.scalings)
         data.setdefault("decision", {})
-        data["decision"] = {**dict(data["decision"] or {}), "alphas": list(self.decision_alphas),
-                            "level": self.decision_level, "correction": self.decision_correction}
+        data["decision"] = {**dict(data["decision"] or {}), **self.decision_settings()}
         data["battery"] = str(self.battery_file)
         return yaml.safe_dump(redact(data), sort_keys=False)
+
+    def decision_settings(self) -> dict[str, Any]:
+        """The pre-declared decision block, defaults filled in (config.yaml and the manifest)."""
+        return {"alphas": list(self.decision_alphas), "level": self.decision_level,
+                "correction": self.decision_correction, "min_effect": self.decision_min_effect,
+                "max_kl": "auto" if self.decision_max_kl is None else self.decision_max_kl,
+                "random_draws": self.decision_random_draws}
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Experiment:
@@ -264,6 +280,14 @@ class Experiment:
         decision_alphas = _Fields(source, prefix="decision.").numbers(decision, "alphas", default=(2,))
         level = check_level(decision.get("level", 0.05), where=f"{source}: decision.level")
         correction = check_correction(decision.get("correction", "none"), where=f"{source}: decision.correction")
+        min_effect = check_positive(decision.get("min_effect", DEFAULT_MIN_EFFECT), where=f"{source}: decision.min_effect",
+                                    fix="use a number of nats > 0, e.g. 0.5 (the default)")
+        max_kl_raw = decision.get("max_kl", "auto")
+        max_kl = None if max_kl_raw == "auto" else check_positive(
+            max_kl_raw, where=f"{source}: decision.max_kl",
+            fix="use auto (the positive control's own KL per prompt) or a number of nats > 0, e.g. 0.25")
+        draws = _Fields(source, prefix="decision.").integer(decision, "random_draws", default=DEFAULT_RANDOM_DRAWS,
+                                                            minimum=1)
         missing = [a for a in decision_alphas if a not in alphas]
         if missing:
             raise ConfigError(f"decision alpha {missing[0]} is not in the alpha sweep",
@@ -315,6 +339,9 @@ class Experiment:
             decision_alphas=decision_alphas,
             decision_level=level,
             decision_correction=correction,
+            decision_min_effect=min_effect,
+            decision_max_kl=max_kl,
+            decision_random_draws=draws,
             seed=f.integer(data, "seed", default=0, minimum=0),
             batch_size=batch_size,
             single_token_families=bool(data.get("single_token_families", False)),
@@ -328,6 +355,13 @@ def check_level(value: Any, *, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ConfigError(f"level {value!r} must lie strictly between 0 and 1", where=where,
                           fix="use e.g. 0.05")
+    return float(value)
+
+
+def check_positive(value: Any, *, where: str, fix: str) -> float:
+    """A finite number above 0, or a one-line error naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{value!r} must be a positive number", where=where, fix=fix)
     return float(value)
 
 

@@ -22,12 +22,12 @@ CELL_SCHEMA: dict[str, Any] = {
     "prompt_id": pl.String, "method": pl.String, "condition": pl.String, "alpha": pl.Float64,
     "scaling": pl.String, "position": pl.Int64, "inject_pos": pl.Int64, "score_pos": pl.Int64,
     "delta_norm": pl.Float64, "logmass_edited": pl.Float64, "logmass_original": pl.Float64,
-    "logmass_unrelated": pl.Float64, "score": pl.Float64, "kl_unsteered": pl.Float64, "status": pl.String,
-    "meta": pl.String,
+    "logmass_unrelated": pl.Float64, "score": pl.Float64, "kl_unsteered": pl.Float64, "kl_offtarget": pl.Float64,
+    "status": pl.String, "meta": pl.String,
 }
 #: cell columns a reader accepts missing (descriptive only; runs written before they existed lack
 #: them); when missing they are added as nulls
-CELL_OPTIONAL = ("kl_unsteered",)
+CELL_OPTIONAL = ("kl_unsteered", "kl_offtarget")
 COMPLETION_SCHEMA: dict[str, Any] = {
     "prompt_id": pl.String, "method": pl.String, "condition": pl.String, "alpha": pl.Float64,
     "scaling": pl.String, "seed": pl.Int64, "text": pl.String, "line": pl.String,
@@ -35,6 +35,17 @@ COMPLETION_SCHEMA: dict[str, Any] = {
     "end_original": pl.Boolean, "end_edited": pl.Boolean, "end_unrelated": pl.Boolean,
     "status": pl.String,
 }
+#: ``matched.parquet``: every method and control at the prompt's side-effect budget (run/match.py)
+MATCHED_SCHEMA: dict[str, Any] = {
+    "prompt_id": pl.String, "method": pl.String, "condition": pl.String, "draw": pl.Int64, "status": pl.String,
+    "budget": pl.Float64, "budget_source": pl.String, "multiplier": pl.Float64, "ratio": pl.Float64,
+    "delta_norm": pl.Float64, "kl_offtarget": pl.Float64, "kl_unsteered": pl.Float64,
+    "logmass_edited": pl.Float64, "logmass_original": pl.Float64, "logmass_unrelated": pl.Float64,
+    "score": pl.Float64, "evals": pl.Int64, "oracle_assisted": pl.Boolean,
+}
+#: every status of a matched row: the dose search's outcome, or why there is no score
+MATCHED_STATUSES = ("ok", "matched", "fixed", "off_budget", "unreachable", "not_dose_matched", "zero_delta",
+                    "no_budget", "dropped", "fallback", "below_fidelity", "not_applicable", "error")
 #: ``units/completions/baseline-<key>.parquet``: one prompt's unsteered samples, one per seed
 BASELINE_SCHEMA: dict[str, Any] = {"prompt_id": pl.String, "seed": pl.Int64, "text": pl.String}
 #: completion columns a reader accepts missing (descriptive only: no statistic reads them, and
@@ -65,6 +76,11 @@ COMPLETIONS = TableSpec("completions.parquet", COMPLETION_SCHEMA, optional=END_C
 SCORE_UNIT = TableSpec("units/score/<key>.parquet", CELL_SCHEMA, optional=CELL_OPTIONAL, extra_columns=False)
 COMPLETION_UNIT = TableSpec("units/completions/<key>.parquet", COMPLETION_SCHEMA, optional=END_COLUMNS,
                             extra_columns=False)
+MATCHED = TableSpec("matched.parquet", MATCHED_SCHEMA, not_null=("prompt_id", "method", "condition", "draw", "status"),
+                    rows=False)
+MATCHED_UNIT = TableSpec("units/match/<key>.parquet", MATCHED_SCHEMA,
+                         not_null=("prompt_id", "method", "condition", "draw", "status"), rows=False,
+                         extra_columns=False)
 BASELINE_UNIT = TableSpec("units/completions/baseline-<key>.parquet", BASELINE_SCHEMA,
                           not_null=tuple(BASELINE_SCHEMA), rows=False, extra_columns=False)
 

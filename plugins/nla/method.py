@@ -85,13 +85,15 @@ def estimate_params(source: str, role: str) -> int | None:
     return None
 
 
-def edit_map_for(prompt: Any, family: str) -> dict[str, str]:
+def edit_map_for(prompt: Any, family: str, *, cue: bool = False) -> dict[str, str]:
     """The prompt's explanation edit map toward ``family`` (or original[i] -> family[i]).
 
-    A rhyme-change prompt that names a cue word for ``family`` (``meta.cue``: the word line 1 of
-    its counterfactual couplet ends in, the positive control's edit) also maps line 1's last word
+    With ``cue`` (the ``cue_edit`` option, off by default: it is ORACLE-ASSISTED), a rhyme-change
+    prompt that names a cue word for ``family`` (``meta.cue``: the word line 1 of its
+    counterfactual couplet ends in, the positive control's answer) also maps line 1's last word
     to the cue and its spelled rhyme ending to the cue's (``bat -> shell``, ``-at -> -ell``), so
-    the text edit states the same counterfactual the positive control patches in.
+    the text edit states the same counterfactual the positive control patches in. Its results
+    are then labelled oracle-assisted in every table.
     """
     edits = dict(prompt.edits.get(family, {}) or {})
     if edits:
@@ -100,11 +102,13 @@ def edit_map_for(prompt: Any, family: str) -> dict[str, str]:
         original = list(prompt.families.get("original", ()))
         target = list(prompt.families.get(family, ()))
         out = dict(zip(original, target, strict=False))
-    cue = ((getattr(prompt, "meta", None) or {}).get("cue") or {}).get(family)
+    if not cue:
+        return out
+    word = ((getattr(prompt, "meta", None) or {}).get("cue") or {}).get(family)
     end = getattr(prompt, "line_end_word", "")
-    if isinstance(cue, str) and cue and end and end.lower() != cue.lower():
-        out.setdefault(end, cue)
-        a, b = spelled_ending(end), spelled_ending(cue)
+    if isinstance(word, str) and word and end and end.lower() != word.lower():
+        out.setdefault(end, word)
+        a, b = spelled_ending(end), spelled_ending(word)
         if a != b:
             out.setdefault(f"-{a}", f"-{b}")
     return out
@@ -130,6 +134,7 @@ class NlaOptions:
     greedy: bool = False
     fidelity_gate: float | None = None
     paraphrase_rules: tuple[tuple[str, str], ...] = DEFAULT_RULES
+    cue_edit: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> NlaOptions:
@@ -169,6 +174,9 @@ class NlaOptions:
                 raise ConfigError(f"fidelity_gate {gate} is above 1: fve_nrm never exceeds 1, so every prompt "
                                   "would be gated", where=f"{where}.fidelity_gate", fix="use a value <= 1, e.g. 0.5")
             opts["fidelity_gate"] = float(gate)
+        if not isinstance(opts.get("cue_edit", False), bool):
+            raise ConfigError(f"cue_edit must be true or false, got {opts['cue_edit']!r}", where=f"{where}.cue_edit",
+                              fix="leave it out (the default, no oracle) or write true to label the method oracle-assisted")
         opts["paraphrase_rules"] = parse_rules(opts.get("paraphrase_rules"), f"{where}.paraphrase_rules")
         return cls(**opts)
 
@@ -287,7 +295,7 @@ class NlaTextEdit(Method):
             chosen: dict[int, tuple[str, int | None]] = {}
             plans: list[tuple[int, str, str, str, str, int]] = []
             for ci, ctx in enumerate(contexts):
-                maps = {fam: edit_map_for(ctx.prompt, fam) for fam in PROPOSAL_FAMILIES}
+                maps = {fam: edit_map_for(ctx.prompt, fam, cue=o.cue_edit) for fam in PROPOSAL_FAMILIES}
                 terms = sorted({k for m in maps.values() for k in m})
                 samples = [texts[(ci, s)][0] for s in range(o.n_explanations)]
                 for s, e in enumerate(samples):
@@ -338,7 +346,8 @@ class NlaTextEdit(Method):
                 status = "below_fidelity"  # reported apart, like fallback prompts
             common = {"selection": sel, "sample": idx, "explanation": explanation, "fve_nrm": f.fve_nrm,
                       "mse_nrm": f.mse_nrm, "cosine": f.cosine, "fve_baseline": baseline,
-                      "fidelity_gate": o.fidelity_gate, "av": o.av, "ar": o.ar}
+                      "fidelity_gate": o.fidelity_gate, "av": o.av, "ar": o.ar,
+                      **({"oracle_assisted": True} if o.cue_edit else {})}
             for fam in PROPOSAL_FAMILIES:
                 orig, edited, mode, count, delta = by_prompt[ci][fam]
                 meta = {**common, "original_text": orig, "edited_text": edited, "edit_mode": mode,

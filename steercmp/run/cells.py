@@ -35,6 +35,7 @@ from steercmp.tables import CELL_SCHEMA as CELL_SCHEMA  # the columns of cells.p
 
 FAMILIES = ("edited", "original", "unrelated")
 KL = "kl_unsteered"
+KL_OFF = "kl_offtarget"
 
 
 @attrs.define
@@ -104,7 +105,8 @@ def _cell(exp: Experiment, ctx: PromptContext, method: str, cond: str, prop: Pro
     meta = dict(prop.meta)
     if prop.prompt_text is not None:  # a prompting baseline: its own text, nothing injected
         tok = tokenize_prompt(tokenizer, ctx.prompt, exp.model.chat_template, text=prop.prompt_text)
-        row = ScoreRow(tok.ids, tok.score_pos, forms, torch.zeros(ctx.d_model), 0.0, tok.inject_pos, "raw")
+        row = ScoreRow(tok.ids, tok.score_pos, forms, torch.zeros(ctx.d_model), 0.0, tok.inject_pos, "raw",
+                       kl_context=tuple(ctx.input_ids[: ctx.score_pos + 1]))
         meta["alpha_applies"] = False
         return Cell(ctx.prompt.id, method, cond, alpha, scaling, status, tok.inject_pos, tok.inject_pos,
                     tok.score_pos, 0.0, meta, row, baseline=cond == "noop")
@@ -182,7 +184,7 @@ def score_unit(lm: LoadedModel, layer: int, cells: Sequence[Cell], batch_size: i
         masses = score_rows_fast(lm, layer, rows, batch_size=batch_size, kl=True) if rows else {}
     except NumericalError:
         # some row overflowed: score row by row so only the rows at fault become errors
-        masses = {f: torch.full((len(rows),), float("nan")) for f in (*FAMILIES, KL)}
+        masses = {f: torch.full((len(rows),), float("nan"), dtype=torch.float64) for f in (*FAMILIES, KL, KL_OFF)}
         for j, r in enumerate(rows):
             try:
                 one = score_rows_fast(lm, layer, [r], batch_size=1, kl=True)
@@ -194,10 +196,11 @@ def score_unit(lm: LoadedModel, layer: int, cells: Sequence[Cell], batch_size: i
     for c, i in zip(cells, index, strict=True):
         vals = {f: (float(masses[f][i]) if i is not None else None) for f in FAMILIES}
         kl = float(masses[KL][i]) if i is not None else None
+        kl_off = float(masses[KL_OFF][i]) if i is not None else None
         status, meta = c.status, dict(c.meta)
         if i is not None and not all(math.isfinite(v) for v in vals.values()):  # type: ignore[arg-type]
             status, meta["error"] = "error", "NaN or inf logits"
-            vals, kl = {f: None for f in vals}, None
+            vals, kl, kl_off = {f: None for f in vals}, None, None
         score = None if vals["edited"] is None else vals["edited"] - vals["original"]  # type: ignore[operator]
         records.append({
             "prompt_id": c.prompt_id, "method": c.method, "condition": c.condition, "alpha": c.alpha,
@@ -205,7 +208,8 @@ def score_unit(lm: LoadedModel, layer: int, cells: Sequence[Cell], batch_size: i
             "score_pos": c.score_pos, "delta_norm": c.delta_norm,
             "logmass_edited": vals["edited"], "logmass_original": vals["original"],
             "logmass_unrelated": vals["unrelated"], "score": score,
-            "kl_unsteered": None if kl is None or not math.isfinite(kl) else kl, "status": status,
+            "kl_unsteered": None if kl is None or not math.isfinite(kl) else kl,
+            "kl_offtarget": None if kl_off is None or not math.isfinite(kl_off) else kl_off, "status": status,
             "meta": json.dumps(meta, sort_keys=True, default=str),
         })
     return records

@@ -24,9 +24,9 @@ from steercmp.config import Experiment
 from steercmp.hashing import stable_hash
 from steercmp.lm.device import resolve_dtype_name
 
-STAGES = ("extract", "propose", "score", "completions")
+STAGES = ("extract", "propose", "score", "completions", "match")
 #: bump a stage's version when its outputs change meaning; the code hash below also covers edits
-STAGE_VERSIONS = {"extract": "2", "propose": "2", "score": "2", "completions": "2"}
+STAGE_VERSIONS = {"extract": "2", "propose": "2", "score": "3", "completions": "2", "match": "1"}
 #: the packages and modules whose source determines each stage's outputs (a package = all its files)
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "extract": ("steercmp.lm", "steercmp.battery"),
@@ -34,6 +34,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "score": ("steercmp.lm", "steercmp.score", "steercmp.battery", "steercmp.run.cells",
               "steercmp.run.proposals", "steercmp.tables"),
     "completions": ("steercmp.lm", "steercmp.score", "steercmp.run.cells", "steercmp.tables"),
+    "match": ("steercmp.lm", "steercmp.score", "steercmp.run.match", "steercmp.run.cells", "steercmp.tables"),
 }
 _FILE_DIGESTS: dict[str, str] = {}
 
@@ -123,6 +124,19 @@ class RunKeys:
         return stable_hash({"code": stage_code_hash("completions"), "extract": self.extract(), "prompt": pid,
                             "completions": attrs.asdict(self.experiment.completions), "seed": self.experiment.seed,
                             "baseline": True})
+
+    def match_unit(self, pid: str) -> str:
+        """One prompt's matched-dose rows and completions: every method's proposals (shared
+        controls compare with all of them), the controls, the decision block, the battery's
+        prompts (donors come from them) and the completion settings."""
+        exp = self.experiment
+        return stable_hash({"code": stage_code_hash("match"), "prompt": pid,
+                            "propose": {s.key: self.propose(s.key) for s in exp.methods},
+                            "controls": self._controls(), "seed": exp.seed,
+                            "decision": {k: v for k, v in exp.decision_settings().items()
+                                         if k in ("max_kl", "random_draws")},
+                            "prompts": [p.id for p in exp.battery.prompts],
+                            "completions": attrs.asdict(exp.completions)})
 
     def units(self, stage: str, methods: Sequence[str]) -> list[tuple[str, str, str]]:
         """``(method, prompt id, unit key)`` for every unit of ``stage`` (score or completions)."""

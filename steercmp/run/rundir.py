@@ -62,6 +62,16 @@ class RunDir:
         return self.root / COMPLETIONS
 
     @property
+    def matched(self) -> Path:
+        """Every method and control at the prompt's side-effect budget (the verdict's input)."""
+        return self.root / "matched.parquet"
+
+    @property
+    def matched_completions(self) -> Path:
+        """Completions sampled at the matched doses (the verdict's behavioural check)."""
+        return self.root / "matched_completions.parquet"
+
+    @property
     def manifest(self) -> Path:
         return self.root / MANIFEST
 

@@ -46,6 +46,8 @@ from steercmp.tables import (
     BASELINE_UNIT,
     CELLS,
     COMPLETION_UNIT,
+    MATCHED_SCHEMA,
+    MATCHED_UNIT,
     SCORE_UNIT,
     read_table,
 )
@@ -111,7 +113,7 @@ class Runner:
         cells = None
         if any(s in steps for s in STAGES):
             contexts = self.stage_extract(run="extract" in steps)
-            if any(s in steps for s in ("propose", "score", "completions")):
+            if any(s in steps for s in ("propose", "score", "completions", "match")):
                 proposals = self.stage_propose(contexts, run="propose" in steps)
                 if "score" in steps or "completions" in steps:
                     book = self._cell_book(contexts, proposals)
@@ -119,6 +121,8 @@ class Runner:
                         cells = self.stage_score(book)
                     if "completions" in steps and self.experiment.completions.enabled:
                         self.stage_completions(book, contexts, cells)
+                if "match" in steps:
+                    self.stage_match(contexts, proposals)
         self.resources.release()
         self.write_manifest()
         return cells
@@ -363,6 +367,97 @@ class Runner:
         if todo:
             self.resources.note("completions")
         self.timings["completions"] = time.perf_counter() - t
+
+    def stage_match(self, contexts: list[PromptContext], proposals: dict[str, list[Proposal]]) -> None:
+        """Every method and control at the prompt's side-effect budget (:mod:`steercmp.run.match`),
+        and completions at those doses; one resumable unit per prompt."""
+        from steercmp.run.match import SHARED, match_prompt, positive_control, prompt_method_rows
+
+        exp = self.experiment
+        keys = [s.key for s in exp.methods if s.key in proposals]
+        methods = {k: self.methods[k] for k in keys}
+        units = [(ctx, self.keys.match_unit(ctx.prompt.id)) for ctx in contexts]
+        key = self.keys.stage("match", [u for _, u in units])
+        if self._reusable("match", key, self.rundir.matched):
+            self.reused.append("match")
+            return
+        t = time.perf_counter()
+        todo = [(ctx, u) for ctx, u in units if self.fresh or not self.rundir.unit("match", u).exists()]
+        self.reused_units["match"] = {"reused": len(units) - len(todo), "computed": len(todo)}
+        self.log(f"[match] {len(units)} prompts: {len(units) - len(todo)} reused, {len(todo)} to dose-match")
+        cells = read_table(self.rundir.cells, CELLS, require_target=False, fix=RECOMPUTE) \
+            if self.rundir.cells.exists() else None
+        by_key = {k: {} for k in keys}  # type: dict[str, dict[str, dict[str, Proposal]]]
+        for k in keys:
+            for p in proposals[k]:
+                by_key[k].setdefault(p.prompt_id, {})[p.family] = p
+        pc = positive_control(methods, proposals)
+        baseline = self._baselines([c for c, _ in todo]) if todo and exp.completions.enabled else {}
+        for ctx, ukey in self.progress(todo, "match prompts", len(todo)):
+            pid = ctx.prompt.id
+            lm = self.resources.base()
+            rows = match_prompt(lm, exp, ctx, contexts, methods, self.controls,
+                                {k: by_key[k].get(pid, {}) for k in keys}, prompt_method_rows(cells, methods, pid), pc)
+            write_parquet(self.rundir.unit("match", ukey), pl.DataFrame(rows, schema=MATCHED_SCHEMA))
+            if exp.completions.enabled:
+                comp = self._matched_completions(lm, ctx, rows, {k: by_key[k].get(pid, {}) for k in keys},
+                                                 contexts, baseline, SHARED)
+                write_parquet(self.rundir.unit("match_completions", ukey), comp)
+        frames = [read_table(self.rundir.unit("match", u), MATCHED_UNIT, fix=RECOMPUTE) for _, u in units]
+        write_parquet(self.rundir.matched, pl.concat(frames, how="vertical"))
+        if exp.completions.enabled:
+            comps = [read_table(self.rundir.unit("match_completions", u), COMPLETION_UNIT, fix=RECOMPUTE)
+                     for _, u in units]
+            write_parquet(self.rundir.matched_completions, pl.concat(comps, how="vertical"))
+        self._mark_done("match", key)
+        if todo:
+            self.resources.note("match")
+        self.timings["match"] = time.perf_counter() - t
+
+    def _matched_completions(self, lm: Any, ctx: PromptContext, rows: list[dict[str, Any]],
+                             props: dict[str, dict[str, Proposal]], contexts: list[PromptContext],
+                             baseline: dict[tuple[tuple[int, ...], int], str], shared: str) -> pl.DataFrame:
+        """Completions of one prompt at the matched doses: every method's target and controls, the
+        shared controls' first draw (sampled once, reported under every method), and noop."""
+        from steercmp.run.match import directions
+        from steercmp.score.reference import ScoreRow
+
+        exp = self.experiment
+        dirs, _ = directions(exp, ctx, contexts, {k: self.methods[k] for k in props}, self.controls, props, None)
+        found = {(d.method, d.condition, d.draw): d for d in dirs}
+        forms = FamilyForms(forms={}, branches=((),), entries={})
+        picked: list[tuple[Cell, list[str]]] = []
+        shared_done: set[str] = set()
+        for r in rows:
+            if r["status"] not in ("matched", "fixed", "off_budget", "unreachable") or r["multiplier"] is None:
+                if r["condition"] == "noop" and r["status"] == "ok":
+                    row = ScoreRow(ctx.input_ids, ctx.score_pos, forms, torch.zeros(ctx.d_model), 0.0, ctx.inject_pos,
+                                   "raw")
+                    picked.append((Cell(ctx.prompt.id, r["method"], "noop", 0.0, "raw", "ok", ctx.inject_pos,
+                                        ctx.inject_pos, ctx.score_pos, 0.0, {}, row, baseline=True), [r["method"]]))
+                continue
+            is_shared = (shared, r["condition"], r["draw"]) in found
+            if is_shared and (r["draw"] != 0 or r["condition"] in shared_done):
+                continue
+            d = found.get((shared, r["condition"], r["draw"])) if is_shared else found.get(
+                (r["method"], r["condition"], r["draw"]))
+            if d is None:
+                continue
+            owners = sorted({x["method"] for x in rows if x["condition"] == r["condition"] and x["draw"] == 0}) \
+                if is_shared else [r["method"]]
+            if is_shared:
+                shared_done.add(r["condition"])
+            row = ScoreRow(ctx.input_ids, ctx.score_pos, forms, d.delta, float(r["multiplier"]), d.position, "raw")
+            picked.append((Cell(ctx.prompt.id, owners[0], r["condition"], float(r["multiplier"]), "raw", "ok",
+                                d.position, ctx.inject_pos, ctx.score_pos, float(d.delta.norm()), {}, row), owners))
+        if not picked:
+            return pl.DataFrame(schema=COMPLETION_SCHEMA)
+        df = sample_completions(lm, exp, [c for c, _ in picked], self.battery, baseline=baseline)
+        parts = []
+        for c, owners in picked:
+            part = df.filter((pl.col("method") == c.method) & (pl.col("condition") == c.condition))
+            parts.extend(part.with_columns(pl.lit(o).alias("method")) for o in owners)
+        return pl.concat(parts, how="vertical").unique(maintain_order=True)
 
     def prune_units(self) -> list[Path]:
         """Delete the unit files this experiment no longer references (a changed config, code or

@@ -32,6 +32,10 @@ class ScoreRow:
     alpha: float
     position: int
     scaling: str
+    #: the context whose UNSTEERED next-token distribution the row's KL is measured against
+    #: (``None``: its own context). A prompting row sets the original prompt's context, so its
+    #: side effect counts the change of prompt, not zero by construction.
+    kl_context: tuple[int, ...] | None = None
 
     @property
     def context(self) -> tuple[int, ...]:

@@ -33,6 +33,8 @@ from steercmp.score.reference import ScoreRow, group_rows
 #: working memory a scoring batch may use, as a fraction of the model's own bytes: keeps the
 #: staged pipeline's peak within 1.25x the largest model (issue target), on CPU and GPU alike
 BATCH_MEMORY_FRACTION = 0.2
+KL_UNSTEERED = "kl_unsteered"
+KL_OFFTARGET = "kl_offtarget"
 
 
 def auto_batch_size(lm: LoadedModel, seq_len: int, n_branches: int, keep: int) -> int:
@@ -74,26 +76,31 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
 
     With ``kl`` the result adds ``kl_unsteered``: KL(unsteered || row) of the next-token
     distribution at the scoring slot, in nats, against one unsteered pass per context (how far a
-    row moves the whole distribution, not only the two families).
+    row moves the whole distribution, not only the two families), and ``kl_offtarget``: the same
+    KL over the vocabulary without the families' first tokens, renormalised, in float64 (the side
+    effect: the intended shift toward or away from a family is not charged as damage).
     """
-    result = {f: torch.full((len(rows),), float("nan")) for f in ("original", "edited", "unrelated")}
-    if kl:
-        result["kl_unsteered"] = torch.full((len(rows),), float("nan"))
+    result = {f: torch.full((len(rows),), float("nan"), dtype=torch.float64 if f == KL_OFFTARGET else torch.float32)
+              for f in ("original", "edited", "unrelated", *((KL_UNSTEERED, KL_OFFTARGET) if kl else ()))}
     model = lm.model
     pad = lm.tokenizer.pad_token_id or 0
     groups = list(group_rows(rows).values())
     if progress is not None:
         groups = progress(groups, "score cells", len(groups))
+    unsteered_of: dict[tuple[int, ...], tuple[torch.Tensor, FamilyForms]] = {}
     for idx in groups:
         first = rows[idx[0]]
         forms = first.forms
         prep = prepare_context(lm, layer, first.context, forms, min(rows[i].position for i in idx), pad)
         size = batch_size if isinstance(batch_size, int) else auto_batch_size(
             lm, prep.h_ctx.shape[0], len(forms.branches), prep.max_branch + 1)
-        base = None
+        base = off = None
         if kl:
             zero = Injection.build(torch.zeros(1, prep.h_ctx.shape[-1]), [0.0], [prep.p_min], "raw")
-            base = unsteered_distribution(suffix_pass(model, layer, prep, zero)[0][0])
+            unsteered = suffix_pass(model, layer, prep, zero)[0][0]
+            unsteered_of[tuple(first.context)] = (unsteered, forms)
+            base = unsteered_distribution(unsteered)
+            off = offtarget_distribution(unsteered, family_first_tokens(forms))
         for s in range(0, len(idx), size):
             chunk = idx[s:s + size]
             inj = Injection.build([rows[i].delta for i in chunk], [rows[i].alpha for i in chunk],
@@ -101,12 +108,37 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
             step0, cache = suffix_pass(model, layer, prep, inj, keep_cache=prep.n_branches > 0)
             branch_logits = branch_pass(model, layer, prep, cache, len(chunk)) if prep.n_branches else None
             masses = masses_from_steps(step0, branch_logits, forms)
-            if base is not None:
-                masses["kl_unsteered"] = kl_from(base, step0)
+            if base is not None and off is not None:
+                masses[KL_UNSTEERED] = kl_from(base, step0)
+                masses[KL_OFFTARGET] = offtarget_kl(off, step0)
             sel = torch.as_tensor(list(chunk))
             for fam, vals in masses.items():
                 result[fam][sel] = vals
+    if kl:
+        _kl_against_other_contexts(lm, rows, result, unsteered_of)
     return result
+
+
+def _kl_against_other_contexts(lm: LoadedModel, rows: Sequence[ScoreRow], result: dict[str, torch.Tensor],
+                               unsteered_of: dict[tuple[int, ...], tuple[torch.Tensor, FamilyForms]]) -> None:
+    """Rows with a ``kl_context`` (prompting rows: nothing injected, another text) get their KLs
+    against that context's unsteered distribution instead of their own."""
+    for i, r in enumerate(rows):
+        if r.kl_context is None or tuple(r.kl_context) == tuple(r.context):
+            continue
+        ref = unsteered_of.get(tuple(r.kl_context))
+        if ref is None:
+            with torch.no_grad():
+                logits = lm.model(input_ids=torch.as_tensor([list(r.kl_context)], device=lm.input_device),
+                                  logits_to_keep=1).logits[0, -1]
+            ref = (logits, r.forms)
+            unsteered_of[tuple(r.kl_context)] = ref
+        own = unsteered_of[tuple(r.context)][0] if float(r.alpha) == 0.0 or float(r.delta.norm()) == 0.0 else None
+        if own is None:
+            raise ValueError("a row with kl_context must inject nothing (a prompting row)")
+        result[KL_UNSTEERED][i] = kl_from(unsteered_distribution(ref[0]), own.unsqueeze(0))[0]
+        result[KL_OFFTARGET][i] = offtarget_kl(offtarget_distribution(ref[0], family_first_tokens(r.forms)),
+                                               own.unsqueeze(0))[0]
 
 
 @attrs.frozen(eq=False)
@@ -227,6 +259,45 @@ def unsteered_distribution(logits: torch.Tensor) -> tuple[torch.Tensor, float]:
     logp = torch.log_softmax(logits.float(), dim=-1)
     p = logp.exp()
     return p, float((p * logp).sum())
+
+
+def family_first_tokens(forms: FamilyForms) -> torch.Tensor:
+    """The token ids a family form starts with at the scoring slot: what off-target KL leaves out."""
+    return torch.as_tensor(sorted({entry[0][2] for fam in forms.entries.values() for entry in fam if entry}),
+                           dtype=torch.long)
+
+
+@attrs.frozen(eq=False)
+class OffTarget:
+    """The unsteered distribution without the family tokens, renormalised, in float64:
+    ``p [V]`` (zero on the family tokens), ``sum p log p`` and the boolean ``keep`` mask."""
+
+    p: torch.Tensor
+    neg_entropy: float
+    keep: torch.Tensor
+
+
+def offtarget_distribution(logits: torch.Tensor, exclude: torch.Tensor) -> OffTarget:
+    """:class:`OffTarget` of one unsteered next-token distribution (logits ``[V]``)."""
+    keep = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[exclude.to(logits.device)] = False
+    x = logits.double().masked_fill(~keep, float("-inf"))
+    logp = torch.log_softmax(x, dim=-1)
+    p = logp.exp()
+    neg_entropy = float(torch.where(keep, p * logp.masked_fill(~keep, 0.0), 0.0).sum())
+    return OffTarget(p=p, neg_entropy=neg_entropy, keep=keep)
+
+
+def offtarget_kl(off: OffTarget, logits: torch.Tensor) -> torch.Tensor:
+    """Off-target KL(unsteered || row) in nats for each row of ``logits [R, V]``, in float64 (fp32
+    cancellation returns 0 for KLs near 1e-5): ``sum p' log p' - p' . x + logsumexp(x over kept)``."""
+    out = torch.empty(logits.shape[0], dtype=torch.float64)
+    p = off.p.to(logits.device)
+    for s in range(0, logits.shape[0], 16):  # float64 rows of a 262k vocabulary: 2 MB each
+        x = logits[s:s + 16].double()
+        lse = torch.logsumexp(x.masked_fill(~off.keep, float("-inf")), dim=-1)
+        out[s:s + 16] = (off.neg_entropy - x.masked_fill(~off.keep, 0.0) @ p + lse).clamp_min(0.0).cpu()
+    return out
 
 
 def kl_from(base: tuple[torch.Tensor, float], logits: torch.Tensor) -> torch.Tensor:

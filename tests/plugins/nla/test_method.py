@@ -246,8 +246,9 @@ def test_stale_or_missing_mini_quality_file_means_rebuild(tmp_path):
 
 
 def test_cue_edit_states_the_positive_controls_counterfactual():
-    """On a rhyme-change prompt with cue words the edit also swaps line 1's last word for the cue
-    (and its spelled ending), the counterfactual the positive control patches in."""
+    """With the oracle-assisted ``cue_edit`` on, a rhyme-change prompt with cue words also swaps
+    line 1's last word for the cue (and its spelled ending), the counterfactual the positive
+    control patches in; by default the edit uses the battery's edit map only."""
     from steercmp_plugins.nla.method import edit_map_for
     from steercmp_plugins.nla.select import apply_edit
 
@@ -255,13 +256,14 @@ def test_cue_edit_states_the_positive_controls_counterfactual():
                families={"original": ("hat", "cat"), "edited": ("bell", "well"), "unrelated": ("ship", "trip")},
                edits={"edited": {"hat": "bell", "cat": "well"}, "unrelated": {"hat": "ship", "cat": "trip"}},
                meta={"cue": {"edited": "shell", "unrelated": "lip"}})
-    assert edit_map_for(p, "edited") == {"hat": "bell", "cat": "well", "bat": "shell", "-at": "-ell"}
+    assert edit_map_for(p, "edited") == {"hat": "bell", "cat": "well"}  # no oracle by default
+    assert edit_map_for(p, "edited", cue=True) == {"hat": "bell", "cat": "well", "bat": "shell", "-at": "-ell"}
     text = "The line ends with bat, rhyme -at. The next word is likely bat, hat or night."
-    assert apply_edit(text, edit_map_for(p, "edited"))[0] == (
+    assert apply_edit(text, edit_map_for(p, "edited", cue=True))[0] == (
         "The line ends with shell, rhyme -ell. The next word is likely shell, bell or night.")
-    assert apply_edit(text, edit_map_for(p, "unrelated"))[0].startswith("The line ends with lip, rhyme -ip.")
+    assert apply_edit(text, edit_map_for(p, "unrelated", cue=True))[0].startswith("The line ends with lip, rhyme -ip.")
     plain = Prompt(id="p", text=p.text, families=p.families, edits=p.edits)  # no cue: the battery's map only
-    assert edit_map_for(plain, "edited") == {"hat": "bell", "cat": "well"}
+    assert edit_map_for(plain, "edited", cue=True) == {"hat": "bell", "cat": "well"}
 
 
 def test_grounded_explanation_names_what_the_model_can_know():

@@ -1,0 +1,235 @@
+"""The matched-dose stage: every method and control at the same side-effect cost, per prompt.
+
+For each prompt the stage builds its "arms" (every direction the verdict compares), finds for
+each the dose at which its off-target KL equals the prompt's budget (:mod:`steercmp.score.dose`),
+and records the scores at that dose in ``matched.parquet``:
+
+- the budget: the positive control's own off-target KL on the prompt (a patch, alpha 1), or
+  ``decision.max_kl``; it reads no outcome;
+- per activation method: the target, ``unrelated_edit`` and every ``per_method`` control
+  (``wrong_position``, ``paraphrase_edit``, ...), each dose-matched; the positive control's
+  target is the patch itself (``fixed``); a fixed-alpha proposal is kept at its alpha;
+- per prompting method: its rows as scored (``not_dose_matched``: a prompt has no dose), with
+  the off-target KL measured against the original prompt's distribution;
+- ``shared`` controls (``random_delta``, ``random_donor``): K draws per prompt, dose-matched
+  once and reported under every method (their direction does not depend on the method);
+- ``noop``: the unsteered model.
+Prompts a method dropped, fell back on or gated are written with their status and no score: the
+intention-to-treat analysis counts them as no-op (:mod:`steercmp.stats.matched`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from steercmp.api import (
+    PROPOSAL_FAMILIES,
+    TARGET_CONDITION,
+    UNRELATED_CONDITION,
+    Control,
+    Method,
+    PromptContext,
+    Proposal,
+)
+from steercmp.config import Experiment
+from steercmp.hashing import make_generator
+from steercmp.lm.load import LoadedModel
+from steercmp.score.dose import DEFAULT_MAX_KL, Arm, match_doses
+from steercmp.score.forms import FamilyForms, family_forms
+from steercmp.score.reference import ScoreRow
+from steercmp.score.sweep import KL_OFFTARGET, KL_UNSTEERED, score_rows_fast
+
+#: proposal statuses whose deltas the verdict injects (the rest count as no-op under ITT)
+SCORED_STATUSES = ("ok", "editable")
+SHARED = "*"  # the method key under which shared controls are computed once
+
+
+@attrs.frozen(eq=False)
+class Direction:
+    """One direction to score at a dose: ``fixed`` is a multiplier that is not matched (a patch,
+    a fixed-alpha operation); ``status`` the proposal's status."""
+
+    method: str
+    condition: str
+    draw: int
+    proposal: Proposal
+    position: int
+    fixed: float | None = None
+
+    @property
+    def delta(self) -> torch.Tensor:
+        assert self.proposal.delta is not None
+        return self.proposal.delta.float()
+
+
+def positive_control(methods: Mapping[str, Method], proposals: Mapping[str, Sequence[Proposal]]) -> str | None:
+    """The key of the run's positive control: the method whose proposals say ``meta.role``."""
+    for key in methods:
+        if any(p.meta.get("role") == "positive_control" for p in proposals.get(key, ())):
+            return key
+    return None
+
+
+def _derive(control: Control, source: Proposal, ctx: PromptContext, exp: Experiment, key: str) -> Proposal:
+    return control.derive(source, ctx, make_generator(exp.seed, key, ctx.prompt.id, control.name))
+
+
+def directions(exp: Experiment, ctx: PromptContext, others: Sequence[PromptContext], methods: Mapping[str, Method],
+               controls: Mapping[str, Control], proposals: Mapping[str, Mapping[str, Proposal]],
+               pc: str | None) -> tuple[list[Direction], list[dict[str, Any]]]:
+    """The prompt's directions to match, and the rows that need no matching (dropped, gated,
+    not applicable) as ``(method, condition, status)`` records."""
+    out: list[Direction] = []
+    skipped: list[dict[str, Any]] = []
+    pid = ctx.prompt.id
+    for key, method in methods.items():
+        if method.intervention != "activation" or key not in proposals:
+            continue
+        props = proposals[key]
+        target = props.get("edited")
+        status = target.status if target is not None else "dropped"
+        if target is None or status not in SCORED_STATUSES:
+            skipped.append({"method": key, "condition": TARGET_CONDITION, "status": status})
+            continue
+        fixed = target.fixed_alpha  # the positive control's patch (alpha 1) sets the budget, unmatched
+        out.append(Direction(key, TARGET_CONDITION, 0, target, _pos(target, ctx), fixed))
+        unrelated = props.get("unrelated")
+        if unrelated is not None and unrelated.delta is not None and unrelated.status in SCORED_STATUSES:
+            out.append(Direction(key, UNRELATED_CONDITION, 0, unrelated, _pos(unrelated, ctx)))
+        for cname, control in controls.items():
+            if control.matching != "per_method":
+                continue
+            if not control.applies_to(method):
+                skipped.append({"method": key, "condition": cname, "status": "not_applicable"})
+                continue
+            source = target if control.companion is None else props.get(control.companion)
+            if source is None or source.status == "dropped" or source.delta is None:
+                skipped.append({"method": key, "condition": cname, "status": "dropped"})
+                continue
+            derived = _derive(control, source, ctx, exp, key)
+            if derived.delta is None or derived.status == "dropped":
+                skipped.append({"method": key, "condition": cname, "status": "dropped"})
+                continue
+            out.append(Direction(key, cname, 0, derived, _pos(derived, ctx)))
+    for cname, control in controls.items():
+        if control.matching != "shared":
+            continue
+        draws = exp.decision_random_draws
+        if cname == "random_donor":  # distinct donors only
+            draws = min(draws, max(len(others) - 1, 0))
+        for k in range(draws):
+            derived = control.derive_shared(ctx, others, make_generator(exp.seed, "shared", cname, pid, k), k)
+            if derived.delta is not None and derived.status != "dropped":
+                out.append(Direction(SHARED, cname, k, derived, _pos(derived, ctx)))
+    return out, skipped
+
+
+def _pos(p: Proposal, ctx: PromptContext) -> int:
+    return p.position if p.position is not None else ctx.inject_pos
+
+
+class _Scorer:
+    """Scores (direction, multiplier) pairs of one prompt in batches and keeps every result."""
+
+    def __init__(self, lm: LoadedModel, exp: Experiment, ctx: PromptContext, forms: FamilyForms):
+        self.lm, self.exp, self.ctx, self.forms = lm, exp, ctx, forms
+        self.results: list[dict[str, float]] = []
+
+    def __call__(self, items: Sequence[tuple[Direction | None, float]]) -> list[dict[str, float]]:
+        ctx = self.ctx
+        rows = [ScoreRow(ctx.input_ids, ctx.score_pos, self.forms,
+                         d.delta if d is not None else torch.zeros(ctx.d_model), float(m),
+                         d.position if d is not None else ctx.inject_pos, "raw") for d, m in items]
+        masses = score_rows_fast(self.lm, self.exp.layer, rows, batch_size=self.exp.batch_size, kl=True)
+        out = [{k: float(v[i]) for k, v in masses.items()} for i in range(len(rows))]
+        self.results.extend(out)
+        return out
+
+
+def match_prompt(lm: LoadedModel, exp: Experiment, ctx: PromptContext, others: Sequence[PromptContext],
+                 methods: Mapping[str, Method], controls: Mapping[str, Control],
+                 proposals: Mapping[str, Mapping[str, Proposal]], prompt_rows: Sequence[Mapping[str, Any]],
+                 pc: str | None) -> list[dict[str, Any]]:
+    """``matched.parquet`` records of one prompt (see the module docstring)."""
+    forms = family_forms(lm.tokenizer, ctx.prompt.families)
+    score = _Scorer(lm, exp, ctx, forms)
+    dirs, skipped = directions(exp, ctx, others, methods, controls, proposals, pc)
+    fixed = [d for d in dirs if d.fixed is not None]
+    first = score([(None, 0.0), *[(d, d.fixed) for d in fixed]])  # noop and the fixed operations
+    noop, fixed_res = first[0], dict(zip(map(id, fixed), first[1:], strict=True))
+    pc_target = next((d for d in fixed if d.method == pc and d.condition == TARGET_CONDITION), None)
+    if exp.decision_max_kl is not None:
+        budget, source = exp.decision_max_kl, "max_kl"
+    elif pc is not None:
+        budget = fixed_res[id(pc_target)][KL_OFFTARGET] if pc_target is not None else float("nan")
+        source = "positive_control"
+    else:
+        budget, source = DEFAULT_MAX_KL, "default_max_kl"
+    free = [d for d in dirs if d.fixed is None]
+    site_norm = float(ctx.activation.float().norm())
+    arms = [Arm(float(d.delta.norm()), site_norm) for d in free]
+    ok_budget = budget if math.isfinite(budget) and budget > 0 else 0.0
+    offset = len(score.results)
+    matches = match_doses(arms, [ok_budget] * len(arms),
+                          lambda req: [r[KL_OFFTARGET] for r in score([(free[a], m) for a, m in req])])
+
+    def record(method: str, condition: str, draw: int, status: str, res: Mapping[str, float] | None,
+               multiplier: float | None, d: Direction | None, evals: int) -> dict[str, Any]:
+        fam = {f: (res[f] if res is not None else None) for f in ("edited", "original", "unrelated")}
+        meta = d.proposal.meta if d is not None else {}
+        return {"prompt_id": ctx.prompt.id, "method": method, "condition": condition, "draw": draw,
+                "status": status, "budget": budget, "budget_source": source, "multiplier": multiplier,
+                "ratio": (None if multiplier is None or d is None or site_norm == 0
+                          else multiplier * float(d.delta.norm()) / site_norm),
+                "delta_norm": float(d.delta.norm()) if d is not None else None,
+                "kl_offtarget": res[KL_OFFTARGET] if res is not None else None,
+                "kl_unsteered": res[KL_UNSTEERED] if res is not None else None,
+                "logmass_edited": fam["edited"], "logmass_original": fam["original"],
+                "logmass_unrelated": fam["unrelated"],
+                "score": None if res is None else res["edited"] - res["original"], "evals": evals,
+                "oracle_assisted": bool(meta.get("oracle_assisted", False))}
+
+    shared_rows: list[dict[str, Any]] = []
+    method_rows: list[dict[str, Any]] = []
+    for d in fixed:
+        method_rows.append(record(d.method, d.condition, d.draw, "fixed", fixed_res[id(d)], d.fixed, d, 1))
+    for d, m in zip(free, matches, strict=True):
+        res = score.results[offset + m.point.index] if m.point is not None else None
+        rec = record(d.method, d.condition, d.draw, m.status, res, m.point.multiplier if m.point else None, d, m.evals)
+        (shared_rows if d.method == SHARED else method_rows).append(rec)
+    for s in skipped:
+        method_rows.append(record(s["method"], s["condition"], 0, s["status"], None, None, None, 0))
+    for r in prompt_rows:  # prompting methods: scored in the sweep, no dose
+        method_rows.append({**record(r["method"], r["condition"], 0, "not_dose_matched", None, None, None, 0),
+                            **{k: r[k] for k in ("logmass_edited", "logmass_original", "logmass_unrelated", "score",
+                                                 "kl_offtarget", "kl_unsteered")}})
+    keys = [k for k, m in methods.items() if k in proposals]
+    out = [record(k, "noop", 0, "ok", noop, 0.0, None, 1) for k in keys]
+    out += method_rows
+    out += [{**r, "method": k} for k in keys if methods[k].intervention == "activation" for r in shared_rows]
+    return out
+
+
+def prompt_method_rows(cells: Any, methods: Mapping[str, Method], pid: str) -> list[dict[str, Any]]:
+    """The scored target and unrelated rows of prompting methods for one prompt (any alpha: a
+    prompt's row does not depend on it)."""
+    import polars as pl
+
+    keys = [k for k, m in methods.items() if m.intervention != "activation"]
+    if cells is None or not keys:
+        return []
+    rows = (cells.filter((pl.col("prompt_id") == pid) & pl.col("method").is_in(keys)
+                         & pl.col("condition").is_in([TARGET_CONDITION, UNRELATED_CONDITION])
+                         & pl.col("score").is_not_null())
+            .unique(subset=["method", "condition"], keep="first", maintain_order=True))
+    if "kl_offtarget" not in rows.columns:
+        rows = rows.with_columns(pl.lit(None, dtype=pl.Float64).alias("kl_offtarget"))
+    return rows.to_dicts()
+
+
+__all__ = ["PROPOSAL_FAMILIES", "SHARED", "directions", "match_prompt", "positive_control", "prompt_method_rows"]
