@@ -6,6 +6,8 @@ or a method's own estimate (:attr:`steercmp.api.Resource.params`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from steercmp.catalog import DTYPE_BYTES, ModelInfo, known_model
@@ -125,7 +127,27 @@ def describe_plan(experiment: Experiment, plugins: PluginSet) -> str:
         verdict = "fits" if peak < 0.9 * capacity else "does NOT fit (use device_map: auto or a larger device)"
         lines.append(f"device {experiment.model.device}: {where} has {gib(capacity)}: the plan {verdict}")
     lines += power_prediction(len(battery), experiment.decision_level)
+    lines += whole_rule_prediction(experiment)
     return "\n".join(lines)
+
+
+def whole_rule_prediction(experiment: Any) -> list[str]:
+    """Power of the matched-dose rule (every score check and its CI) at ``decision.min_effect``,
+    before any data: normal per-prompt differences of a few spreads, one check per verdict
+    control (no-op, unrelated_edit and the configured controls but the descriptive round trip)."""
+    from steercmp.stats.matched import planned_power
+
+    n = len(experiment.battery)
+    checks = 2 + len([c for c in experiment.controls if c not in ("noop", "round_trip")])
+    e = experiment.decision_min_effect
+    parts = [f"SD {sd:g}: {planned_power(n, checks, min_effect=e, sd=sd, level=experiment.decision_level):.0%}"
+             for sd in (0.5, 1.0, 2.0)]
+    budget = ("the positive control's own off-target KL per prompt" if experiment.decision_max_kl is None
+              else f"{experiment.decision_max_kl:g} nats")
+    return [f"matched-dose verdict: budget {budget}, {experiment.decision_random_draws} draws per random control, "
+            f"min_effect {e:g} nats",
+            f"  power of the whole rule ({checks} score checks, CI above 0) at min_effect with {n} prompts, "
+            f"per-prompt difference {', '.join(parts)} (intention-to-treat: every prompt counts)"]
 
 
 def power_prediction(n: int, level: float) -> list[str]:

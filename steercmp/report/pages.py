@@ -42,6 +42,8 @@ class Page:
     charts: Mapping[str, ChartSpec]
     manifest: Mapping[str, Any] | None
     banner: str = ""  # the first thing a reader sees: can anything tested steer this site?
+    #: the matched-dose verdict: (banner, decision paragraph, verdict table), shown first in the HTML
+    matched: tuple[str, str, tuple[list[str], list[list[str]]]] | None = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -135,9 +137,14 @@ def _verdict_class(v: str) -> str:
 def html_page(page: Page) -> str:
     e = html.escape
     body = [f"<h1>steercmp report: {e(page.title)}</h1>"]
-    if page.banner:
+    if page.matched is not None:
+        m_banner, paragraph, table = page.matched
+        body += [f"<p class='banner'>{e(m_banner)}</p>", "<h2 id='matched'>Verdicts at matched side effects</h2>",
+                 f"<p class='meta'>{e(paragraph)}</p>", _html_table(table)]
+    elif page.banner:
         body.append(f"<p class='banner'>{e(page.banner)}</p>")
-    body += ["<h2 id='verdicts'>Verdicts</h2>", f"<p class='meta'>{e(page.header)}</p>"]
+    heading = "Verdicts" if page.matched is None else "Alpha-sweep view (exploratory, not the verdict)"
+    body += [f"<h2 id='verdicts'>{heading}</h2>", f"<p class='meta'>{e(page.header)}</p>"]
     for v in page.verdicts:
         fails = "".join(f"<li>{e(x)}</li>" for x in failure_lines(v))
         body.append(

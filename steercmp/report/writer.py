@@ -12,7 +12,7 @@ title is the experiment's name (config.yaml ``name``), else the run directory's 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,18 @@ import yaml
 
 from steercmp import stats
 from steercmp.api import ReportInputs, ReportSection, SectionContent
-from steercmp.config import check_correction, check_level
+from steercmp.config import DEFAULT_MIN_EFFECT, DEFAULT_RANDOM_DRAWS, check_correction, check_level
 from steercmp.errors import ConfigError, PluginError
 from steercmp.plugin_manager import PluginSet, build_plugin_manager
 from steercmp.report import charts, transforms
+from steercmp.report.matched import banner as matched_banner
+from steercmp.report.matched import (
+    decision_paragraph,
+    pareto_chart,
+    pareto_frame,
+    summary_markdown,
+    verdict_table,
+)
 from steercmp.report.pages import ChartSpec, Page, html_page, markdown, save_png
 from steercmp.report.reference import (
     build_reference,
@@ -36,7 +44,7 @@ from steercmp.report.reference import (
 from steercmp.report.sections import Section, core_sections
 from steercmp.report.tables import frame_table
 from steercmp.run.rundir import RunDir
-from steercmp.tables import CELLS, COMPLETIONS, read_table
+from steercmp.tables import CELLS, COMPLETIONS, MATCHED, read_table
 
 
 def _read_config(run: RunDir) -> dict[str, Any]:
@@ -203,6 +211,20 @@ def write_report(
                                             correction=correction), roles)
     reference = build_reference(cells, alphas, n_boot=n_boot, seed=seed, run=run)
     banner = site_banner(verdicts, reference)
+    decision = _declared(config, alphas, level, correction)
+    matched_verdicts = None
+    if run.matched.is_file():
+        matched = read_table(run.matched, MATCHED)
+        mcomp = read_table(run.matched_completions, COMPLETIONS) if run.matched_completions.is_file() else None
+        matched_verdicts = stats.matched_verdicts(
+            matched, mcomp, level=level, min_effect=decision["min_effect"], n_boot=n_boot, seed=seed,
+            roles=roles, methods=[m for m in matched["method"].unique(maintain_order=True).to_list()
+                                  if m not in ceilings])
+        matched_verdicts.sort(key=lambda v: v.get("role") != stats.POSITIVE_CONTROL)
+        for v in matched_verdicts:
+            if mcomp is not None and v["completions"] and all(c["outcome"] == "cannot tell"
+                                                                for c in v["completions"].values()):
+                v["expected_edited_hits"] = stats.expected_hits(matched, v["method"], _seeds(config))
 
     summary.write_parquet(out / "summary.parquet")
     paired_score.write_parquet(out / "paired.parquet")
@@ -218,13 +240,21 @@ def write_report(
     reference.logmass.write_parquet(out / "absolute_logmass.parquet")
     if not reference.cosines.is_empty():
         reference.cosines.write_parquet(out / "positive_control_cosine.parquet")
-    (out / "verdict.json").write_text(json.dumps({
-        "site": banner, "positive_control": positive, "ceilings": list(ceilings),
-        "decision_alphas": alphas, "controls": controls, "level": level, "rule": "intersection-union",
-        "correction_across_controls": "none (intersection-union test)", "correction_across_methods": correction,
-        "n_boot": n_boot, "seed": seed, "completions_available": completions is not None,
-        "verdicts": verdicts,
-    }, indent=2, default=str) + "\n")
+    sweep = {"site": banner, "decision_alphas": alphas, "controls": controls, "level": level,
+             "rule": "intersection-union at the decision alphas (exploratory dose-response view)",
+             "correction_across_controls": "none (intersection-union test)", "correction_across_methods": correction,
+             "verdicts": verdicts}
+    preregistered = decision.pop("preregistered")
+    head: dict[str, Any] = {"positive_control": positive, "ceilings": list(ceilings), "decision": decision,
+                            "preregistered": preregistered, "n_boot": n_boot, "seed": seed,
+                            "completions_available": completions is not None}
+    if matched_verdicts is not None:
+        head |= {"rule": "matched-dose, three outcomes, intention-to-treat (docs/statistics.md)",
+                 "site": matched_banner(matched_verdicts), "verdicts": matched_verdicts, "alpha_sweep": sweep}
+    else:
+        head |= {**sweep, "rule": "intersection-union (no matched.parquet: run the match stage for the matched-dose "
+                                  "verdict)"}
+    (out / "verdict.json").write_text(json.dumps(head, indent=2, default=str) + "\n")
 
     # ---- charts (transforms -> builders)
     chart_specs: dict[str, ChartSpec] = {}
@@ -242,6 +272,10 @@ def write_report(
         charts.forest_chart, "no paired comparisons at the decision alphas")
     add("hit_rates", "Completion hit rates", transforms.hits_frame(hits) if hits is not None else None,
         charts.hit_rate_chart, "no completions.parquet")
+    if matched_verdicts is not None:
+        add("pareto", "Score against side effect: dose curves and matched points",
+            pareto_frame(cells, matched_verdicts), lambda f: pareto_chart(f, matched_verdicts),
+            "no off-target KL in cells.parquet")
     add("injected_norm", "Target effect against injected norm",
         transforms.matched_norm_frame(cells, n_boot=min(n_boot, 2_000), seed=seed), charts.matched_norm_chart,
         "no activation method with a non-zero delta")
@@ -271,8 +305,37 @@ def write_report(
               f"correction across methods: {across}. Supported = logmass and edited-family completion "
               f"hits won; underpowered = too few usable prompts for any outcome to pass. "
               f"Primary analysis: fallback and gated prompts excluded. Bootstrap: {n_boot} resamples, seed {seed}.")
+    if matched_verdicts is not None:
+        header = "Exploratory dose-response view (alpha sweep, not the verdict). " + header
     page = Page(title=_title(config, run), header=header, verdicts=verdicts, sections=sections, charts=chart_specs,
-                manifest=manifest, banner=banner)
-    (out / "summary.md").write_text(markdown(page))
+                manifest=manifest, banner=banner,
+                matched=None if matched_verdicts is None else (
+                    matched_banner(matched_verdicts), decision_paragraph(decision, preregistered),
+                    verdict_table(matched_verdicts)))
+    if matched_verdicts is not None:
+        (out / "summary.md").write_text(summary_markdown(_title(config, run), matched_verdicts, decision,
+                                                         preregistered))
+        (out / "details.md").write_text(markdown(page))
+    else:
+        (out / "summary.md").write_text(markdown(page))
     (out / "report.html").write_text(html_page(page))
     return out
+
+
+def _seeds(config: Mapping[str, Any]) -> int:
+    comp = config.get("completions") if isinstance(config.get("completions"), dict) else {}
+    return int(comp.get("seeds", 5) or 5)
+
+
+def _declared(config: Mapping[str, Any], alphas: Sequence[float], level: float, correction: str) -> dict[str, Any]:
+    """The decision settings in force, and whether they are the pre-declared ones (config.yaml):
+    a report run with other flags is an exploratory re-analysis, and says so."""
+    declared = config.get("decision") if isinstance(config.get("decision"), dict) else {}
+    min_effect = declared.get("min_effect", DEFAULT_MIN_EFFECT)
+    settings = {"alphas": [float(a) for a in alphas], "level": level, "correction": correction,
+                "min_effect": float(min_effect) if isinstance(min_effect, int | float) else DEFAULT_MIN_EFFECT,
+                "max_kl": declared.get("max_kl", "auto"), "random_draws": declared.get("random_draws", DEFAULT_RANDOM_DRAWS)}
+    same = (not declared or ([float(a) for a in declared.get("alphas", alphas)] == settings["alphas"]
+                             and float(declared.get("level", level)) == level
+                             and declared.get("correction", correction) == correction))
+    return settings | {"preregistered": bool(same)}

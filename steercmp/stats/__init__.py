@@ -16,6 +16,7 @@ from steercmp.stats.decision import (
     verdict,
 )
 from steercmp.stats.format import format_summary_table
+from steercmp.stats.matched import expected_hits, matched_verdicts, planned_power
 from steercmp.stats.paired import CONTROLS, TARGET, paired, paired_hits, relative_to_noop
 from steercmp.stats.power import (
     mde_in_sd,
@@ -53,5 +54,5 @@ __all__ = [
     "dose_response", "effects_vs_noop", "format_summary_table", "fractions", "heterogeneity", "heterogeneity_table", "hit_rates", "holm",
     "mde_in_sd", "method_roles", "min_p_value", "minimum_detectable_effect", "paired", "paired_hits", "peaks",
     "per_prompt_hits", "prompts_for_power", "prompts_to_reach", "relative_to_noop", "sign_flip_pvalue",
-    "summarize", "verdict",
+    "summarize", "verdict", "expected_hits", "matched_verdicts", "planned_power",
 ]

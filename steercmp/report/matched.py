@@ -1,0 +1,146 @@
+"""The report's first screen: the matched-dose verdicts (one table) and what they say about the site.
+
+``summary.md`` is this page alone (at most :data:`MAX_LINES` lines): the site banner, the
+decision in one paragraph, one verdict table (dose, score and its two parts at matched KL with
+CIs, off-target KL, n intention-to-treat / selected, verdict, the check that decided it) and
+links. Everything else (per-alpha tables, per-control tables, the NLA panel) is in
+``details.md`` and in the collapsed sections of ``report.html``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import altair as alt
+import polars as pl
+
+from steercmp.report.tables import fmt, fmt_ci
+from steercmp.stats import matched as mv
+
+MAX_LINES = 60
+Table = tuple[list[str], list[list[str]]]
+WINS = (mv.SUPPORTED, mv.SHIFT_ONLY)
+
+
+def injects(v: Mapping[str, Any]) -> bool:
+    """Whether the method injects at the site (prompting methods do not: they say nothing about it)."""
+    return any(s in ("matched", "fixed", "off_budget", "unreachable") for s in (v.get("statuses") or {}))
+
+
+def label(v: Mapping[str, Any]) -> str:
+    name = v["method"]
+    if v.get("role") == "positive_control":
+        name += " (positive control)"
+    if v.get("oracle_assisted"):
+        name += " (oracle-assisted)"
+    return name
+
+
+def banner(verdicts: Sequence[Mapping[str, Any]]) -> str:
+    """Can anything tested steer this site, at the budget? Only methods that inject there count."""
+    pc = next((v for v in verdicts if v.get("role") == "positive_control"), None)
+    inj = [v for v in verdicts if injects(v) and v is not pc]
+    winners = [v["method"] for v in inj if v["verdict"] in WINS]
+    if pc is None:
+        head = ("No positive control in this run (add counterfactual_patch): the budget is decision.max_kl, and a "
+                "method's failure cannot be told apart from a site that nothing steers.")
+        return head + (f" Injecting methods that win: {', '.join(winners)}." if winners else "")
+    state = f"the positive control reads '{pc['verdict']}' ({pc['explanation']})"
+    if pc["verdict"] in WINS:
+        return f"The site can be steered at the budget: {state}. A method's failure below is the method's."
+    if pc["verdict"] == mv.INCONCLUSIVE:
+        return f"Cannot tell whether the site can be steered: {state}. Read every verdict below as open about the site."
+    if winners:
+        return (f"The positive control does not win ({state}), but injecting methods do ({', '.join(winners)}): the "
+                f"site can be steered at this cost; the patch is not a sufficient reference here.")
+    return (f"Nothing that injects at this site wins at the budget: {state}. A method's failure below says little "
+            f"about the method.")
+
+
+def _part(v: Mapping[str, Any], key: str) -> str:
+    s = (v.get("itt") or {}).get(key) or {}
+    return f"{fmt(s.get('mean'))} {fmt_ci(s.get('ci_low'), s.get('ci_high'))}" if s.get("mean") is not None else "NA"
+
+
+def verdict_table(verdicts: Sequence[Mapping[str, Any]]) -> Table:
+    head = ["method", "dose (‖δ‖ / ‖h‖)", "score vs noop [95% CI]", "Δ log P(edited)", "Δ log P(original)",
+            "off-target KL (budget)", "n ITT / selected", "verdict", "decided by"]
+    rows = []
+    for v in verdicts:
+        dose = ("prompt (no dose)" if not injects(v) else
+                f"{fmt(v.get('ratio_median'), '.3g')}" + ("" if v.get("dose_matched") else " not matched"))
+        kl = f"{fmt(v.get('kl_offtarget_median'), '.3g')} ({fmt(v.get('budget_median'), '.3g')})"
+        rows.append([label(v), dose, _part(v, "score_vs_noop"), _part(v, "d_edited"), _part(v, "d_original"), kl,
+                     f"{v.get('n_itt', 0)} / {v.get('n_selected', 0)}", v["verdict"], v.get("decided_by", "")])
+    return head, rows
+
+
+def _md(table: Table) -> list[str]:
+    head, rows = table
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+
+
+def decision_paragraph(decision: Mapping[str, Any], preregistered: bool) -> str:
+    budget = ("the positive control's own off-target KL on each prompt (a patch, alpha 1)"
+              if decision.get("max_kl", "auto") == "auto" else f"{decision['max_kl']} nats of off-target KL")
+    text = (f"Every method, the random controls ({decision.get('random_draws')} draws per prompt) and the text-edit "
+            f"controls are dose-matched per prompt to {budget}. A check passes when the one-sided sign-flip "
+            f"p < {decision.get('level')} and the 95% CI lies above 0, reads 'no effect' when the CI and the "
+            f"equivalence test put it below min_effect = {decision.get('min_effect')} nats, else 'inconclusive'. "
+            f"Intention-to-treat: a prompt a method drops or gates counts as no-op.")
+    if not preregistered:
+        text = "**Exploratory re-analysis: the decision settings differ from the pre-declared ones.** " + text
+    return text
+
+
+def summary_markdown(title: str, verdicts: Sequence[Mapping[str, Any]], decision: Mapping[str, Any],
+                     preregistered: bool) -> str:
+    lines = [f"# steercmp report: {title}", "", f"> **{banner(verdicts)}**", "",
+             "## Verdicts at matched side effects", "", decision_paragraph(decision, preregistered), "",
+             *_md(verdict_table(verdicts)), ""]
+    why = [f"- {v['method']}: {v['explanation']}" for v in verdicts]
+    room = MAX_LINES - len(lines) - 4
+    lines += why[:room] if len(why) <= room else [*why[:room - 1], "- ... (verdict.json has every check)"]
+    lines += ["", "More: `details.md` (per-alpha and per-control tables), `report.html` (charts), `verdict.json` "
+              "(every check, power, settings)."]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_frame(cells: pl.DataFrame, verdicts: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
+    """Score vs off-target KL along each method's alpha sweep (per-alpha means over prompts,
+    target minus no-op), one row per method and alpha."""
+    if "kl_offtarget" not in cells.columns:
+        return pl.DataFrame()
+    keep = [v["method"] for v in verdicts if injects(v)]
+    ok = cells.filter(pl.col("score").is_not_null() & pl.col("method").is_in(keep)
+                      & pl.col("status").is_in(["ok", "editable"]))
+    noop = ok.filter(pl.col("condition") == "noop").select("prompt_id", "method", "alpha", "scaling",
+                                                           pl.col("score").alias("noop"))
+    t = ok.filter((pl.col("condition") == "target_edit") & (pl.col("alpha") > 0)).join(
+        noop, on=["prompt_id", "method", "alpha", "scaling"])
+    return (t.group_by("method", "alpha").agg((pl.col("score") - pl.col("noop")).mean().alias("score_vs_noop"),
+                                              pl.col("kl_offtarget").median().alias("kl_offtarget"))
+            .filter(pl.col("kl_offtarget") > 0).sort("method", "alpha"))
+
+
+def pareto_chart(frame: pl.DataFrame, verdicts: Sequence[Mapping[str, Any]]) -> alt.LayerChart:
+    """Each method's dose curve (score vs off-target KL, log x), its matched point, and the budget."""
+    points = pl.DataFrame([{"method": v["method"], "kl_offtarget": v.get("kl_offtarget_median"),
+                            "score_vs_noop": ((v.get("itt") or {}).get("score_vs_noop") or {}).get("mean")}
+                           for v in verdicts if injects(v) and v.get("kl_offtarget_median")])
+    x = alt.X("kl_offtarget:Q", scale=alt.Scale(type="log"), title="off-target KL (nats, log)")
+    y = alt.Y("score_vs_noop:Q", title="score vs noop (nats)")
+    curves = alt.Chart(frame.to_pandas()).mark_line(point=True, opacity=0.6).encode(
+        x=x, y=y, color="method:N", tooltip=["method", "alpha", "kl_offtarget", "score_vs_noop"])
+    layers: list[Any] = [curves]
+    if not points.is_empty():
+        layers.append(alt.Chart(points.to_pandas()).mark_point(shape="diamond", size=140, filled=True).encode(
+            x=x, y=y, color="method:N", tooltip=["method", "kl_offtarget", "score_vs_noop"]))
+    budgets = [v.get("budget_median") for v in verdicts if v.get("budget_median")]
+    if budgets:
+        layers.append(alt.Chart(pl.DataFrame({"budget": [budgets[0]]}).to_pandas()).mark_rule(
+            strokeDash=[4, 4], color="gray").encode(x="budget:Q"))
+    return alt.layer(*layers).properties(width=560, height=320,
+                                         title="Dose curves (alpha sweep) and the matched points (diamonds)")
