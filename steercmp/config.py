@@ -16,6 +16,13 @@ import yaml
 from steercmp.api import SCALINGS
 from steercmp.battery import Battery, check_rule_syntax, read_yaml
 from steercmp.catalog import DTYPE_BYTES, EMBEDDED_ID, is_embedded
+from steercmp.decision_settings import (
+    DEFAULT_MIN_EFFECT,
+    DEFAULT_RANDOM_DRAWS,
+    check_correction,
+    check_level,
+    matched_settings,
+)
 from steercmp.errors import ConfigError
 from steercmp.redact import redact
 
@@ -62,16 +69,12 @@ MODEL_KEYS = frozenset(a.name for a in attrs.fields(ModelSpec))
 METHOD_KEYS = frozenset(a.name for a in attrs.fields(MethodSpec))
 COMPLETION_KEYS = frozenset(a.name for a in attrs.fields(CompletionSpec))
 DECISION_KEYS = frozenset({"alphas", "level", "correction", "min_effect", "max_kl", "random_draws"})
-#: the matched-dose verdict's pre-declared defaults (docs/statistics.md says why each)
-DEFAULT_MIN_EFFECT = 0.5
-DEFAULT_RANDOM_DRAWS = 16
+
 EXPERIMENT_KEYS = frozenset({"name", "description", "model", "layer", "battery", "alphas", "scalings",
                              "methods", "controls", "control_options", "completions", "decision", "seed",
                              "batch_size", "single_token_families", "inject"})
 #: old spellings that are rejected with a rename hint: old key -> (new key, fix)
 RENAMED_KEYS = {"scaling": ("scalings", "rename `scaling` to `scalings` (a list, e.g. [raw])")}
-#: corrections across the methods of a run (none: each method's verdict is its own claim)
-CORRECTIONS = ("none", "holm")
 
 
 @attrs.frozen
@@ -280,14 +283,7 @@ class Experiment:
         decision_alphas = _Fields(source, prefix="decision.").numbers(decision, "alphas", default=(2,))
         level = check_level(decision.get("level", 0.05), where=f"{source}: decision.level")
         correction = check_correction(decision.get("correction", "none"), where=f"{source}: decision.correction")
-        min_effect = check_positive(decision.get("min_effect", DEFAULT_MIN_EFFECT), where=f"{source}: decision.min_effect",
-                                    fix="use a number of nats > 0, e.g. 0.5 (the default)")
-        max_kl_raw = decision.get("max_kl", "auto")
-        max_kl = None if max_kl_raw == "auto" else check_positive(
-            max_kl_raw, where=f"{source}: decision.max_kl",
-            fix="use auto (the positive control's own KL per prompt) or a number of nats > 0, e.g. 0.25")
-        draws = _Fields(source, prefix="decision.").integer(decision, "random_draws", default=DEFAULT_RANDOM_DRAWS,
-                                                            minimum=1)
+        min_effect, max_kl, draws = matched_settings(decision, f"{source}: decision.")
         missing = [a for a in decision_alphas if a not in alphas]
         if missing:
             raise ConfigError(f"decision alpha {missing[0]} is not in the alpha sweep",
@@ -348,28 +344,6 @@ class Experiment:
             source=source,
             raw=dict(data),
         )
-
-
-def check_level(value: Any, *, where: str) -> float:
-    """A significance level strictly between 0 and 1, or a one-line error naming ``where``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ConfigError(f"level {value!r} must lie strictly between 0 and 1", where=where,
-                          fix="use e.g. 0.05")
-    return float(value)
-
-
-def check_positive(value: Any, *, where: str, fix: str) -> float:
-    """A finite number above 0, or a one-line error naming ``where``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{value!r} must be a positive number", where=where, fix=fix)
-    return float(value)
-
-
-def check_correction(value: Any, *, where: str) -> str:
-    if value not in CORRECTIONS:
-        raise ConfigError(f"correction {value!r} is not one of {', '.join(CORRECTIONS)}", where=where,
-                          fix="use none (each method its own claim) or holm (over the run's methods)")
-    return str(value)
 
 
 def _base_dir(source: str) -> Path:

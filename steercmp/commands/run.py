@@ -81,7 +81,18 @@ def _print_results(experiment: Experiment, run: RunDir) -> None:
         print(format_summary_table(summary))
     verdict = run.report / "verdict.json"
     if verdict.exists():
-        print("\nverdicts (decision alphas " + ", ".join(f"{a:g}" for a in experiment.decision_alphas) + "):")
-        for row in json.loads(verdict.read_text()).get("verdicts", []):
-            print(f"  {row.get('method')} [{row.get('scaling')}]: {row.get('verdict')}")
+        data = json.loads(verdict.read_text())
+        if "alpha_sweep" in data:  # the matched-dose verdict
+            from steercmp.report.matched import verdict_table
+
+            head, rows = verdict_table(data["verdicts"])
+            keep = [0, 2, 3, 5, 6, 7]
+            widths = [max(len(head[i]), *(len(r[i]) for r in rows)) if rows else len(head[i]) for i in keep]
+            print(f"\n{data.get('site', '')}\nverdicts at matched side effects:")
+            for r in [head, *rows]:
+                print("  " + "  ".join(r[i].ljust(w) for i, w in zip(keep, widths, strict=True)))
+        else:
+            print("\nverdicts (decision alphas " + ", ".join(f"{a:g}" for a in experiment.decision_alphas) + "):")
+            for row in data.get("verdicts", []):
+                print(f"  {row.get('method')} [{row.get('scaling')}]: {row.get('verdict')}")
     print(f"\nrun directory: {run.root}")

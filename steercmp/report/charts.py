@@ -38,7 +38,8 @@ def dose_response_chart(df: pl.DataFrame) -> alt.FacetChart:
     zero = alt.Chart().mark_rule(strokeDash=[4, 4], color="black").encode(y=alt.datum(0))
     return alt.layer(band, line, zero, data=df).properties(width=250, height=200).facet(
         facet=alt.Facet("panel:N", title=None), columns=3
-    ).properties(title="Dose-response relative to noop: mean paired effect with 95% bootstrap CI")
+    ).resolve_scale(y="independent").properties(
+        title="Dose-response relative to noop: mean paired effect with 95% bootstrap CI (own y scale per method)")
 
 
 def heatmap_chart(df: pl.DataFrame) -> alt.VConcatChart:

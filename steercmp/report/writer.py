@@ -21,7 +21,12 @@ import yaml
 
 from steercmp import stats
 from steercmp.api import ReportInputs, ReportSection, SectionContent
-from steercmp.config import DEFAULT_MIN_EFFECT, DEFAULT_RANDOM_DRAWS, check_correction, check_level
+from steercmp.decision_settings import (
+    DEFAULT_MIN_EFFECT,
+    DEFAULT_RANDOM_DRAWS,
+    check_correction,
+    check_level,
+)
 from steercmp.errors import ConfigError, PluginError
 from steercmp.plugin_manager import PluginSet, build_plugin_manager
 from steercmp.report import charts, transforms

@@ -393,16 +393,21 @@ class Runner:
                 by_key[k].setdefault(p.prompt_id, {})[p.family] = p
         pc = positive_control(methods, proposals)
         baseline = self._baselines([c for c, _ in todo]) if todo and exp.completions.enabled else {}
+        spent = {"match:dose": 0.0, "match:completions": 0.0}
         for ctx, ukey in self.progress(todo, "match prompts", len(todo)):
             pid = ctx.prompt.id
             lm = self.resources.base()
+            t_unit = time.perf_counter()
             rows = match_prompt(lm, exp, ctx, contexts, methods, self.controls,
                                 {k: by_key[k].get(pid, {}) for k in keys}, prompt_method_rows(cells, methods, pid), pc)
             write_parquet(self.rundir.unit("match", ukey), pl.DataFrame(rows, schema=MATCHED_SCHEMA))
+            spent["match:dose"] += time.perf_counter() - t_unit
             if exp.completions.enabled:
+                t_unit = time.perf_counter()
                 comp = self._matched_completions(lm, ctx, rows, {k: by_key[k].get(pid, {}) for k in keys},
                                                  contexts, baseline, SHARED)
                 write_parquet(self.rundir.unit("match_completions", ukey), comp)
+                spent["match:completions"] += time.perf_counter() - t_unit
         frames = [read_table(self.rundir.unit("match", u), MATCHED_UNIT, fix=RECOMPUTE) for _, u in units]
         write_parquet(self.rundir.matched, pl.concat(frames, how="vertical"))
         if exp.completions.enabled:
@@ -413,6 +418,7 @@ class Runner:
         if todo:
             self.resources.note("match")
         self.timings["match"] = time.perf_counter() - t
+        self.timings.update(spent)
 
     def _matched_completions(self, lm: Any, ctx: PromptContext, rows: list[dict[str, Any]],
                              props: dict[str, dict[str, Proposal]], contexts: list[PromptContext],

@@ -22,7 +22,7 @@ from typing import Any
 
 import polars as pl
 
-from steercmp.config import CORRECTIONS
+from steercmp.decision_settings import CORRECTIONS
 from steercmp.stats._core import holm
 from steercmp.stats.paired import CONTROLS
 from steercmp.stats.power import prompts_to_reach

@@ -143,6 +143,7 @@ def test_dose_response_chart_is_relative_to_noop(computed):
     assert "noop" not in df["condition"].to_list()  # noop is the zero line
     spec = charts.dose_response_chart(df).to_dict()
     assert spec["facet"]["field"] == "panel" and spec["columns"] == 3
+    assert spec["resolve"]["scale"]["y"] == "independent"  # one method's +-700 must not flatten the others
     assert {"area", "line", "rule"} <= _mark_types(spec)
     assert _data_rows(spec) == df.height
     # the synthetic effect is 3 + 0.5 alpha above noop at alpha > 0 and none at alpha <= 0
