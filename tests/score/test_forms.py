@@ -187,3 +187,35 @@ def test_kl_unsteered_equals_plain_forward():
             assert float(fast["kl_unsteered"][i]) == pytest.approx(want, abs=1e-5)
     assert float(fast["kl_unsteered"][-1]) < 1e-6 and float(fast["kl_unsteered"][:-1].max()) > 1e-3
     assert "kl_unsteered" not in score_rows_fast(lm, LAYER, rows[:2])  # only on request
+
+
+def test_kl_offtarget_equals_a_float64_reference_without_the_family_tokens():
+    """kl_offtarget: KL over the vocabulary without the families' first tokens, both distributions
+    renormalised, in float64, against a plain forward; a prompting row (kl_context) is measured
+    against the ORIGINAL context's unsteered distribution, not its own."""
+    model = tiny_model(seed=5)
+    lm = LoadedModel(model, FakeTokenizer(TABLE), "tiny", "", torch.float32, "cpu")
+    plan = family_forms(lm.tokenizer, FAMILIES)
+    rows = make_rows(plan, [2, 10, 11, 12, 13, 14, 15, 16], n=6)
+    other = (2, 10, 11, 19, 13, 14, 15, 16)  # a "prompting" text: nothing injected
+    rows.append(ScoreRow(other, 7, plan, torch.zeros(64), 0.0, 7, "raw", kl_context=rows[0].input_ids))
+    fast = score_rows_fast(lm, LAYER, rows, batch_size=4, kl=True)
+    first = sorted({e[0][2] for fam in plan.entries.values() for e in fam})
+    keep = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    keep[first] = False
+
+    def off(logits):
+        return torch.log_softmax(logits.double()[keep], -1)
+
+    ids = torch.tensor([list(rows[0].input_ids)])
+    with torch.no_grad():
+        base = off(model(input_ids=ids).logits[0, 7])
+        for i, r in enumerate(rows[:-1]):
+            with injecting(model, LAYER, Injection.build(r.delta[None], [r.alpha], [r.position], r.scaling)):
+                lp = off(model(input_ids=ids).logits[0, 7])
+            want = float((base.exp() * (base - lp)).sum())
+            assert float(fast["kl_offtarget"][i]) == pytest.approx(want, rel=1e-4, abs=1e-9)
+        lp = off(model(input_ids=torch.tensor([list(other)])).logits[0, 7])
+        want = float((base.exp() * (base - lp)).sum())
+    assert want > 1e-4 and float(fast["kl_offtarget"][-1]) == pytest.approx(want, rel=1e-4)
+    assert fast["kl_offtarget"].dtype == torch.float64
