@@ -86,7 +86,7 @@ def _print_results(experiment: Experiment, run: RunDir) -> None:
             from steercmp.report.matched import verdict_table
 
             head, rows = verdict_table(data["verdicts"])
-            keep = [0, 2, 3, 5, 6, 7]
+            keep = [0, 2, 3, 5, 7, 8]
             widths = [max(len(head[i]), *(len(r[i]) for r in rows)) if rows else len(head[i]) for i in keep]
             print(f"\n{data.get('site', '')}\nverdicts at matched side effects:")
             for r in [head, *rows]:

@@ -65,14 +65,19 @@ def _part(v: Mapping[str, Any], key: str) -> str:
 
 def verdict_table(verdicts: Sequence[Mapping[str, Any]]) -> Table:
     head = ["method", "dose (‖δ‖ / ‖h‖)", "score vs noop [95% CI]", "Δ log P(edited)", "Δ log P(original)",
-            "off-target KL (budget)", "n ITT / selected", "verdict", "decided by"]
+            "off-target KL (budget)", "share of PC", "n ITT / selected", "verdict", "decided by"]
     rows = []
+    pc = next((v for v in verdicts if v.get("role") == "positive_control"), None)
+    pc_mean = ((pc or {}).get("itt") or {}).get("score_vs_noop", {}).get("mean") if pc else None
     for v in verdicts:
+        mean = ((v.get("itt") or {}).get("score_vs_noop") or {}).get("mean")
+        share = (f"{mean / pc_mean:.0%}" if pc_mean and mean is not None and pc_mean > 0 and v is not pc
+                 and injects(v) else "")
         dose = ("prompt (no dose)" if not injects(v) else
                 f"{fmt(v.get('ratio_median'), '.3g')}" + ("" if v.get("dose_matched") else " not matched"))
         kl = f"{fmt(v.get('kl_offtarget_median'), '.3g')} ({fmt(v.get('budget_median'), '.3g')})"
         rows.append([label(v), dose, _part(v, "score_vs_noop"), _part(v, "d_edited"), _part(v, "d_original"), kl,
-                     f"{v.get('n_itt', 0)} / {v.get('n_selected', 0)}", v["verdict"], v.get("decided_by", "")])
+                     share, f"{v.get('n_itt', 0)} / {v.get('n_selected', 0)}", v["verdict"], v.get("decided_by", "")])
     return head, rows
 
 

@@ -98,7 +98,7 @@ def build_reference(cells: pl.DataFrame, alphas: Sequence[float], *, n_boot: int
 
 
 COSINE_SCHEMA = {"method": pl.String, "prompt_id": pl.String, "status": pl.String, "cosine": pl.Float64,
-                 "delta_norm": pl.Float64, "positive_norm": pl.Float64}
+                 "delta_norm": pl.Float64, "positive_norm": pl.Float64, "chance_band": pl.Float64}
 
 
 def delta_cosines(run: RunDir, positive: str, cells: pl.DataFrame) -> pl.DataFrame:
@@ -128,7 +128,9 @@ def delta_cosines(run: RunDir, positive: str, cells: pl.DataFrame) -> pl.DataFra
                 continue
             rows.append({"method": m, "prompt_id": p.prompt_id, "status": p.status,
                          "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
-                         "delta_norm": float(a.norm()), "positive_norm": float(b.norm())})
+                         "delta_norm": float(a.norm()), "positive_norm": float(b.norm()),
+                         # two standard deviations of the cosine of two random directions in d dims
+                         "chance_band": 2.0 / float(a.numel()) ** 0.5})
     return pl.DataFrame(rows, schema=COSINE_SCHEMA)
 
 
@@ -138,11 +140,14 @@ def cosine_table(ref: Reference) -> Table:
     df = ref.cosines.group_by("method").agg(
         pl.len().alias("n"), pl.col("cosine").mean().alias("mean"), pl.col("cosine").median().alias("median"),
         pl.col("cosine").min().alias("min"), pl.col("cosine").max().alias("max"),
-        (pl.col("delta_norm") / pl.col("positive_norm")).median().alias("norm_ratio")).sort("method")
+        (pl.col("delta_norm") / pl.col("positive_norm")).median().alias("norm_ratio"),
+        pl.col("chance_band").first().alias("band")).sort("method")
     rows = [[r["method"], str(r["n"]), fmt(r["mean"], ".3f"), fmt(r["median"], ".3f"),
-             f"{fmt(r['min'], '.3f')} .. {fmt(r['max'], '.3f')}", fmt(r["norm_ratio"], ".2f")]
+             f"{fmt(r['min'], '.3f')} .. {fmt(r['max'], '.3f')}", f"±{fmt(r['band'], '.3f')}",
+             "yes" if abs(r["mean"]) > r["band"] else "no (chance)", fmt(r["norm_ratio"], ".2f")]
             for r in df.iter_rows(named=True)]
-    return (["method", "prompts", "mean cosine", "median cosine", "range", "median ‖δ‖ / ‖δ_pc‖"], rows)
+    return (["method", "prompts", "mean cosine", "median cosine", "range", "chance band ±2/√d", "beyond chance",
+             "median ‖δ‖ / ‖δ_pc‖"], rows)
 
 
 def _role(method: str, ref: Reference) -> str:

@@ -293,8 +293,27 @@ def _verdict(matched: pl.DataFrame, completions: pl.DataFrame | None, method: st
                                 ["oracle_assisted"].fill_null(False).any()),
         "itt": summary, "selected": _summaries(selected, n_boot=n_boot, seed=seed) if not selected.is_empty() else None,
         "controls": list(controls), "checks": checks, "completions": comp, "power": power, "min_effect": min_effect,
+        "random_spread": random_spread(matched, method),
         "level": level,
     }
+
+
+def random_spread(matched: pl.DataFrame, method: str) -> dict[str, dict[str, float | int | None]]:
+    """Per shared random control (a condition with several draws): its mean effect on the score
+    vs no-op, the spread of that effect between prompts, and the spread between draws within a
+    prompt (what averaging K draws removes)."""
+    m = matched.filter((pl.col("method") == method) & pl.col("status").is_in(list(SCORED))
+                       & pl.col("score").is_not_null())
+    noop = matched.filter((pl.col("method") == method) & (pl.col("condition") == NOOP)).select(
+        "prompt_id", pl.col("score").alias("_noop"))
+    out: dict[str, dict[str, float | int | None]] = {}
+    for cond in m.filter(pl.col("draw") > 0)["condition"].unique(maintain_order=True).to_list():
+        per = (m.filter(pl.col("condition") == cond).join(noop, on="prompt_id")
+               .group_by("prompt_id").agg((pl.col("score") - pl.col("_noop")).mean().alias("mean"),
+                                          (pl.col("score")).std().alias("sd"), pl.len().alias("k")))
+        out[cond] = {"mean_effect": per["mean"].mean(), "between_prompt_sd": per["mean"].std(),  # type: ignore[dict-item]
+                     "within_prompt_sd": per["sd"].mean(), "draws": int(per["k"].max() or 0)}  # type: ignore[dict-item]
+    return out
 
 
 def _median(matched: pl.DataFrame, method: str, col: str) -> float | None:
