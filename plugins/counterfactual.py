@@ -59,8 +59,9 @@ class CounterfactualPatch(_Counterfactual):
     def propose(self, contexts: Sequence[PromptContext], runtime: MethodRuntime) -> Sequence[Proposal]:
         cfs = self._counterfactuals(contexts, runtime)
         acts = runtime.capture([cf.text for _c, _f, cf in cfs], [ctx.inject_pos for ctx, _f, _cf in cfs])
+        # a patch is one operation, not a dose: every alpha cell injects it once (alpha 1)
         return [Proposal(prompt_id=ctx.prompt.id, family=family, delta=(h_cf - ctx.activation.float()).contiguous(),
-                         meta=self._meta("positive_control", cf))
+                         meta=self._meta("positive_control", cf), fixed_alpha=1.0)
                 for (ctx, family, cf), h_cf in zip(cfs, acts, strict=True)]
 
 

@@ -96,7 +96,8 @@ def directions(exp: Experiment, ctx: PromptContext, others: Sequence[PromptConte
         if target is None or status not in SCORED_STATUSES:
             skipped.append({"method": key, "condition": TARGET_CONDITION, "status": status})
             continue
-        fixed = target.fixed_alpha  # the positive control's patch (alpha 1) sets the budget, unmatched
+        # the positive control's patch sets the budget, unmatched: once, at its fixed alpha (1 = a patch)
+        fixed = (target.fixed_alpha if target.fixed_alpha is not None else 1.0) if key == pc else target.fixed_alpha
         out.append(Direction(key, TARGET_CONDITION, 0, target, _pos(target, ctx), fixed))
         unrelated = props.get("unrelated")
         if unrelated is not None and unrelated.delta is not None and unrelated.status in SCORED_STATUSES:

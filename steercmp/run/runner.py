@@ -46,6 +46,7 @@ from steercmp.tables import (
     BASELINE_UNIT,
     CELLS,
     COMPLETION_UNIT,
+    COMPLETIONS,
     MATCHED_SCHEMA,
     MATCHED_UNIT,
     SCORE_UNIT,
@@ -393,6 +394,7 @@ class Runner:
                 by_key[k].setdefault(p.prompt_id, {})[p.family] = p
         pc = positive_control(methods, proposals)
         baseline = self._baselines([c for c, _ in todo]) if todo and exp.completions.enabled else {}
+        prompt_completions = self._prompt_method_completions(methods)
         spent = {"match:dose": 0.0, "match:completions": 0.0}
         for ctx, ukey in self.progress(todo, "match prompts", len(todo)):
             pid = ctx.prompt.id
@@ -405,7 +407,9 @@ class Runner:
             if exp.completions.enabled:
                 t_unit = time.perf_counter()
                 comp = self._matched_completions(lm, ctx, rows, {k: by_key[k].get(pid, {}) for k in keys},
-                                                 contexts, baseline, SHARED)
+                                                 contexts, baseline, SHARED, pc)
+                if prompt_completions is not None:  # a prompt has no dose: its sampled texts as they are
+                    comp = pl.concat([comp, prompt_completions.filter(pl.col("prompt_id") == pid)], how="vertical")
                 write_parquet(self.rundir.unit("match_completions", ukey), comp)
                 spent["match:completions"] += time.perf_counter() - t_unit
         frames = [read_table(self.rundir.unit("match", u), MATCHED_UNIT, fix=RECOMPUTE) for _, u in units]
@@ -420,16 +424,31 @@ class Runner:
         self.timings["match"] = time.perf_counter() - t
         self.timings.update(spent)
 
+    def _prompt_method_completions(self, methods: dict[str, Any]) -> pl.DataFrame | None:
+        """Prompting methods' completions (target and unrelated) from the completions stage: a
+        prompt has no dose, so the matched-dose check reads them as sampled (one alpha's rows:
+        every alpha of a prompting row is the same text)."""
+        keys = [k for k, m in methods.items() if m.intervention != "activation"]
+        if not keys or not self.rundir.completions.exists():
+            return None
+        comp = read_table(self.rundir.completions, COMPLETIONS, fix=RECOMPUTE).filter(
+            pl.col("method").is_in(keys) & pl.col("condition").is_in(["target_edit", "unrelated_edit"]))
+        if comp.is_empty():
+            return None
+        first = comp["alpha"].min()
+        return comp.filter(pl.col("alpha") == first).select(list(COMPLETION_SCHEMA))
+
     def _matched_completions(self, lm: Any, ctx: PromptContext, rows: list[dict[str, Any]],
                              props: dict[str, dict[str, Proposal]], contexts: list[PromptContext],
-                             baseline: dict[tuple[tuple[int, ...], int], str], shared: str) -> pl.DataFrame:
+                             baseline: dict[tuple[tuple[int, ...], int], str], shared: str,
+                             pc: str | None) -> pl.DataFrame:
         """Completions of one prompt at the matched doses: every method's target and controls, the
         shared controls' first draw (sampled once, reported under every method), and noop."""
         from steercmp.run.match import directions
         from steercmp.score.reference import ScoreRow
 
         exp = self.experiment
-        dirs, _ = directions(exp, ctx, contexts, {k: self.methods[k] for k in props}, self.controls, props, None)
+        dirs, _ = directions(exp, ctx, contexts, {k: self.methods[k] for k in props}, self.controls, props, pc)
         found = {(d.method, d.condition, d.draw): d for d in dirs}
         forms = FamilyForms(forms={}, branches=((),), entries={})
         picked: list[tuple[Cell, list[str]]] = []

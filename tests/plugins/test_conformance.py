@@ -78,6 +78,8 @@ def test_builtin_method_conforms(name, tmp_path):
                                            **kit_args)
     assert report.checks[-1] == "engine"
     assert set(report.masses) == set(kit_args.get("scalings", ("raw", "norm_relative")))
+    if name == "counterfactual_patch":  # a patch is one operation: injected once, at alpha 1, in every cell
+        assert {p.fixed_alpha for p in report.proposals if p.delta is not None} == {1.0}
 
 
 @pytest.mark.parametrize("name", ["noop", "random_delta", "wrong_position"])

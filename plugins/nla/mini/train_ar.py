@@ -9,6 +9,7 @@ curve (oracle explanations of prompts never seen in training) is recorded every 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -72,10 +73,14 @@ def length_batches(lengths: Sequence[int], batch: int, generator: torch.Generato
 def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], texts: Sequence[str], gold: torch.Tensor,
              eval_texts: Sequence[str], eval_gold: torch.Tensor,
              fit_head: Callable[[torch.Tensor], torch.Tensor], *, blocks: int, epochs: int, batch: int, lr: float,
-             seed: int, progress: bool = True) -> tuple[torch.Tensor, dict]:
+             seed: int, progress: bool = True,
+             autocast: Callable[[], Any] = contextlib.nullcontext) -> tuple[torch.Tensor, dict]:
     """Fine-tune the top ``blocks`` blocks of ``lm`` (the AR backbone, blocks 0..K) and a value head
     (``[d, d]``, applied as ``features @ W``) in place; returns ``(W, curves)``. The head starts
-    from ``fit_head(frozen last-token features)`` (the closed-form ridge fit)."""
+    from ``fit_head(frozen last-token features)`` (the closed-form ridge fit). ``autocast`` wraps
+    the training forward passes (bf16 where the machine's probe picks it); the loss, the head and
+    every evaluation stay fp32. The training-set fit is measured after the first and last epochs
+    only (a pass over the whole training set each epoch cost a third of the training)."""
     from tqdm.auto import tqdm
 
     model = lm.model
@@ -118,7 +123,9 @@ def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], texts: Seq
         for epoch in range(1, epochs + 1):
             model.train()
             for idx in length_batches([len(sq) for sq in seqs], batch, g):
-                loss = nmse(_last_states(model, start, cached, idx) @ head, gold[idx])
+                with autocast():
+                    feats = _last_states(model, start, cached, idx)
+                loss = nmse(feats.float() @ head, gold[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([*trainable, head], 1.0)
@@ -127,7 +134,8 @@ def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], texts: Seq
                 bar.update(1)
             curves["epoch"].append(epoch)
             curves["heldout_fve_nrm"].append(evaluate(eval_cached, eval_gold, base_eval))
-            curves["train_fve_nrm"].append(evaluate(cached, gold, base_train))  # last: its pred norm is kept
+            if epoch == epochs:  # last: its prediction norm is kept (the head's output scale)
+                curves["train_fve_nrm"].append(evaluate(cached, gold, base_train))
             bar.set_postfix(train=f"{curves['train_fve_nrm'][-1]:.3f}", heldout=f"{curves['heldout_fve_nrm'][-1]:.3f}")
     bar.close()
     model.eval()
