@@ -72,7 +72,7 @@ def build_parser(plugin_commands: Sequence[tuple] = ()) -> argparse.ArgumentPars
     run = sub.add_parser("run", help="run an experiment (default: the embedded Gemma 3 270M)")
     run.add_argument("experiment", nargs="?", help="experiment YAML (default experiments/embedded.yaml)")
     run.add_argument("--out", help="run directory (default artifacts/<experiment name>)")
-    run.add_argument("--step", choices=("all", "extract", "propose", "score", "completions", "report"),
+    run.add_argument("--step", choices=("all", "extract", "propose", "score", "completions", "match", "report"),
                      help="run one stage (earlier stages must exist in the run directory); "
                           "report re-reads the run directory")
     run.add_argument("--fresh", action="store_true", help="ignore finished stages in the run directory")

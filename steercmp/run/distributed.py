@@ -77,6 +77,8 @@ def shard_prompt_ids(prompt_ids: Sequence[str], processes: int) -> list[list[str
 
 SHARD_STAGES = ("score", "completions")
 WHOLE_BATTERY_STAGES = ("extract", "propose")
+#: run in the parent on the merged run directory (random donors come from the whole battery)
+AFTER_MERGE_STAGES = ("match",)
 
 
 def run_whole_battery(experiment: Experiment, plugins: PluginSpec, run_dir: str | Path, steps: Sequence[str], *,
@@ -87,9 +89,18 @@ def run_whole_battery(experiment: Experiment, plugins: PluginSpec, run_dir: str 
         return []
     if device is not None:
         experiment = attrs.evolve(experiment, model=attrs.evolve(experiment.model, device=device))
+    run = RunDir(run_dir)
+    merged = read_json(run.manifest) if run.manifest.exists() else {}
     runner = Runner(experiment, plugins.build(), Path(run_dir), fresh=fresh, progress=False,
                     log=lambda msg: print(f"[all prompts] {msg}", flush=True))
     runner.run(todo)
+    if merged:  # keep the shards' readings; add this stage's
+        own = read_json(run.manifest)
+        merged["timings_seconds"] = {**merged.get("timings_seconds", {}),
+                                     **{k: v for k, v in own.get("timings_seconds", {}).items() if k.startswith("match")}}
+        merged["memory"] = [*merged.get("memory", []), *[m for m in own.get("memory", []) if m.get("stage") == "match"]]
+        merged["stage_keys"] = own.get("stage_keys", merged.get("stage_keys"))
+        write_json(run.manifest, merged)
     return [f.one_line() for f in runner.failures]
 
 
@@ -167,7 +178,32 @@ def run_sharded(experiment: Experiment, run_dir: str | Path, processes: int, *,
         failures += [f for r in results for f in r if f not in failures]
     cells = merge_shards(experiment, run_dir, len(shards), plugins=plugins,
                          wall_seconds=time.perf_counter() - t)
+    failures += [f for f in run_after_merge(experiment, plugins, run_dir, steps, fresh=fresh) if f not in failures]
     return cells, failures
+
+
+def run_after_merge(experiment: Experiment, plugins: PluginSpec, run_dir: str | Path, steps: Sequence[str], *,
+                    fresh: bool = False, device: str | None = None) -> list[str]:
+    """``match`` on the merged run directory, in this process (it compares every prompt with the
+    battery's other prompts, so it is never sharded)."""
+    todo = [s for s in steps if s in AFTER_MERGE_STAGES]
+    if not todo or not RunDir(run_dir).cells.exists():
+        return []
+    if device is not None:
+        experiment = attrs.evolve(experiment, model=attrs.evolve(experiment.model, device=device))
+    run = RunDir(run_dir)
+    merged = read_json(run.manifest) if run.manifest.exists() else {}
+    runner = Runner(experiment, plugins.build(), Path(run_dir), fresh=fresh, progress=False,
+                    log=lambda msg: print(f"[all prompts] {msg}", flush=True))
+    runner.run(todo)
+    if merged:  # keep the shards' readings; add this stage's
+        own = read_json(run.manifest)
+        merged["timings_seconds"] = {**merged.get("timings_seconds", {}),
+                                     **{k: v for k, v in own.get("timings_seconds", {}).items() if k.startswith("match")}}
+        merged["memory"] = [*merged.get("memory", []), *[m for m in own.get("memory", []) if m.get("stage") == "match"]]
+        merged["stage_keys"] = own.get("stage_keys", merged.get("stage_keys"))
+        write_json(run.manifest, merged)
+    return [f.one_line() for f in runner.failures]
 
 
 def run_rank(experiment: Experiment, run_dir: str | Path, *, plugins: PluginSpec = PluginSpec(),
@@ -190,6 +226,7 @@ def run_rank(experiment: Experiment, run_dir: str | Path, *, plugins: PluginSpec
     cells = None
     if state.is_main_process:
         cells = merge_shards(experiment, Path(run_dir), len(shards), plugins=plugins)
+        run_after_merge(experiment, plugins, run_dir, steps, fresh=fresh, device=device)
     state.wait_for_everyone()
     return cells, bool(state.is_main_process)
 

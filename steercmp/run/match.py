@@ -28,7 +28,6 @@ import attrs
 import torch
 
 from steercmp.api import (
-    PROPOSAL_FAMILIES,
     TARGET_CONDITION,
     UNRELATED_CONDITION,
     Control,
@@ -233,4 +232,77 @@ def prompt_method_rows(cells: Any, methods: Mapping[str, Method], pid: str) -> l
     return rows.to_dicts()
 
 
-__all__ = ["PROPOSAL_FAMILIES", "SHARED", "directions", "match_prompt", "positive_control", "prompt_method_rows"]
+
+
+def prompt_method_completions(rundir: Any, methods: Mapping[str, Method]) -> Any:
+    """Prompting methods' completions (target and unrelated) from the completions stage: a prompt
+    has no dose, so the matched-dose check reads them as sampled (one alpha's rows: every alpha of
+    a prompting row is the same text). ``None`` when there are none."""
+    import polars as pl
+
+    from steercmp.tables import COMPLETION_SCHEMA, COMPLETIONS, read_table
+
+    keys = [k for k, m in methods.items() if m.intervention != "activation"]
+    if not keys or not rundir.completions.exists():
+        return None
+    comp = read_table(rundir.completions, COMPLETIONS, fix="delete the file or rerun with --fresh").filter(
+        pl.col("method").is_in(keys) & pl.col("condition").is_in([TARGET_CONDITION, UNRELATED_CONDITION]))
+    if comp.is_empty():
+        return None
+    return comp.filter(pl.col("alpha") == comp["alpha"].min()).select(list(COMPLETION_SCHEMA))
+
+
+def matched_completions(lm: LoadedModel, exp: Experiment, battery: Any, methods: Mapping[str, Method],
+                        controls: Mapping[str, Control], ctx: PromptContext, rows: Sequence[Mapping[str, Any]],
+                        props: Mapping[str, Mapping[str, Proposal]], contexts: Sequence[PromptContext],
+                        baseline: Mapping[tuple[tuple[int, ...], int], str], pc: str | None) -> Any:
+    """Completions of one prompt at the matched doses: every method's target and controls, the
+    shared controls' first draw (sampled once, reported under every method), and no-op (the
+    prompt's shared unsteered samples)."""
+    import polars as pl
+
+    from steercmp.run.cells import Cell
+    from steercmp.score.sample import COMPLETION_SCHEMA, sample_completions
+
+    dirs, _ = directions(exp, ctx, contexts, {k: methods[k] for k in props}, controls, props, pc)
+    found = {(d.method, d.condition, d.draw): d for d in dirs}
+    forms = FamilyForms(forms={}, branches=((),), entries={})  # sampling reads no family forms
+
+    def cell(method: str, condition: str, d: Direction | None, multiplier: float) -> Cell:
+        delta = d.delta if d is not None else torch.zeros(ctx.d_model)
+        pos = d.position if d is not None else ctx.inject_pos
+        row = ScoreRow(ctx.input_ids, ctx.score_pos, forms, delta, multiplier, pos, "raw")
+        return Cell(ctx.prompt.id, method, condition, multiplier, "raw", "ok", pos, ctx.inject_pos, ctx.score_pos,
+                    float(delta.norm()), {}, row, baseline=d is None)
+
+    picked: list[tuple[Cell, list[str]]] = []
+    shared_done: set[str] = set()
+    for r in rows:
+        if r["condition"] == "noop" and r["status"] == "ok":
+            picked.append((cell(r["method"], "noop", None, 0.0), [r["method"]]))
+            continue
+        if r["status"] not in ("matched", "fixed", "off_budget", "unreachable") or r["multiplier"] is None:
+            continue
+        shared = (SHARED, r["condition"], r["draw"]) in found
+        if shared and (r["draw"] != 0 or r["condition"] in shared_done):
+            continue
+        d = found.get((SHARED, r["condition"], r["draw"]) if shared else (r["method"], r["condition"], r["draw"]))
+        if d is None:
+            continue
+        owners = sorted({x["method"] for x in rows if x["condition"] == r["condition"] and x["draw"] == 0}) \
+            if shared else [r["method"]]
+        if shared:
+            shared_done.add(r["condition"])
+        picked.append((cell(owners[0], r["condition"], d, float(r["multiplier"])), owners))
+    if not picked:
+        return pl.DataFrame(schema=COMPLETION_SCHEMA)
+    df = sample_completions(lm, exp, [c for c, _ in picked], battery, baseline=baseline)
+    parts = []
+    for c, owners in picked:
+        part = df.filter((pl.col("method") == c.method) & (pl.col("condition") == c.condition))
+        parts.extend(part.with_columns(pl.lit(o).alias("method")) for o in owners)
+    return pl.concat(parts, how="vertical").unique(maintain_order=True)
+
+
+__all__ = ["SHARED", "directions", "match_prompt", "matched_completions", "positive_control",
+           "prompt_method_completions", "prompt_method_rows"]

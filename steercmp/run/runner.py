@@ -46,7 +46,6 @@ from steercmp.tables import (
     BASELINE_UNIT,
     CELLS,
     COMPLETION_UNIT,
-    COMPLETIONS,
     MATCHED_SCHEMA,
     MATCHED_UNIT,
     SCORE_UNIT,
@@ -372,7 +371,13 @@ class Runner:
     def stage_match(self, contexts: list[PromptContext], proposals: dict[str, list[Proposal]]) -> None:
         """Every method and control at the prompt's side-effect budget (:mod:`steercmp.run.match`),
         and completions at those doses; one resumable unit per prompt."""
-        from steercmp.run.match import SHARED, match_prompt, positive_control, prompt_method_rows
+        from steercmp.run.match import (
+            match_prompt,
+            matched_completions,
+            positive_control,
+            prompt_method_completions,
+            prompt_method_rows,
+        )
 
         exp = self.experiment
         keys = [s.key for s in exp.methods if s.key in proposals]
@@ -394,7 +399,7 @@ class Runner:
                 by_key[k].setdefault(p.prompt_id, {})[p.family] = p
         pc = positive_control(methods, proposals)
         baseline = self._baselines([c for c, _ in todo]) if todo and exp.completions.enabled else {}
-        prompt_completions = self._prompt_method_completions(methods)
+        prompt_completions = prompt_method_completions(self.rundir, methods)
         spent = {"match:dose": 0.0, "match:completions": 0.0}
         for ctx, ukey in self.progress(todo, "match prompts", len(todo)):
             pid = ctx.prompt.id
@@ -406,8 +411,8 @@ class Runner:
             spent["match:dose"] += time.perf_counter() - t_unit
             if exp.completions.enabled:
                 t_unit = time.perf_counter()
-                comp = self._matched_completions(lm, ctx, rows, {k: by_key[k].get(pid, {}) for k in keys},
-                                                 contexts, baseline, SHARED, pc)
+                comp = matched_completions(lm, exp, self.battery, self.methods, self.controls, ctx, rows,
+                                           {k: by_key[k].get(pid, {}) for k in keys}, contexts, baseline, pc)
                 if prompt_completions is not None:  # a prompt has no dose: its sampled texts as they are
                     comp = pl.concat([comp, prompt_completions.filter(pl.col("prompt_id") == pid)], how="vertical")
                 write_parquet(self.rundir.unit("match_completions", ukey), comp)
@@ -423,66 +428,6 @@ class Runner:
             self.resources.note("match")
         self.timings["match"] = time.perf_counter() - t
         self.timings.update(spent)
-
-    def _prompt_method_completions(self, methods: dict[str, Any]) -> pl.DataFrame | None:
-        """Prompting methods' completions (target and unrelated) from the completions stage: a
-        prompt has no dose, so the matched-dose check reads them as sampled (one alpha's rows:
-        every alpha of a prompting row is the same text)."""
-        keys = [k for k, m in methods.items() if m.intervention != "activation"]
-        if not keys or not self.rundir.completions.exists():
-            return None
-        comp = read_table(self.rundir.completions, COMPLETIONS, fix=RECOMPUTE).filter(
-            pl.col("method").is_in(keys) & pl.col("condition").is_in(["target_edit", "unrelated_edit"]))
-        if comp.is_empty():
-            return None
-        first = comp["alpha"].min()
-        return comp.filter(pl.col("alpha") == first).select(list(COMPLETION_SCHEMA))
-
-    def _matched_completions(self, lm: Any, ctx: PromptContext, rows: list[dict[str, Any]],
-                             props: dict[str, dict[str, Proposal]], contexts: list[PromptContext],
-                             baseline: dict[tuple[tuple[int, ...], int], str], shared: str,
-                             pc: str | None) -> pl.DataFrame:
-        """Completions of one prompt at the matched doses: every method's target and controls, the
-        shared controls' first draw (sampled once, reported under every method), and noop."""
-        from steercmp.run.match import directions
-        from steercmp.score.reference import ScoreRow
-
-        exp = self.experiment
-        dirs, _ = directions(exp, ctx, contexts, {k: self.methods[k] for k in props}, self.controls, props, pc)
-        found = {(d.method, d.condition, d.draw): d for d in dirs}
-        forms = FamilyForms(forms={}, branches=((),), entries={})
-        picked: list[tuple[Cell, list[str]]] = []
-        shared_done: set[str] = set()
-        for r in rows:
-            if r["status"] not in ("matched", "fixed", "off_budget", "unreachable") or r["multiplier"] is None:
-                if r["condition"] == "noop" and r["status"] == "ok":
-                    row = ScoreRow(ctx.input_ids, ctx.score_pos, forms, torch.zeros(ctx.d_model), 0.0, ctx.inject_pos,
-                                   "raw")
-                    picked.append((Cell(ctx.prompt.id, r["method"], "noop", 0.0, "raw", "ok", ctx.inject_pos,
-                                        ctx.inject_pos, ctx.score_pos, 0.0, {}, row, baseline=True), [r["method"]]))
-                continue
-            is_shared = (shared, r["condition"], r["draw"]) in found
-            if is_shared and (r["draw"] != 0 or r["condition"] in shared_done):
-                continue
-            d = found.get((shared, r["condition"], r["draw"])) if is_shared else found.get(
-                (r["method"], r["condition"], r["draw"]))
-            if d is None:
-                continue
-            owners = sorted({x["method"] for x in rows if x["condition"] == r["condition"] and x["draw"] == 0}) \
-                if is_shared else [r["method"]]
-            if is_shared:
-                shared_done.add(r["condition"])
-            row = ScoreRow(ctx.input_ids, ctx.score_pos, forms, d.delta, float(r["multiplier"]), d.position, "raw")
-            picked.append((Cell(ctx.prompt.id, owners[0], r["condition"], float(r["multiplier"]), "raw", "ok",
-                                d.position, ctx.inject_pos, ctx.score_pos, float(d.delta.norm()), {}, row), owners))
-        if not picked:
-            return pl.DataFrame(schema=COMPLETION_SCHEMA)
-        df = sample_completions(lm, exp, [c for c, _ in picked], self.battery, baseline=baseline)
-        parts = []
-        for c, owners in picked:
-            part = df.filter((pl.col("method") == c.method) & (pl.col("condition") == c.condition))
-            parts.extend(part.with_columns(pl.lit(o).alias("method")) for o in owners)
-        return pl.concat(parts, how="vertical").unique(maintain_order=True)
 
     def prune_units(self) -> list[Path]:
         """Delete the unit files this experiment no longer references (a changed config, code or

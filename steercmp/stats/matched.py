@@ -281,9 +281,12 @@ def _verdict(matched: pl.DataFrame, completions: pl.DataFrame | None, method: st
     comp = _completion_checks(completions, method, controls, prompts, level=level, n_boot=n_boot, seed=seed)
     verdict, decided_by, expl = _decide(checks, comp, summary, min_effect=min_effect, over_budget=over_budget,
                                         power=power)
+    n_sel = int(frame["scored"].sum())
+    if n_sel < frame.height:
+        expl += f" (the method scored {n_sel} of {frame.height} prompts; the others count as no-op)"
     return {
         "method": method, "role": role, "verdict": verdict, "decided_by": decided_by, "explanation": expl,
-        "n_itt": frame.height, "n_selected": int(frame["scored"].sum()),
+        "n_itt": frame.height, "n_selected": n_sel,
         "dose_matched": dose_matched, "statuses": {s: statuses.count(s) for s in sorted(set(statuses))},
         "kl_offtarget_median": float(np.median(kl)) if kl.size else None,
         "budget_median": float(np.median(budget)) if budget.size else None, "kl_over_budget": ratio,

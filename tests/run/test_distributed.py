@@ -54,7 +54,7 @@ def experiment(tmp_path_factory):
 
 def test_two_processes_equal_single_process_byte_for_byte(experiment, tmp_path):
     torch.set_num_threads(1)
-    steps = ("extract", "propose", "score", "completions")
+    steps = ("extract", "propose", "score", "completions", "match")
     single = Runner(experiment, PLUGINS.build(), tmp_path / "single", progress=False, log=lambda m: None)
     single.run(steps)
     assert not single.failures
@@ -62,7 +62,8 @@ def test_two_processes_equal_single_process_byte_for_byte(experiment, tmp_path):
     assert not failures
     assert (tmp_path / "sharded" / "shards" / "1" / "cells.parquet").exists()
     for name in ("cells.parquet", "completions.parquet", "activations.safetensors", "contexts.json",
-                 "proposals/unembed_direction.json", "proposals/half.safetensors"):
+                 "proposals/unembed_direction.json", "proposals/half.safetensors",
+                 "matched.parquet", "matched_completions.parquet"):  # match runs once, after the merge
         a = (tmp_path / "single" / name).read_bytes()
         b = (tmp_path / "sharded" / name).read_bytes()
         assert a == b, name
@@ -70,7 +71,8 @@ def test_two_processes_equal_single_process_byte_for_byte(experiment, tmp_path):
     # the merged directory is a finished single-process run: rerunning reuses every stage
     rerun = Runner(experiment, PLUGINS.build(), tmp_path / "sharded", progress=False, log=lambda m: None)
     rerun.run(steps)
-    assert set(rerun.reused) >= {"extract", "propose:unembed_direction", "propose:half", "score", "completions"}
+    assert set(rerun.reused) >= {"extract", "propose:unembed_direction", "propose:half", "score", "completions",
+                                 "match"}
     assert (tmp_path / "sharded" / "cells.parquet").read_bytes() == (tmp_path / "single" / "cells.parquet").read_bytes()
 
 
