@@ -131,7 +131,8 @@ def pareto_frame(cells: pl.DataFrame, verdicts: Sequence[Mapping[str, Any]]) -> 
 
 
 def pareto_chart(frame: pl.DataFrame, verdicts: Sequence[Mapping[str, Any]]) -> alt.LayerChart:
-    """Each method's dose curve (score vs off-target KL, log x), its matched point, and the budget."""
+    """Each method's dose curve (score vs off-target KL, log x), its matched point, the budget, and
+    the random band at the budget (mean +- between-prompt SD of the K KL-matched random draws)."""
     points = pl.DataFrame([{"method": v["method"], "kl_offtarget": v.get("kl_offtarget_median"),
                             "score_vs_noop": ((v.get("itt") or {}).get("score_vs_noop") or {}).get("mean")}
                            for v in verdicts if injects(v) and v.get("kl_offtarget_median")])
@@ -143,7 +144,15 @@ def pareto_chart(frame: pl.DataFrame, verdicts: Sequence[Mapping[str, Any]]) -> 
     if not points.is_empty():
         layers.append(alt.Chart(points.to_pandas()).mark_point(shape="diamond", size=140, filled=True).encode(
             x=x, y=y, color="method:N", tooltip=["method", "kl_offtarget", "score_vs_noop"]))
+    spread = next(((v.get("random_spread") or {}).get("random_delta") for v in verdicts
+                   if (v.get("random_spread") or {}).get("random_delta")), None)
     budgets = [v.get("budget_median") for v in verdicts if v.get("budget_median")]
+    if spread and budgets and spread.get("mean_effect") is not None and spread.get("between_prompt_sd") is not None:
+        m, sd = spread["mean_effect"], spread["between_prompt_sd"]
+        band = pl.DataFrame({"kl_offtarget": [budgets[0]], "low": [m - sd], "high": [m + sd], "mean": [m]})
+        layers.append(alt.Chart(band.to_pandas()).mark_errorbar(color="gray", thickness=3).encode(
+            x=x, y=alt.Y("low:Q", title="score vs noop (nats)"), y2="high:Q"))
+        layers.append(alt.Chart(band.to_pandas()).mark_tick(color="gray", thickness=2).encode(x=x, y="mean:Q"))
     if budgets:
         layers.append(alt.Chart(pl.DataFrame({"budget": [budgets[0]]}).to_pandas()).mark_rule(
             strokeDash=[4, 4], color="gray").encode(x="budget:Q"))

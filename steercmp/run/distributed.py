@@ -81,27 +81,22 @@ WHOLE_BATTERY_STAGES = ("extract", "propose")
 AFTER_MERGE_STAGES = ("match",)
 
 
+def _run_here(experiment: Experiment, plugins: PluginSpec, run_dir: str | Path, todo: Sequence[str], *,
+              fresh: bool, device: str | None) -> list[str]:
+    """Run ``todo`` on every prompt, in this process; returns the one-line failures."""
+    if device is not None:
+        experiment = attrs.evolve(experiment, model=attrs.evolve(experiment.model, device=device))
+    runner = Runner(experiment, plugins.build(), Path(run_dir), fresh=fresh, progress=False,
+                    log=lambda msg: print(f"[all prompts] {msg}", flush=True))
+    runner.run(todo)
+    return [f.one_line() for f in runner.failures]
+
+
 def run_whole_battery(experiment: Experiment, plugins: PluginSpec, run_dir: str | Path, steps: Sequence[str], *,
                       fresh: bool = False, device: str | None = None) -> list[str]:
     """``extract`` and ``propose`` on every prompt, in this process, into ``run_dir``."""
     todo = [s for s in steps if s in WHOLE_BATTERY_STAGES]
-    if not todo:
-        return []
-    if device is not None:
-        experiment = attrs.evolve(experiment, model=attrs.evolve(experiment.model, device=device))
-    run = RunDir(run_dir)
-    merged = read_json(run.manifest) if run.manifest.exists() else {}
-    runner = Runner(experiment, plugins.build(), Path(run_dir), fresh=fresh, progress=False,
-                    log=lambda msg: print(f"[all prompts] {msg}", flush=True))
-    runner.run(todo)
-    if merged:  # keep the shards' readings; add this stage's
-        own = read_json(run.manifest)
-        merged["timings_seconds"] = {**merged.get("timings_seconds", {}),
-                                     **{k: v for k, v in own.get("timings_seconds", {}).items() if k.startswith("match")}}
-        merged["memory"] = [*merged.get("memory", []), *[m for m in own.get("memory", []) if m.get("stage") == "match"]]
-        merged["stage_keys"] = own.get("stage_keys", merged.get("stage_keys"))
-        write_json(run.manifest, merged)
-    return [f.one_line() for f in runner.failures]
+    return _run_here(experiment, plugins, run_dir, todo, fresh=fresh, device=device) if todo else []
 
 
 def prepare_shard(experiment: Experiment, run_dir: str | Path, k: int, prompt_ids: Sequence[str]) -> None:
@@ -185,25 +180,22 @@ def run_sharded(experiment: Experiment, run_dir: str | Path, processes: int, *,
 def run_after_merge(experiment: Experiment, plugins: PluginSpec, run_dir: str | Path, steps: Sequence[str], *,
                     fresh: bool = False, device: str | None = None) -> list[str]:
     """``match`` on the merged run directory, in this process (it compares every prompt with the
-    battery's other prompts, so it is never sharded)."""
-    todo = [s for s in steps if s in AFTER_MERGE_STAGES]
-    if not todo or not RunDir(run_dir).cells.exists():
-        return []
-    if device is not None:
-        experiment = attrs.evolve(experiment, model=attrs.evolve(experiment.model, device=device))
+    battery's other prompts, so it is never sharded); the merged manifest keeps the shards'
+    readings and gains this stage's."""
     run = RunDir(run_dir)
+    todo = [s for s in steps if s in AFTER_MERGE_STAGES]
+    if not todo or not run.cells.exists():
+        return []
     merged = read_json(run.manifest) if run.manifest.exists() else {}
-    runner = Runner(experiment, plugins.build(), Path(run_dir), fresh=fresh, progress=False,
-                    log=lambda msg: print(f"[all prompts] {msg}", flush=True))
-    runner.run(todo)
-    if merged:  # keep the shards' readings; add this stage's
+    failures = _run_here(experiment, plugins, run_dir, todo, fresh=fresh, device=device)
+    if merged:
         own = read_json(run.manifest)
         merged["timings_seconds"] = {**merged.get("timings_seconds", {}),
                                      **{k: v for k, v in own.get("timings_seconds", {}).items() if k.startswith("match")}}
         merged["memory"] = [*merged.get("memory", []), *[m for m in own.get("memory", []) if m.get("stage") == "match"]]
         merged["stage_keys"] = own.get("stage_keys", merged.get("stage_keys"))
         write_json(run.manifest, merged)
-    return [f.one_line() for f in runner.failures]
+    return failures
 
 
 def run_rank(experiment: Experiment, run_dir: str | Path, *, plugins: PluginSpec = PluginSpec(),
