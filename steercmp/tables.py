@@ -23,11 +23,11 @@ CELL_SCHEMA: dict[str, Any] = {
     "scaling": pl.String, "position": pl.Int64, "inject_pos": pl.Int64, "score_pos": pl.Int64,
     "delta_norm": pl.Float64, "logmass_edited": pl.Float64, "logmass_original": pl.Float64,
     "logmass_unrelated": pl.Float64, "score": pl.Float64, "kl_unsteered": pl.Float64, "kl_offtarget": pl.Float64,
-    "status": pl.String, "meta": pl.String,
+    "delta_survival": pl.Float64, "status": pl.String, "meta": pl.String,
 }
 #: cell columns a reader accepts missing (descriptive only; runs written before they existed lack
 #: them); when missing they are added as nulls
-CELL_OPTIONAL = ("kl_unsteered", "kl_offtarget")
+CELL_OPTIONAL = ("kl_unsteered", "kl_offtarget", "delta_survival")
 COMPLETION_SCHEMA: dict[str, Any] = {
     "prompt_id": pl.String, "method": pl.String, "condition": pl.String, "alpha": pl.Float64,
     "scaling": pl.String, "seed": pl.Int64, "text": pl.String, "line": pl.String,

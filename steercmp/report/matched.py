@@ -100,9 +100,23 @@ def decision_paragraph(decision: Mapping[str, Any], preregistered: bool) -> str:
     return text
 
 
+def survival_warning(cells: pl.DataFrame, threshold: float = 0.99) -> str | None:
+    """One line when injected cells lost more than 1% of their delta to the cast to the model's
+    dtype (``delta_survival`` below ``threshold``), else ``None``."""
+    if "delta_survival" not in cells.columns:
+        return None
+    lost = cells.filter(pl.col("delta_survival").is_not_null() & (pl.col("delta_survival") < threshold))
+    if lost.is_empty():
+        return None
+    return (f"{lost.height} of {cells.height} cells kept less than {threshold:.0%} of their injected delta after the "
+            f"cast to the model's dtype (lowest {lost['delta_survival'].min():.3f}, e.g. {lost['method'][0]} on "
+            f"{lost['prompt_id'][0]}): compare them in float32, or use larger deltas.")
+
+
 def summary_markdown(title: str, verdicts: Sequence[Mapping[str, Any]], decision: Mapping[str, Any],
-                     preregistered: bool) -> str:
+                     preregistered: bool, warnings: Sequence[str] = ()) -> str:
     lines = [f"# steercmp report: {title}", "", f"> **{banner(verdicts)}**", "",
+             *[f"> Warning: {w}" for w in warnings], *([""] if warnings else []),
              "## Verdicts at matched side effects", "", decision_paragraph(decision, preregistered), "",
              *_md(verdict_table(verdicts)), ""]
     why = [f"- {v['method']}: {v['explanation']}" for v in verdicts]

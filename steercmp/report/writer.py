@@ -36,6 +36,7 @@ from steercmp.report.matched import (
     pareto_chart,
     pareto_frame,
     summary_markdown,
+    survival_warning,
     verdict_table,
 )
 from steercmp.report.pages import ChartSpec, Page, html_page, markdown, save_png
@@ -318,8 +319,9 @@ def write_report(
                     matched_banner(matched_verdicts), decision_paragraph(decision, preregistered),
                     verdict_table(matched_verdicts)))
     if matched_verdicts is not None:
+        warning = survival_warning(cells)
         (out / "summary.md").write_text(summary_markdown(_title(config, run), matched_verdicts, decision,
-                                                         preregistered))
+                                                         preregistered, [warning] if warning else []))
         (out / "details.md").write_text(markdown(page))
     else:
         (out / "summary.md").write_text(markdown(page))

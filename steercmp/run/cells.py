@@ -36,6 +36,7 @@ from steercmp.tables import CELL_SCHEMA as CELL_SCHEMA  # the columns of cells.p
 FAMILIES = ("edited", "original", "unrelated")
 KL = "kl_unsteered"
 KL_OFF = "kl_offtarget"
+SURVIVAL = "delta_survival"
 
 
 @attrs.define
@@ -184,7 +185,8 @@ def score_unit(lm: LoadedModel, layer: int, cells: Sequence[Cell], batch_size: i
         masses = score_rows_fast(lm, layer, rows, batch_size=batch_size, kl=True) if rows else {}
     except NumericalError:
         # some row overflowed: score row by row so only the rows at fault become errors
-        masses = {f: torch.full((len(rows),), float("nan"), dtype=torch.float64) for f in (*FAMILIES, KL, KL_OFF)}
+        masses = {f: torch.full((len(rows),), float("nan"), dtype=torch.float64)
+                  for f in (*FAMILIES, KL, KL_OFF, SURVIVAL)}
         for j, r in enumerate(rows):
             try:
                 one = score_rows_fast(lm, layer, [r], batch_size=1, kl=True)
@@ -197,6 +199,7 @@ def score_unit(lm: LoadedModel, layer: int, cells: Sequence[Cell], batch_size: i
         vals = {f: (float(masses[f][i]) if i is not None else None) for f in FAMILIES}
         kl = float(masses[KL][i]) if i is not None else None
         kl_off = float(masses[KL_OFF][i]) if i is not None else None
+        survival = float(masses[SURVIVAL][i]) if i is not None else None
         status, meta = c.status, dict(c.meta)
         if i is not None and not all(math.isfinite(v) for v in vals.values()):  # type: ignore[arg-type]
             status, meta["error"] = "error", "NaN or inf logits"
@@ -209,7 +212,8 @@ def score_unit(lm: LoadedModel, layer: int, cells: Sequence[Cell], batch_size: i
             "logmass_edited": vals["edited"], "logmass_original": vals["original"],
             "logmass_unrelated": vals["unrelated"], "score": score,
             "kl_unsteered": None if kl is None or not math.isfinite(kl) else kl,
-            "kl_offtarget": None if kl_off is None or not math.isfinite(kl_off) else kl_off, "status": status,
+            "kl_offtarget": None if kl_off is None or not math.isfinite(kl_off) else kl_off,
+            "delta_survival": None if survival is None or not math.isfinite(survival) else survival, "status": status,
             "meta": json.dumps(meta, sort_keys=True, default=str),
         })
     return records

@@ -24,7 +24,13 @@ import torch
 
 from steercmp.errors import NumericalError
 from steercmp.lm.compat import cache_kwargs, output_cache
-from steercmp.lm.hooks import Injection, apply_injection, layer_outputs, skipping_blocks
+from steercmp.lm.hooks import (
+    Injection,
+    apply_injection,
+    delta_survival,
+    layer_outputs,
+    skipping_blocks,
+)
 from steercmp.lm.load import LoadedModel, decoder_layers, text_config
 from steercmp.lm.prompts import pad_batch
 from steercmp.score.forms import FamilyForms
@@ -35,6 +41,7 @@ from steercmp.score.reference import ScoreRow, group_rows
 BATCH_MEMORY_FRACTION = 0.2
 KL_UNSTEERED = "kl_unsteered"
 KL_OFFTARGET = "kl_offtarget"
+SURVIVAL = "delta_survival"
 
 
 def auto_batch_size(lm: LoadedModel, seq_len: int, n_branches: int, keep: int) -> int:
@@ -80,8 +87,9 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
     KL over the vocabulary without the families' first tokens, renormalised, in float64 (the side
     effect: the intended shift toward or away from a family is not charged as damage).
     """
-    result = {f: torch.full((len(rows),), float("nan"), dtype=torch.float64 if f == KL_OFFTARGET else torch.float32)
-              for f in ("original", "edited", "unrelated", *((KL_UNSTEERED, KL_OFFTARGET) if kl else ()))}
+    result = {f: torch.full((len(rows),), float("nan"),
+                            dtype=torch.float64 if f in (KL_OFFTARGET, SURVIVAL) else torch.float32)
+              for f in ("original", "edited", "unrelated", *((KL_UNSTEERED, KL_OFFTARGET, SURVIVAL) if kl else ()))}
     model = lm.model
     pad = lm.tokenizer.pad_token_id or 0
     groups = list(group_rows(rows).values())
@@ -111,6 +119,8 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
             if base is not None and off is not None:
                 masses[KL_UNSTEERED] = kl_from(base, step0)
                 masses[KL_OFFTARGET] = offtarget_kl(off, step0)
+                masses[SURVIVAL] = delta_survival(prep.h_ctx.unsqueeze(0).expand(len(chunk), -1, -1), inj,
+                                                  offset=prep.p_min)
             sel = torch.as_tensor(list(chunk))
             for fam, vals in masses.items():
                 result[fam][sel] = vals

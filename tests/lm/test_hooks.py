@@ -161,3 +161,19 @@ def test_apply_injection_ignores_rows_outside_window():
     out = apply_injection(h, inj, offset=0)
     assert out[0, 1].sum() == 4 and out[1].sum() == 0
     assert tiny_model is not None
+
+
+def test_delta_survival_measures_what_the_cast_rounds_away():
+    """float32 keeps the whole delta; at a 12B-like residual norm (~74k) a bf16 cast rounds a
+    small delta away, and a large one survives."""
+    from steercmp.lm.hooks import Injection, delta_survival
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, 3, 3840, generator=g)
+    h = h / h.norm(dim=-1, keepdim=True) * 74_000
+    small, large = torch.randn(3840, generator=g), torch.randn(3840, generator=g) * 200
+    inj = Injection.build(torch.stack([small, large, torch.zeros(3840)]), [1.0, 1.0, 1.0], [1, 1, 1], "raw")
+    fp32 = delta_survival(h.expand(3, -1, -1), inj)
+    assert torch.allclose(fp32, torch.ones(3, dtype=torch.float64), atol=1e-4)
+    bf16 = delta_survival(h.expand(3, -1, -1).to(torch.bfloat16), inj)
+    assert bf16[0] < 0.9 and 0.97 < bf16[1] < 1.05 and bf16[2] == 1.0
