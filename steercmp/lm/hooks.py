@@ -104,15 +104,19 @@ def apply_injection(hidden: torch.Tensor, inj: Injection, offset: int = 0) -> to
     rows = torch.nonzero(active).squeeze(-1)
     pos = local[rows]
     h = hidden[rows, pos].to(torch.float32)
-    delta = inj.deltas.to(hidden.device)[rows]
-    alpha = inj.alphas.to(hidden.device)[rows].unsqueeze(-1)
-    nr = inj.norm_relative.to(hidden.device)[rows].unsqueeze(-1)
+    out = hidden.clone()
+    out[rows, pos] = (h + _added(h, inj, rows)).to(hidden.dtype)
+    return out
+
+
+def _added(h: torch.Tensor, inj: Injection, rows: torch.Tensor) -> torch.Tensor:
+    """The float32 vector each of ``rows`` adds to its residual ``h`` (raw or norm-relative)."""
+    delta = inj.deltas.to(h.device)[rows]
+    alpha = inj.alphas.to(h.device)[rows].unsqueeze(-1)
+    nr = inj.norm_relative.to(h.device)[rows].unsqueeze(-1)
     dnorm = delta.norm(dim=-1, keepdim=True)
     unit = torch.where(dnorm > 0, delta / dnorm.clamp_min(1e-30), torch.zeros_like(delta))
-    add = torch.where(nr, alpha * h.norm(dim=-1, keepdim=True) * unit, alpha * delta)
-    out = hidden.clone()
-    out[rows, pos] = (h + add).to(hidden.dtype)
-    return out
+    return torch.where(nr, alpha * h.norm(dim=-1, keepdim=True) * unit, alpha * delta)
 
 
 def delta_survival(hidden: torch.Tensor, inj: Injection, offset: int = 0) -> torch.Tensor:
@@ -127,15 +131,9 @@ def delta_survival(hidden: torch.Tensor, inj: Injection, offset: int = 0) -> tor
         return out
     rows = torch.nonzero(active).squeeze(-1)
     h = hidden[rows, local[rows]].to(torch.float32)
-    injected = apply_injection(hidden, inj, offset)[rows, local[rows]].to(torch.float32)
-    delta = inj.deltas.to(hidden.device)[rows]
-    alpha = inj.alphas.to(hidden.device)[rows].unsqueeze(-1)
-    nr = inj.norm_relative.to(hidden.device)[rows].unsqueeze(-1)
-    dnorm = delta.norm(dim=-1, keepdim=True)
-    unit = torch.where(dnorm > 0, delta / dnorm.clamp_min(1e-30), torch.zeros_like(delta))
-    add = torch.where(nr, alpha * h.norm(dim=-1, keepdim=True) * unit, alpha * delta)
+    add = _added(h, inj, rows)
     want = add.norm(dim=-1)
-    got = (injected - h).norm(dim=-1)
+    got = ((h + add).to(hidden.dtype).to(torch.float32) - h).norm(dim=-1)
     out[rows.cpu()] = torch.where(want > 0, got / want.clamp_min(1e-30), torch.ones_like(want)).double().cpu()
     return out
 
