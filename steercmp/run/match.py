@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
+import polars as pl
 import torch
 
 from steercmp.api import (
@@ -38,10 +39,13 @@ from steercmp.api import (
 from steercmp.config import Experiment
 from steercmp.hashing import make_generator
 from steercmp.lm.load import LoadedModel
+from steercmp.run.cells import Cell
 from steercmp.score.dose import DEFAULT_MAX_KL, Arm, match_doses
 from steercmp.score.forms import FamilyForms, family_forms
 from steercmp.score.reference import ScoreRow
+from steercmp.score.sample import COMPLETION_SCHEMA, sample_completions
 from steercmp.score.sweep import KL_OFFTARGET, KL_UNSTEERED, score_rows_fast
+from steercmp.tables import COMPLETIONS, read_table
 
 #: proposal statuses whose deltas the verdict injects (the rest count as no-op under ITT)
 SCORED_STATUSES = ("ok", "editable")
@@ -154,8 +158,9 @@ class _Scorer:
 def match_prompt(lm: LoadedModel, exp: Experiment, ctx: PromptContext, others: Sequence[PromptContext],
                  methods: Mapping[str, Method], controls: Mapping[str, Control],
                  proposals: Mapping[str, Mapping[str, Proposal]], prompt_rows: Sequence[Mapping[str, Any]],
-                 pc: str | None) -> list[dict[str, Any]]:
-    """``matched.parquet`` records of one prompt (see the module docstring)."""
+                 pc: str | None) -> tuple[list[dict[str, Any]], list[Direction]]:
+    """``matched.parquet`` records of one prompt (see the module docstring), and the directions
+    they were matched for (the matched completions inject the same ones)."""
     forms = family_forms(lm.tokenizer, ctx.prompt.families)
     score = _Scorer(lm, exp, ctx, forms)
     dirs, skipped = directions(exp, ctx, others, methods, controls, proposals, pc)
@@ -212,14 +217,12 @@ def match_prompt(lm: LoadedModel, exp: Experiment, ctx: PromptContext, others: S
     out = [record(k, "noop", 0, "ok", noop, 0.0, None, 1) for k in keys]
     out += method_rows
     out += [{**r, "method": k} for k in keys if methods[k].intervention == "activation" for r in shared_rows]
-    return out
+    return out, dirs
 
 
 def prompt_method_rows(cells: Any, methods: Mapping[str, Method], pid: str) -> list[dict[str, Any]]:
     """The scored target and unrelated rows of prompting methods for one prompt (any alpha: a
     prompt's row does not depend on it)."""
-    import polars as pl
-
     keys = [k for k, m in methods.items() if m.intervention != "activation"]
     if cells is None or not keys:
         return []
@@ -238,10 +241,6 @@ def prompt_method_completions(rundir: Any, methods: Mapping[str, Method]) -> Any
     """Prompting methods' completions (target and unrelated) from the completions stage: a prompt
     has no dose, so the matched-dose check reads them as sampled (one alpha's rows: every alpha of
     a prompting row is the same text). ``None`` when there are none."""
-    import polars as pl
-
-    from steercmp.tables import COMPLETION_SCHEMA, COMPLETIONS, read_table
-
     keys = [k for k, m in methods.items() if m.intervention != "activation"]
     if not keys or not rundir.completions.exists():
         return None
@@ -252,19 +251,12 @@ def prompt_method_completions(rundir: Any, methods: Mapping[str, Method]) -> Any
     return comp.filter(pl.col("alpha") == comp["alpha"].min()).select(list(COMPLETION_SCHEMA))
 
 
-def matched_completions(lm: LoadedModel, exp: Experiment, battery: Any, methods: Mapping[str, Method],
-                        controls: Mapping[str, Control], ctx: PromptContext, rows: Sequence[Mapping[str, Any]],
-                        props: Mapping[str, Mapping[str, Proposal]], contexts: Sequence[PromptContext],
-                        baseline: Mapping[tuple[tuple[int, ...], int], str], pc: str | None) -> Any:
-    """Completions of one prompt at the matched doses: every method's target and controls, the
-    shared controls' first draw (sampled once, reported under every method), and no-op (the
-    prompt's shared unsteered samples)."""
-    import polars as pl
-
-    from steercmp.run.cells import Cell
-    from steercmp.score.sample import COMPLETION_SCHEMA, sample_completions
-
-    dirs, _ = directions(exp, ctx, contexts, {k: methods[k] for k in props}, controls, props, pc)
+def matched_completions(lm: LoadedModel, exp: Experiment, battery: Any, ctx: PromptContext,
+                        rows: Sequence[Mapping[str, Any]], dirs: Sequence[Direction],
+                        baseline: Mapping[tuple[tuple[int, ...], int], str]) -> Any:
+    """Completions of one prompt at the matched doses (``rows`` and ``dirs`` from
+    :func:`match_prompt`): every method's target and controls, the shared controls' first draw
+    (sampled once, reported under every method), and no-op (the prompt's shared unsteered samples)."""
     found = {(d.method, d.condition, d.draw): d for d in dirs}
     forms = FamilyForms(forms={}, branches=((),), entries={})  # sampling reads no family forms
 

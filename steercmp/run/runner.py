@@ -405,14 +405,14 @@ class Runner:
             pid = ctx.prompt.id
             lm = self.resources.base()
             t_unit = time.perf_counter()
-            rows = match_prompt(lm, exp, ctx, contexts, methods, self.controls,
-                                {k: by_key[k].get(pid, {}) for k in keys}, prompt_method_rows(cells, methods, pid), pc)
+            rows, dirs = match_prompt(lm, exp, ctx, contexts, methods, self.controls,
+                                      {k: by_key[k].get(pid, {}) for k in keys}, prompt_method_rows(cells, methods, pid),
+                                      pc)
             write_parquet(self.rundir.unit("match", ukey), pl.DataFrame(rows, schema=MATCHED_SCHEMA))
             spent["match:dose"] += time.perf_counter() - t_unit
             if exp.completions.enabled:
                 t_unit = time.perf_counter()
-                comp = matched_completions(lm, exp, self.battery, self.methods, self.controls, ctx, rows,
-                                           {k: by_key[k].get(pid, {}) for k in keys}, contexts, baseline, pc)
+                comp = matched_completions(lm, exp, self.battery, ctx, rows, dirs, baseline)
                 if prompt_completions is not None:  # a prompt has no dose: its sampled texts as they are
                     comp = pl.concat([comp, prompt_completions.filter(pl.col("prompt_id") == pid)], how="vertical")
                 write_parquet(self.rundir.unit("match_completions", ukey), comp)
