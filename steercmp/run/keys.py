@@ -125,13 +125,18 @@ class RunKeys:
                             "completions": attrs.asdict(self.experiment.completions), "seed": self.experiment.seed,
                             "baseline": True})
 
-    def match_unit(self, pid: str) -> str:
-        """One prompt's matched-dose rows and completions: every method's proposals (shared
-        controls compare with all of them), the controls, the decision block, the battery's
-        prompts (donors come from them) and the completion settings."""
+    def match_unit(self, pid: str, part: str, pc: str | None) -> str:
+        """One part of a prompt's matched-dose rows and completions: a method's own rows depend on
+        its proposals, the positive control's (``pc``: it sets the budget), the controls, the
+        decision block and the completion settings; the shared part (``*``) on the positive
+        control's proposals and the battery's prompts (donors come from them), not on any other
+        method, so adding a method reuses every other part."""
         exp = self.experiment
-        return stable_hash({"code": stage_code_hash("match"), "prompt": pid,
-                            "propose": {s.key: self.propose(s.key) for s in exp.methods},
+        keys = {s.key for s in exp.methods}
+        own = {part: self.propose(part)} if part in keys else {}
+        budget = {pc: self.propose(pc)} if pc in keys else {}
+        return stable_hash({"code": stage_code_hash("match"), "score_code": stage_code_hash("score"),
+                            "prompt": pid, "part": part, "propose": {**own, **budget},
                             "controls": self._controls(), "seed": exp.seed,
                             "decision": {k: v for k, v in exp.decision_settings().items()
                                          if k in ("max_kl", "random_draws")},

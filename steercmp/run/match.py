@@ -84,14 +84,15 @@ def _derive(control: Control, source: Proposal, ctx: PromptContext, exp: Experim
 
 def directions(exp: Experiment, ctx: PromptContext, others: Sequence[PromptContext], methods: Mapping[str, Method],
                controls: Mapping[str, Control], proposals: Mapping[str, Mapping[str, Proposal]],
-               pc: str | None) -> tuple[list[Direction], list[dict[str, Any]]]:
-    """The prompt's directions to match, and the rows that need no matching (dropped, gated,
-    not applicable) as ``(method, condition, status)`` records."""
+               pc: str | None, part: str) -> tuple[list[Direction], list[dict[str, Any]]]:
+    """The directions of one part of the prompt (a method's key, or :data:`SHARED` for the shared
+    controls), and the rows that need no matching (dropped, gated, not applicable) as
+    ``(method, condition, status)`` records."""
     out: list[Direction] = []
     skipped: list[dict[str, Any]] = []
     pid = ctx.prompt.id
     for key, method in methods.items():
-        if method.intervention != "activation" or key not in proposals:
+        if key != part or method.intervention != "activation" or key not in proposals:
             continue
         props = proposals[key]
         target = props.get("edited")
@@ -121,7 +122,7 @@ def directions(exp: Experiment, ctx: PromptContext, others: Sequence[PromptConte
                 continue
             out.append(Direction(key, cname, 0, derived, _pos(derived, ctx)))
     for cname, control in controls.items():
-        if control.matching != "shared":
+        if part != SHARED or control.matching != "shared":
             continue
         draws = exp.decision_random_draws
         if cname == "random_donor":  # distinct donors only
@@ -155,26 +156,43 @@ class _Scorer:
         return out
 
 
+def _budget(score: _Scorer, exp: Experiment, ctx: PromptContext, proposals: Mapping[str, Mapping[str, Proposal]],
+            pc: str | None) -> tuple[dict[str, float], dict[str, float] | None, float, str]:
+    """The unsteered row, the positive control's patch row and the prompt's budget. Always
+    scored as one batch of its own, so every part of the prompt reads the same numbers."""
+    target = proposals.get(pc, {}).get("edited") if pc is not None else None
+    patch = None
+    if target is not None and target.delta is not None and target.status in SCORED_STATUSES:
+        fixed = target.fixed_alpha if target.fixed_alpha is not None else 1.0
+        patch = Direction(pc, TARGET_CONDITION, 0, target, _pos(target, ctx), fixed)  # type: ignore[arg-type]
+    res = score([(None, 0.0), *([(patch, patch.fixed)] if patch is not None else [])])
+    noop, patch_res = res[0], (res[1] if patch is not None else None)
+    if exp.decision_max_kl is not None:
+        return noop, patch_res, exp.decision_max_kl, "max_kl"
+    if pc is not None:
+        return noop, patch_res, (patch_res[KL_OFFTARGET] if patch_res is not None else float("nan")), \
+            "positive_control"
+    return noop, patch_res, DEFAULT_MAX_KL, "default_max_kl"
+
+
 def match_prompt(lm: LoadedModel, exp: Experiment, ctx: PromptContext, others: Sequence[PromptContext],
                  methods: Mapping[str, Method], controls: Mapping[str, Control],
                  proposals: Mapping[str, Mapping[str, Proposal]], prompt_rows: Sequence[Mapping[str, Any]],
-                 pc: str | None) -> tuple[list[dict[str, Any]], list[Direction]]:
-    """``matched.parquet`` records of one prompt (see the module docstring), and the directions
-    they were matched for (the matched completions inject the same ones)."""
+                 pc: str | None, part: str) -> tuple[list[dict[str, Any]], list[Direction]]:
+    """``matched.parquet`` records of one part of a prompt (see the module docstring): a method's
+    own rows (no-op, target, its controls), or with ``part`` :data:`SHARED` the shared controls'
+    draws under the method key ``*`` (:func:`expand_shared` copies them to every method). Also
+    returns the directions they were matched for (the matched completions inject the same
+    ones). Parts are independent, so adding a method to a run reuses every other part."""
     forms = family_forms(lm.tokenizer, ctx.prompt.families)
     score = _Scorer(lm, exp, ctx, forms)
-    dirs, skipped = directions(exp, ctx, others, methods, controls, proposals, pc)
+    noop, patch_res, budget, source = _budget(score, exp, ctx, proposals, pc)
+    dirs, skipped = directions(exp, ctx, others, methods, controls, proposals, pc, part)
     fixed = [d for d in dirs if d.fixed is not None]
-    first = score([(None, 0.0), *[(d, d.fixed) for d in fixed]])  # noop and the fixed operations
-    noop, fixed_res = first[0], dict(zip(map(id, fixed), first[1:], strict=True))
-    pc_target = next((d for d in fixed if d.method == pc and d.condition == TARGET_CONDITION), None)
-    if exp.decision_max_kl is not None:
-        budget, source = exp.decision_max_kl, "max_kl"
-    elif pc is not None:
-        budget = fixed_res[id(pc_target)][KL_OFFTARGET] if pc_target is not None else float("nan")
-        source = "positive_control"
-    else:
-        budget, source = DEFAULT_MAX_KL, "default_max_kl"
+    others_fixed = [d for d in fixed if not (d.method == pc and d.condition == TARGET_CONDITION)]
+    fixed_res = dict(zip(map(id, others_fixed), score([(d, d.fixed) for d in others_fixed]) if others_fixed else [],
+                         strict=True))
+    fixed_res.update({id(d): patch_res for d in fixed if id(d) not in fixed_res and patch_res is not None})
     free = [d for d in dirs if d.fixed is None]
     site_norm = float(ctx.activation.float().norm())
     arms = [Arm(float(d.delta.norm()), site_norm) for d in free]
@@ -199,25 +217,28 @@ def match_prompt(lm: LoadedModel, exp: Experiment, ctx: PromptContext, others: S
                 "score": None if res is None else res["edited"] - res["original"], "evals": evals,
                 "oracle_assisted": bool(meta.get("oracle_assisted", False))}
 
-    shared_rows: list[dict[str, Any]] = []
-    method_rows: list[dict[str, Any]] = []
-    for d in fixed:
-        method_rows.append(record(d.method, d.condition, d.draw, "fixed", fixed_res[id(d)], d.fixed, d, 1))
+    out = [record(part, "noop", 0, "ok", noop, 0.0, None, 1)] if part != SHARED else []
+    out += [record(d.method, d.condition, d.draw, "fixed", fixed_res[id(d)], d.fixed, d, 1) for d in fixed]
     for d, m in zip(free, matches, strict=True):
         res = score.results[offset + m.point.index] if m.point is not None else None
-        rec = record(d.method, d.condition, d.draw, m.status, res, m.point.multiplier if m.point else None, d, m.evals)
-        (shared_rows if d.method == SHARED else method_rows).append(rec)
-    for s in skipped:
-        method_rows.append(record(s["method"], s["condition"], 0, s["status"], None, None, None, 0))
+        out.append(record(d.method, d.condition, d.draw, m.status, res, m.point.multiplier if m.point else None,
+                          d, m.evals))
+    out += [record(s["method"], s["condition"], 0, s["status"], None, None, None, 0) for s in skipped]
     for r in prompt_rows:  # prompting methods: scored in the sweep, no dose
-        method_rows.append({**record(r["method"], r["condition"], 0, "not_dose_matched", None, None, None, 0),
-                            **{k: r[k] for k in ("logmass_edited", "logmass_original", "logmass_unrelated", "score",
-                                                 "kl_offtarget", "kl_unsteered")}})
-    keys = [k for k, m in methods.items() if k in proposals]
-    out = [record(k, "noop", 0, "ok", noop, 0.0, None, 1) for k in keys]
-    out += method_rows
-    out += [{**r, "method": k} for k in keys if methods[k].intervention == "activation" for r in shared_rows]
+        if r["method"] == part:
+            out.append({**record(r["method"], r["condition"], 0, "not_dose_matched", None, None, None, 0),
+                        **{k: r[k] for k in ("logmass_edited", "logmass_original", "logmass_unrelated", "score",
+                                             "kl_offtarget", "kl_unsteered")}})
     return out, dirs
+
+
+def expand_shared(frame: pl.DataFrame, activation_methods: Sequence[str]) -> pl.DataFrame:
+    """The shared part's rows (method ``*``) copied under every method that injects, after the
+    methods' own rows: the same bar for each."""
+    shared = frame.filter(pl.col("method") == SHARED)
+    own = frame.filter(pl.col("method") != SHARED)
+    copies = [shared.with_columns(pl.lit(k).alias("method")) for k in activation_methods]
+    return pl.concat([own, *copies], how="vertical") if copies else own
 
 
 def prompt_method_rows(cells: Any, methods: Mapping[str, Method], pid: str) -> list[dict[str, Any]]:
@@ -254,9 +275,9 @@ def prompt_method_completions(rundir: Any, methods: Mapping[str, Method]) -> Any
 def matched_completions(lm: LoadedModel, exp: Experiment, battery: Any, ctx: PromptContext,
                         rows: Sequence[Mapping[str, Any]], dirs: Sequence[Direction],
                         baseline: Mapping[tuple[tuple[int, ...], int], str]) -> Any:
-    """Completions of one prompt at the matched doses (``rows`` and ``dirs`` from
-    :func:`match_prompt`): every method's target and controls, the shared controls' first draw
-    (sampled once, reported under every method), and no-op (the prompt's shared unsteered samples)."""
+    """Completions of one part of a prompt at the matched doses (``rows`` and ``dirs`` from
+    :func:`match_prompt`): a method's no-op (the prompt's shared unsteered samples), target and
+    controls; for the shared part, each shared control's first draw (sampled once, under ``*``)."""
     found = {(d.method, d.condition, d.draw): d for d in dirs}
     forms = FamilyForms(forms={}, branches=((),), entries={})  # sampling reads no family forms
 
@@ -267,34 +288,22 @@ def matched_completions(lm: LoadedModel, exp: Experiment, battery: Any, ctx: Pro
         return Cell(ctx.prompt.id, method, condition, multiplier, "raw", "ok", pos, ctx.inject_pos, ctx.score_pos,
                     float(delta.norm()), {}, row, baseline=d is None)
 
-    picked: list[tuple[Cell, list[str]]] = []
-    shared_done: set[str] = set()
+    picked: list[Cell] = []
     for r in rows:
         if r["condition"] == "noop" and r["status"] == "ok":
-            picked.append((cell(r["method"], "noop", None, 0.0), [r["method"]]))
+            picked.append(cell(r["method"], "noop", None, 0.0))
             continue
         if r["status"] not in ("matched", "fixed", "off_budget", "unreachable") or r["multiplier"] is None:
             continue
-        shared = (SHARED, r["condition"], r["draw"]) in found
-        if shared and (r["draw"] != 0 or r["condition"] in shared_done):
+        if r["method"] == SHARED and r["draw"] != 0:
             continue
-        d = found.get((SHARED, r["condition"], r["draw"]) if shared else (r["method"], r["condition"], r["draw"]))
-        if d is None:
-            continue
-        owners = sorted({x["method"] for x in rows if x["condition"] == r["condition"] and x["draw"] == 0}) \
-            if shared else [r["method"]]
-        if shared:
-            shared_done.add(r["condition"])
-        picked.append((cell(owners[0], r["condition"], d, float(r["multiplier"])), owners))
+        d = found.get((r["method"], r["condition"], r["draw"]))
+        if d is not None:
+            picked.append(cell(r["method"], r["condition"], d, float(r["multiplier"])))
     if not picked:
         return pl.DataFrame(schema=COMPLETION_SCHEMA)
-    df = sample_completions(lm, exp, [c for c, _ in picked], battery, baseline=baseline)
-    parts = []
-    for c, owners in picked:
-        part = df.filter((pl.col("method") == c.method) & (pl.col("condition") == c.condition))
-        parts.extend(part.with_columns(pl.lit(o).alias("method")) for o in owners)
-    return pl.concat(parts, how="vertical").unique(maintain_order=True)
+    return sample_completions(lm, exp, picked, battery, baseline=baseline)
 
 
-__all__ = ["SHARED", "directions", "match_prompt", "matched_completions", "positive_control",
+__all__ = ["SHARED", "directions", "expand_shared", "match_prompt", "matched_completions", "positive_control",
            "prompt_method_completions", "prompt_method_rows"]

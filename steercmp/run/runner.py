@@ -370,8 +370,11 @@ class Runner:
 
     def stage_match(self, contexts: list[PromptContext], proposals: dict[str, list[Proposal]]) -> None:
         """Every method and control at the prompt's side-effect budget (:mod:`steercmp.run.match`),
-        and completions at those doses; one resumable unit per prompt."""
+        and completions at those doses; one resumable unit per (prompt, part): a method's own
+        rows, or the shared controls'."""
         from steercmp.run.match import (
+            SHARED,
+            expand_shared,
             match_prompt,
             matched_completions,
             positive_control,
@@ -382,47 +385,55 @@ class Runner:
         exp = self.experiment
         keys = [s.key for s in exp.methods if s.key in proposals]
         methods = {k: self.methods[k] for k in keys}
-        units = [(ctx, self.keys.match_unit(ctx.prompt.id)) for ctx in contexts]
-        key = self.keys.stage("match", [u for _, u in units])
+        pc = positive_control(methods, proposals)
+        parts = [*keys, SHARED]
+        units = [(ctx, part, self.keys.match_unit(ctx.prompt.id, part, pc)) for ctx in contexts for part in parts]
+        key = self.keys.stage("match", [u for _, _, u in units])
         if self._reusable("match", key, self.rundir.matched):
             self.reused.append("match")
             return
         t = time.perf_counter()
-        todo = [(ctx, u) for ctx, u in units if self.fresh or not self.rundir.unit("match", u).exists()]
+        todo = [u for u in units if self.fresh or not self.rundir.unit("match", u[2]).exists()]
         self.reused_units["match"] = {"reused": len(units) - len(todo), "computed": len(todo)}
-        self.log(f"[match] {len(units)} prompts: {len(units) - len(todo)} reused, {len(todo)} to dose-match")
+        self.log(f"[match] {len(units)} units (prompt x method, and shared controls): {len(units) - len(todo)} "
+                 f"reused, {len(todo)} to dose-match")
         cells = read_table(self.rundir.cells, CELLS, require_target=False, fix=RECOMPUTE) \
             if self.rundir.cells.exists() else None
         by_key = {k: {} for k in keys}  # type: dict[str, dict[str, dict[str, Proposal]]]
         for k in keys:
             for p in proposals[k]:
                 by_key[k].setdefault(p.prompt_id, {})[p.family] = p
-        pc = positive_control(methods, proposals)
-        baseline = self._baselines([c for c, _ in todo]) if todo and exp.completions.enabled else {}
+        baseline = self._baselines(list({id(c): c for c, _, _ in todo}.values())) \
+            if todo and exp.completions.enabled else {}
         prompt_completions = prompt_method_completions(self.rundir, methods)
         spent = {"match:dose": 0.0, "match:completions": 0.0}
-        for ctx, ukey in self.progress(todo, "match prompts", len(todo)):
+        for ctx, part, ukey in self.progress(todo, "match units", len(todo)):
             pid = ctx.prompt.id
             lm = self.resources.base()
             t_unit = time.perf_counter()
             rows, dirs = match_prompt(lm, exp, ctx, contexts, methods, self.controls,
                                       {k: by_key[k].get(pid, {}) for k in keys}, prompt_method_rows(cells, methods, pid),
-                                      pc)
+                                      pc, part)
             write_parquet(self.rundir.unit("match", ukey), pl.DataFrame(rows, schema=MATCHED_SCHEMA))
             spent["match:dose"] += time.perf_counter() - t_unit
             if exp.completions.enabled:
                 t_unit = time.perf_counter()
                 comp = matched_completions(lm, exp, self.battery, ctx, rows, dirs, baseline)
                 if prompt_completions is not None:  # a prompt has no dose: its sampled texts as they are
-                    comp = pl.concat([comp, prompt_completions.filter(pl.col("prompt_id") == pid)], how="vertical")
+                    comp = pl.concat([comp, prompt_completions.filter((pl.col("prompt_id") == pid)
+                                                                      & (pl.col("method") == part))], how="vertical")
                 write_parquet(self.rundir.unit("match_completions", ukey), comp)
                 spent["match:completions"] += time.perf_counter() - t_unit
-        frames = [read_table(self.rundir.unit("match", u), MATCHED_UNIT, fix=RECOMPUTE) for _, u in units]
-        write_parquet(self.rundir.matched, pl.concat(frames, how="vertical"))
+        injecting = [k for k in keys if methods[k].intervention == "activation"]
+
+        def assemble(stage: str, schema: Any) -> pl.DataFrame:
+            frames = [read_table(self.rundir.unit(stage, u), schema, fix=RECOMPUTE) for _, _, u in units]
+            by_prompt = [pl.concat(frames[i:i + len(parts)], how="vertical") for i in range(0, len(frames), len(parts))]
+            return pl.concat([expand_shared(f, injecting) for f in by_prompt], how="vertical")
+
+        write_parquet(self.rundir.matched, assemble("match", MATCHED_UNIT))
         if exp.completions.enabled:
-            comps = [read_table(self.rundir.unit("match_completions", u), COMPLETION_UNIT, fix=RECOMPUTE)
-                     for _, u in units]
-            write_parquet(self.rundir.matched_completions, pl.concat(comps, how="vertical"))
+            write_parquet(self.rundir.matched_completions, assemble("match_completions", COMPLETION_UNIT))
         self._mark_done("match", key)
         if todo:
             self.resources.note("match")
