@@ -133,7 +133,10 @@ class Resource:
 
     ``loader`` builds the object; the runner unloads whatever else is resident first and logs
     memory per stage. ``params`` (parameter count) and ``bytes_per_param`` feed ``steercmp plan``'s
-    peak-memory estimate without downloading anything.
+    peak-memory estimate without downloading anything. ``origin``, when given, returns one line
+    saying where the artefact will come from (a local directory, the Hugging Face cache, the hub,
+    a build on first use) without loading it, and raises :class:`steercmp.errors.ConfigError` when
+    it cannot be had (e.g. not cached while ``HF_HUB_OFFLINE`` is set): ``steercmp plan`` prints it.
     """
 
     name: str
@@ -143,6 +146,7 @@ class Resource:
     params: int | None = None
     bytes_per_param: float = 4.0
     note: str = ""
+    origin: Callable[[], str] | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def estimated_bytes(self) -> int | None:
@@ -226,6 +230,13 @@ class Method(abc.ABC):
     def resources(self) -> Sequence[Resource]:
         """Models or objects this method loads (besides the base model), in stage order."""
         return ()
+
+    def pending_build(self) -> str | None:
+        """What this method must build before it can propose (minutes of training on first use,
+        e.g. ``"the mini NLA pair"``), or ``None`` when everything it needs is at hand. The
+        runner proposes, scores and reports the methods with nothing to build first (a partial
+        report), then builds and adds these. Must not load or build anything itself."""
+        return None
 
     @abc.abstractmethod
     def propose(

@@ -122,6 +122,10 @@ class Experiment:
         """The same experiment on a subset of its battery (a shard of a distributed run)."""
         return attrs.evolve(self, battery=self.battery.subset(prompt_ids))
 
+    def with_methods(self, keys: Sequence[str]) -> Experiment:
+        """The same experiment with only the methods labelled ``keys`` (a partial first pass)."""
+        return attrs.evolve(self, methods=tuple(s for s in self.methods if s.key in set(keys)))
+
     def resolve(self, path: str) -> Path:
         """A path from the experiment file, relative to that file's folder."""
         return _resolve(self.source, path)

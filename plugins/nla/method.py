@@ -41,6 +41,7 @@ from steercmp.api import (
 from steercmp.catalog import EMBEDDED_ID, known_model, nla_pair
 from steercmp.errors import ConfigError
 from steercmp.lm.load import parse_dtype, resolve_device
+from steercmp.lm.origin import model_origin
 
 from .baseline import dataset_baseline
 from .fidelity import fidelity
@@ -61,6 +62,17 @@ def checkpoint_source(source: str, role: str, *, progress: bool = True, position
 
     av, ar = ensure_mini_pair(progress=progress, position=position)
     return str(av if role == "av" else ar)
+
+
+def checkpoint_origin(source: str, role: str, position: str) -> str:
+    """Where an AV/AR checkpoint comes from, without loading it (``steercmp plan``)."""
+    if source == MINI_ALIAS:
+        from .mini import is_built, mini_dir
+
+        root = mini_dir(position)
+        return (f"steercmp cache ({root / role})" if is_built(root, position)
+                else "built on first use into the steercmp cache (the mini NLA pair, about 10 minutes)")
+    return model_origin(source, where=f"methods.nla_text_edit.options.{role}")
 
 
 def estimate_params(source: str, role: str) -> int | None:
@@ -236,6 +248,14 @@ class NlaTextEdit(Method):
             layer = self.experiment.get("layer")
         return int(layer) if isinstance(layer, int) else None
 
+    def pending_build(self) -> str | None:
+        from .mini import is_built, mini_dir
+
+        o = self.opts
+        if MINI_ALIAS not in (o.av, o.ar) or is_built(mini_dir(self._position()), self._position()):
+            return None
+        return "the mini NLA pair (built once and cached; about 10 minutes on 2 CPU cores)"
+
     def resources(self) -> Sequence[Resource]:
         from .ar import ActivationReconstructor
         from .av import ActivationVerbalizer
@@ -249,13 +269,15 @@ class NlaTextEdit(Method):
                                                               dtype=dtype,
                                                               device=device),
                      params=estimate_params(o.av, "av"), bytes_per_param=bpp,
-                     note="activation verbalizer (explain)"),
+                     note="activation verbalizer (explain)",
+                     origin=lambda: checkpoint_origin(o.av, "av", position)),
             Resource(name="nla_ar", kind="nla_ar", source=o.ar,
                      loader=lambda: ActivationReconstructor.load(checkpoint_source(o.ar, "ar", position=position),
                                                                  dtype=dtype,
                                                                  device=device),
                      params=estimate_params(o.ar, "ar"), bytes_per_param=bpp,
-                     note="activation reconstructor (truncated backbone + value head)"),
+                     note="activation reconstructor (truncated backbone + value head)",
+                     origin=lambda: checkpoint_origin(o.ar, "ar", position)),
         )
 
     # -- the method

@@ -35,6 +35,7 @@ from steercmp.errors import ConfigError
 from steercmp.lm.readout import final_norm_gain
 from steercmp.rhymes import make_couplets, rhyme_part
 from steercmp_plugins.sae.load import SaeSource, check_compatible, load_sae
+from steercmp_plugins.sae.load import origin as sae_origin
 from steercmp_plugins.sae.select import (
     Readout,
     Selection,
@@ -153,10 +154,18 @@ class SaeFeatures(Method):
             name=f"sae:{src.describe()}", kind="sae", source=src.describe(),
             loader=partial(load_sae, src, layer=self.layer, d_model=d_model),
             params=params, bytes_per_param=4.0,
-            note=f"sae-lens SAE, d_in {d_in}, d_sae {d_sae}, float32 on CPU (W_enc + W_dec)")
+            note=f"sae-lens SAE, d_in {d_in}, d_sae {d_sae}, float32 on CPU (W_enc + W_dec)",
+            origin=partial(sae_origin, src))
 
     def resources(self) -> Sequence[Resource]:
         return (self._resource(self._d_model_hint()),)
+
+    def pending_build(self) -> str | None:
+        from .train import embedded_sae_ready
+
+        if self.source().kind != "embedded" or embedded_sae_ready():
+            return None
+        return "the embedded SAE (trained once and cached; about a minute on 2 CPU cores)"
 
     # ------------------------------------------------------------------ propose
     def propose(self, contexts: Sequence[PromptContext], runtime: MethodRuntime) -> list[Proposal]:

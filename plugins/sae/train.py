@@ -205,6 +205,26 @@ def _settings_key(settings: TrainSettings, fingerprint: str) -> dict[str, Any]:
             "forward_dtype": resolve_dtype_name(settings.train_forward_dtype)}
 
 
+def _corpus_and_key(settings: TrainSettings) -> tuple[list[str], list[str], dict[str, Any]]:
+    train_docs = corpus_documents(settings.n_couplets, settings.n_sentences, settings.seed)
+    held_docs = corpus_documents(settings.heldout_couplets, settings.heldout_sentences,
+                                 settings.heldout_seed)
+    return train_docs, held_docs, _settings_key(settings, corpus_fingerprint(train_docs + held_docs))
+
+
+def _cached(target: Path, key: dict[str, Any]) -> bool:
+    """Whether ``target`` holds a finished SAE trained with ``key`` (the marker is written last)."""
+    try:
+        return bool(json.loads((target / MARKER).read_text()).get("key") == key)
+    except (OSError, ValueError):
+        return False
+
+
+def embedded_sae_ready(settings: TrainSettings | None = None) -> bool:
+    """Whether the embedded SAE is cached for these settings (no training on first use)."""
+    return _cached(embedded_sae_dir(), _corpus_and_key(settings or TrainSettings())[2])
+
+
 def ensure_embedded_sae(progress: bool = True, *, settings: TrainSettings | None = None,
                         lm: Any = None) -> Path:
     """Return the directory of the embedded SAE (sae-lens disk format), training it on first use.
@@ -215,22 +235,14 @@ def ensure_embedded_sae(progress: bool = True, *, settings: TrainSettings | None
     """
     settings = settings or TrainSettings()
     target = embedded_sae_dir()
-    train_docs = corpus_documents(settings.n_couplets, settings.n_sentences, settings.seed)
-    held_docs = corpus_documents(settings.heldout_couplets, settings.heldout_sentences,
-                                 settings.heldout_seed)
-    key = _settings_key(settings, corpus_fingerprint(train_docs + held_docs))
-    marker = target / MARKER
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()).get("key") == key:
-                q = read_quality(target)
-                if q is not None and not q.get("meets_targets", False):
-                    import warnings
+    train_docs, held_docs, key = _corpus_and_key(settings)
+    if _cached(target, key):
+        q = read_quality(target)
+        if q is not None and not q.get("meets_targets", False):
+            import warnings
 
-                    warnings.warn(f"cached {format_quality(q)}", stacklevel=2)
-                return target
-        except (OSError, ValueError):
-            pass
+            warnings.warn(f"cached {format_quality(q)}", stacklevel=2)
+        return target
 
     from steercmp.lm.load import load_base_model, parse_dtype, release
 

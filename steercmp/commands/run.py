@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -15,7 +16,7 @@ from steercmp.errors import ConfigError
 from steercmp.plugin_manager import PluginSet
 from steercmp.report import write_report
 from steercmp.run.keys import STAGES
-from steercmp.run.rundir import RunDir
+from steercmp.run.rundir import RunDir, ensure_writable_dir, write_json
 from steercmp.run.runner import Runner
 from steercmp.stats import format_summary_table, summarize
 
@@ -41,19 +42,55 @@ def run_command(args: argparse.Namespace, experiment: Experiment, plugins: Plugi
         if not main_process:
             return 0
     elif stages:
+        t0 = time.perf_counter()
         runner = Runner(experiment, plugins, out, fresh=args.fresh, progress=not args.no_progress)
+        pending = {k: why for k, m in runner.methods.items() if (why := m.pending_build())}
+        if pending and tuple(steps) == STEPS[1:]:
+            if args.fresh:  # one fresh computation of everything, shared by both passes
+                RunDir(out).forget_results()
+                runner.fresh = False
+            failures = _first_report(args, experiment, plugins, out, pending)
+            runner.timings["first_report"] = time.perf_counter() - t0
         runner.run(stages)
-        failures = [f.one_line() for f in runner.failures]
+        RunDir(out).pending.unlink(missing_ok=True)
+        failures += [f.one_line() for f in runner.failures if f.one_line() not in failures]
         if getattr(args, "prune", False):
             runner.prune_units()
     run = RunDir(out)
     if "report" in steps and run.cells.exists():
-        write_report(out, decision_alphas=list(experiment.decision_alphas), seed=experiment.seed,
-                     plugins=plugins, level=experiment.decision_level, correction=experiment.decision_correction)
+        _report(experiment, plugins, out)
     _print_results(experiment, run)
     for failure in failures:
         print(f"steercmp: error: {failure}", file=sys.stderr)
     return 2 if failures else 0
+
+
+def _report(experiment: Experiment, plugins: PluginSet, out: Path) -> None:
+    write_report(out, decision_alphas=list(experiment.decision_alphas), seed=experiment.seed,
+                 plugins=plugins, level=experiment.decision_level, correction=experiment.decision_correction)
+
+
+def _first_report(args: argparse.Namespace, experiment: Experiment, plugins: PluginSet, out: Path,
+                  pending: dict[str, str]) -> list[str]:
+    """Run every stage for the methods with nothing to build and write their report, marked
+    partial (``pending.json``), before any build starts; the full run then reuses every unit of
+    theirs and rewrites the report. Returns the first pass's one-line failures."""
+    ready = [s.key for s in experiment.methods if s.key not in pending]
+    print(f"steercmp: first report without {', '.join(pending)} (still to build: "
+          f"{'; '.join(sorted(set(pending.values())))})", file=sys.stderr)
+    run = RunDir(out)
+    ensure_writable_dir(run.root)
+    write_json(run.pending, {"pending": pending, "ready": ready})
+    if not ready:
+        return []
+    first = Runner(experiment.with_methods(ready), plugins, out, progress=not args.no_progress)
+    first.run(STAGES)
+    if run.cells.exists():
+        _report(experiment, plugins, out)
+        _print_results(experiment, run)
+        print(f"steercmp: partial report written ({run.report / 'summary.md'}); building the rest now",
+              file=sys.stderr)
+    return [f.one_line() for f in first.failures]
 
 
 def _run_distributed(args: argparse.Namespace, experiment: Experiment, out: Path,

@@ -116,7 +116,7 @@ def survival_warning(cells: pl.DataFrame, threshold: float = 0.99) -> str | None
 def summary_markdown(title: str, verdicts: Sequence[Mapping[str, Any]], decision: Mapping[str, Any],
                      preregistered: bool, warnings: Sequence[str] = ()) -> str:
     lines = [f"# steercmp report: {title}", "", f"> **{banner(verdicts)}**", "",
-             *[f"> Warning: {w}" for w in warnings], *([""] if warnings else []),
+             *[f"> {w}" if w.startswith("PARTIAL") else f"> Warning: {w}" for w in warnings], *([""] if warnings else []),
              "## Verdicts at matched side effects", "", decision_paragraph(decision, preregistered), "",
              *_md(verdict_table(verdicts)), ""]
     why = [f"- {v['method']}: {v['explanation']}" for v in verdicts]

@@ -195,6 +195,7 @@ def write_report(
     out = Path(out_dir) if out_dir is not None else run.report
     out.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(run)
+    partial = _partial_notice(run)
 
     # ---- statistics (pure functions)
     controls = present_controls(cells)
@@ -260,6 +261,8 @@ def write_report(
     else:
         head |= {**sweep, "rule": "intersection-union (no matched.parquet: run the match stage for the matched-dose "
                                   "verdict)"}
+    if partial is not None:
+        head["partial"] = {"pending": partial[0], "notice": partial[1]}
     (out / "verdict.json").write_text(json.dumps(head, indent=2, default=str) + "\n")
 
     # ---- charts (transforms -> builders)
@@ -313,20 +316,35 @@ def write_report(
               f"Primary analysis: fallback and gated prompts excluded. Bootstrap: {n_boot} resamples, seed {seed}.")
     if matched_verdicts is not None:
         header = "Exploratory dose-response view (alpha sweep, not the verdict). " + header
+    notice = f"{partial[1]} " if partial is not None else ""
     page = Page(title=_title(config, run), header=header, verdicts=verdicts, sections=sections, charts=chart_specs,
-                manifest=manifest, banner=banner,
+                manifest=manifest, banner=notice + banner,
                 matched=None if matched_verdicts is None else (
-                    matched_banner(matched_verdicts), decision_paragraph(decision, preregistered),
+                    notice + matched_banner(matched_verdicts), decision_paragraph(decision, preregistered),
                     verdict_table(matched_verdicts)))
     if matched_verdicts is not None:
-        warning = survival_warning(cells)
+        warnings = [w for w in (partial[1] if partial is not None else None, survival_warning(cells)) if w]
         (out / "summary.md").write_text(summary_markdown(_title(config, run), matched_verdicts, decision,
-                                                         preregistered, [warning] if warning else []))
+                                                         preregistered, warnings))
         (out / "details.md").write_text(markdown(page))
     else:
         (out / "summary.md").write_text(markdown(page))
     (out / "report.html").write_text(html_page(page))
     return out
+
+
+def _partial_notice(run: RunDir) -> tuple[list[str], str] | None:
+    """The methods a partial run has not added yet (``pending.json``), and the line that says so."""
+    if not run.pending.is_file():
+        return None
+    try:
+        pending = dict(json.loads(run.pending.read_text()).get("pending", {}))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    builds = "; ".join(sorted(set(map(str, pending.values()))))
+    return list(pending), (f"PARTIAL REPORT: {', '.join(pending)} not included yet (waiting for {builds}). The "
+                           "report is rewritten when they finish; if the run was stopped, the same `steercmp run` "
+                           "resumes it.")
 
 
 def _seeds(config: Mapping[str, Any]) -> int:

@@ -76,6 +76,11 @@ class RunDir:
         return self.root / MANIFEST
 
     @property
+    def pending(self) -> Path:
+        """Present while the run's results lack methods still being built (a partial report)."""
+        return self.root / "pending.json"
+
+    @property
     def ledger(self) -> Path:
         return self.root / STAGES_LEDGER
 
@@ -111,6 +116,15 @@ class RunDir:
 
     def shard(self, k: int) -> RunDir:
         return RunDir(self.root / SHARDS / str(k))
+
+    def forget_results(self) -> None:
+        """Make every stage and unit compute again (what ``--fresh`` means), by deleting the
+        ledger, the units, the proposals and the methods' caches; the report is left readable."""
+        import shutil
+
+        self.ledger.unlink(missing_ok=True)
+        for folder in (self.root / UNITS, self.root / PROPOSALS, *self.methods.glob("*/cache")):
+            shutil.rmtree(folder, ignore_errors=True)
 
     # ------------------------------------------------------------ the stage ledger
     def stage_keys(self) -> dict[str, str]:

@@ -1,0 +1,94 @@
+"""The first report before the builds: methods with nothing to build are proposed, scored,
+matched and reported first (marked partial); a run killed during a slow build leaves that
+report readable, and the next ``steercmp run`` resumes, reuses their units and drops the mark."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from steercmp.testing import write_tiny_experiment
+
+pytestmark = pytest.mark.integration
+
+SLOW_PLUGIN = '''
+import os, time
+from pathlib import Path
+from steercmp.hookspecs import hookimpl
+from steercmp_plugins.unembed import UnembedDirection
+
+
+class SlowBuild(UnembedDirection):
+    """unembed_direction behind a fake build: pending until the build has run once."""
+    name = "slow_build"
+
+    def pending_build(self):
+        return None if Path(os.environ["SLOW_BUILT"]).exists() else "a fake slow build"
+
+    def propose(self, contexts, runtime):
+        Path(os.environ["SLOW_STARTED"]).write_text("building")
+        deadline = time.time() + 120
+        while not Path(os.environ["SLOW_RELEASE"]).exists() and time.time() < deadline:
+            time.sleep(0.1)
+        Path(os.environ["SLOW_BUILT"]).write_text("built")
+        return super().propose(contexts, runtime)
+
+
+@hookimpl
+def register_methods(register):
+    register(SlowBuild)
+'''
+
+
+def _wait_for(path, proc, seconds=180):
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def test_partial_report_before_a_slow_build_then_resume(tmp_path, tiny_ckpt):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "slow.py").write_text(SLOW_PLUGIN)
+    exp = write_tiny_experiment(tmp_path, tiny_ckpt, methods=["unembed_direction", "slow_build"],
+                                controls=["noop", "random_delta"], decision={"alphas": [2], "random_draws": 2})
+    env = {**os.environ, "SLOW_BUILT": str(tmp_path / "built"), "SLOW_STARTED": str(tmp_path / "started"),
+           "SLOW_RELEASE": str(tmp_path / "release")}
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "steercmp", "--plugins-dir", str(plugins), "run", str(exp), "--out", str(run),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(tmp_path / "started", proc)  # the slow build has begun: the partial report is already out
+        summary = (run / "report" / "summary.md").read_text()
+        verdict = json.loads((run / "report" / "verdict.json").read_text())
+        assert "PARTIAL REPORT: slow_build not included yet (waiting for a fake slow build)" in summary
+        assert verdict["partial"]["pending"] == ["slow_build"]
+        assert {v["method"] for v in verdict["verdicts"]} == {"unembed_direction"}
+        assert (run / "report" / "report.html").read_text().count("PARTIAL REPORT") >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C during the build
+        proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert json.loads((run / "report" / "verdict.json").read_text())["partial"]["pending"] == ["slow_build"]
+    assert (run / "pending.json").exists()
+
+    (tmp_path / "release").write_text("go")
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # the resumed run recomputes nothing of unembed_direction's, nor the shared controls
+    assert "[score] 6 units (method x prompt): 3 reused, 3 to compute" in done.stderr
+    assert "[match] 9 units (prompt x method, and shared controls): 6 reused, 3 to dose-match" in done.stderr
+    verdict = json.loads((run / "report" / "verdict.json").read_text())
+    assert "partial" not in verdict and not (run / "pending.json").exists()
+    assert {v["method"] for v in verdict["verdicts"]} == {"unembed_direction", "slow_build"}
+    assert "PARTIAL" not in (run / "report" / "summary.md").read_text()
+    assert json.loads((run / "manifest.json").read_text())["timings_seconds"]["first_report"] > 0
