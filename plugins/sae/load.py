@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +205,60 @@ def _cfg_hook(cfg: dict[str, Any]) -> str | None:
     return meta.get("hook_name") or cfg.get("hook_name")
 
 
+def release_files(source: SaeSource) -> tuple[str, tuple[str, ...]]:
+    """The HF repo of a release SAE and the files sae-lens reads from it (Gemma Scope layout:
+    ``<folder>/params.safetensors`` and ``<folder>/config.json``)."""
+    assert source.release and source.sae_id
+    entry, folder = release_entry(source.release, source.sae_id)
+    return entry.repo_id, (f"{folder}/params.safetensors", f"{folder}/config.json")
+
+
+def origin(source: SaeSource) -> str:
+    """Where the SAE comes from, without loading it (``steercmp plan``); ConfigError when it
+    cannot be had offline."""
+    from steercmp.lm.origin import hub_origin
+
+    if source.kind == "embedded":
+        from steercmp_plugins.sae.train import embedded_sae_dir, embedded_sae_ready
+
+        return (f"steercmp cache ({embedded_sae_dir()})" if embedded_sae_ready()
+                else "trained on first use into the steercmp cache (about a minute)")
+    if source.kind == "path":
+        _read_cfg(Path(str(source.path)).expanduser())
+        return f"local directory {Path(str(source.path)).expanduser()}"
+    repo, files = release_files(source)
+    return hub_origin(repo, files, where=f"{_OPT}: release", what=f"SAE {source.describe()} in repo")
+
+
+@contextmanager
+def _shapes_from_cache() -> Iterator[None]:
+    """Let sae-lens read a cached Gemma Scope 2 file's tensor shapes from the cache.
+
+    sae-lens (6.x, ``get_safetensors_tensor_shapes``) fetches the shapes with a raw HTTP range
+    request that ignores ``HF_HUB_OFFLINE`` and the cache, so a fully cached SAE still fails
+    offline. While this is active, a file that is in the cache has its header read locally
+    (safetensors); anything else goes to sae-lens' own function unchanged."""
+    from safetensors import safe_open
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+
+    from steercmp.lm.origin import cached_hub_file
+
+    original = loaders.get_safetensors_tensor_shapes
+
+    def shapes(repo_id: str, filename: str) -> dict[str, list[int]]:
+        path = cached_hub_file(repo_id, filename)
+        if path is None:
+            return original(repo_id, filename)
+        with safe_open(str(path), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+    loaders.get_safetensors_tensor_shapes = shapes
+    try:
+        yield
+    finally:
+        loaders.get_safetensors_tensor_shapes = original
+
+
 def load_sae(source: SaeSource, *, layer: int, d_model: int | None, device: str = "cpu",
              dtype: str = "float32") -> Any:
     """Load the SAE (a sae-lens ``SAE``), check it against the layer and width, and return it."""
@@ -219,12 +275,17 @@ def load_sae(source: SaeSource, *, layer: int, d_model: int | None, device: str 
     else:
         assert source.release and source.sae_id
         release_entry(source.release, source.sae_id)
+        from steercmp.lm.origin import hub_offline
+
+        if hub_offline():
+            origin(source)  # names the missing file instead of a connection error
         try:
-            sae = SAE.from_pretrained(source.release, source.sae_id, device=device, dtype=dtype)
+            with _shapes_from_cache():
+                sae = SAE.from_pretrained(source.release, source.sae_id, device=device, dtype=dtype)
         except Exception as exc:  # network / hub errors come in many types (httpx, requests, OSError)
-            first = (str(exc).splitlines() or [""])[0][:200]
+            first = (str(exc).splitlines() or [""])[0].rstrip()
             raise ConfigError(
-                f"cannot load SAE {source.describe()} from the Hugging Face hub "
+                f"cannot load SAE {source.describe()} from the Hugging Face cache or hub "
                 f"({type(exc).__name__}: {first}); the hub is probably not reachable from here",
                 where=f"{_OPT}: release",
                 fix="where the hub is reachable run SAE.from_pretrained(release, sae_id)"

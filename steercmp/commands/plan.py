@@ -105,6 +105,7 @@ def describe_plan(experiment: Experiment, plugins: PluginSet) -> str:
     for st in stages:
         lines.append(f"  {st.name:<34} loads {st.what:<58} weights "
                      f"{gib(st.weights) if st.weights is not None else 'unknown':>10}  working {gib(st.working)}")
+    lines += artefact_origins(experiment, methods)
     known = [st for st in stages if st.weights is not None]
     if not known:
         raise ConfigError("no model size is known for this plan", where=f"{experiment.source}: model.id",
@@ -129,6 +130,20 @@ def describe_plan(experiment: Experiment, plugins: PluginSet) -> str:
     lines += power_prediction(len(battery), experiment.decision_level)
     lines += whole_rule_prediction(experiment)
     return "\n".join(lines)
+
+
+def artefact_origins(experiment: Experiment, methods: Any) -> list[str]:
+    """Where every checkpoint comes from (nothing loaded or downloaded); the first artefact that
+    cannot be had (a missing local path, an uncached HF id while offline) raises ConfigError."""
+    from steercmp.lm.origin import model_origin
+
+    lines = ["artefacts (where each comes from):",
+             f"  {'base model':<34} {model_origin(experiment.model.id, experiment.model.revision, where=f'{experiment.source}: model.id')}"]
+    for spec in experiment.methods:
+        for r in methods[spec.key].resources():
+            if r.origin is not None:
+                lines.append(f"  {spec.key + ':' + r.name:<34} {r.origin()}")
+    return lines
 
 
 def whole_rule_prediction(experiment: Any) -> list[str]:
