@@ -21,7 +21,8 @@ def _plugin_set(args: argparse.Namespace):
 
 
 def _load_experiment(path: str | None):
-    from steercmp.config import Experiment, default_experiment_path
+    from steercmp.battery_files import default_experiment_path
+    from steercmp.config import Experiment
 
     return Experiment.from_yaml(Path(path) if path else default_experiment_path())
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,13 @@ import yaml
 
 from steercmp.api import SCALINGS
 from steercmp.battery import Battery, check_rule_syntax, read_yaml
+from steercmp.battery_files import (
+    _base_dir,
+    _battery_file,
+    _resolve,
+    _shipped_list,
+    resolve_battery,
+)
 from steercmp.catalog import DTYPE_BYTES, EMBEDDED_ID, is_embedded
 from steercmp.decision_settings import (
     DEFAULT_MIN_EFFECT,
@@ -27,7 +33,6 @@ from steercmp.errors import ConfigError
 from steercmp.redact import redact
 
 DEFAULT_CONTROLS = ("noop", "random_delta", "wrong_position", "paraphrase_edit", "round_trip")
-PACKAGE_EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
 @attrs.frozen
@@ -122,8 +127,7 @@ class Experiment:
         """The same experiment on a subset of its battery (a shard of a distributed run)."""
         return attrs.evolve(self, battery=self.battery.subset(prompt_ids))
 
-    def with_methods(self, keys: Sequence[str]) -> Experiment:
-        """The same experiment with only the methods labelled ``keys`` (a partial first pass)."""
+    def with_methods(self, keys: Sequence[str]) -> Experiment:  # the first, partial pass of a run
         return attrs.evolve(self, methods=tuple(s for s in self.methods if s.key in set(keys)))
 
     def resolve(self, path: str) -> Path:
@@ -350,57 +354,6 @@ class Experiment:
         )
 
 
-def _base_dir(source: str) -> Path:
-    return Path(source).resolve().parent if source.endswith((".yaml", ".yml")) else Path.cwd()
-
-
-def _resolve(source: str, path: str) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else _base_dir(source) / p
-
-
-#: ``battery: note8`` (no slash, no suffix) names a shipped battery, experiments/batteries/note8.yaml
-_SHORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-
-
-def is_battery_short_name(name: str) -> bool:
-    return bool(_SHORT_NAME.fullmatch(name))
-
-
-def shipped_batteries() -> tuple[str, ...]:
-    """The short names of the batteries shipped in ``experiments/batteries`` (source tree or package)."""
-    return tuple(sorted(p.stem for p in (experiments_dir() / "batteries").glob("*.yaml")))
-
-
-def _shipped_list() -> str:
-    return ", ".join(shipped_batteries()) or "none found"
-
-
-def _battery_file(source: str, name: str) -> Path:
-    if is_battery_short_name(name):
-        return experiments_dir() / "batteries" / f"{name}.yaml"
-    return _resolve(source, name)
-
-
-def resolve_battery(source: str, name: str) -> Path:
-    """The battery file an experiment's ``battery`` names: a shipped short name (``note8``) or a
-    path, relative to the experiment file's folder; a one-line error when there is none."""
-    path = _battery_file(source, name)
-    if is_battery_short_name(name):
-        if name not in shipped_batteries():
-            raise ConfigError(f"{name!r} is not a shipped battery (shipped: {_shipped_list()})",
-                              where=f"{source}: battery",
-                              fix=f"use a shipped name, or a path to your battery file (e.g. ./{name}.yaml)")
-        return path
-    if not path.exists():
-        relative = not Path(name).expanduser().is_absolute()
-        folder = "the experiment file's folder" if source.endswith((".yaml", ".yml")) else "the current folder"
-        note = f" (relative paths resolve against {folder}, {_base_dir(source)})" if relative else ""
-        raise ConfigError(f"battery file {path} not found{note}", where=f"{source}: battery",
-                          fix=f"check the path, or name a shipped battery ({_shipped_list()}), e.g. battery: note8")
-    return path
-
-
 _MODEL_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "id": ((str,), "a model id or directory, e.g. embedded:gemma-3-270m"),
     "dtype": ((str,), "auto, float32 or bfloat16"),
@@ -478,27 +431,5 @@ class _Fields:
         return tuple(out)
 
 
-def experiments_dir() -> Path:
-    """The shipped ``experiments/`` folder: the source tree's, or the installed package's
-    (``steercmp_experiments``)."""
-    if (PACKAGE_EXPERIMENTS / "embedded.yaml").exists():
-        return PACKAGE_EXPERIMENTS
-    try:
-        import steercmp_experiments
-    except ImportError:
-        return PACKAGE_EXPERIMENTS
-    return Path(steercmp_experiments.__file__).resolve().parent
-
-
-def default_experiment_path() -> Path:
-    """``experiments/embedded.yaml`` from the source tree, or the copy shipped in the package."""
-    candidate = experiments_dir() / "embedded.yaml"
-    if candidate.exists():
-        return candidate
-    raise ConfigError("the default experiment file is missing", where="experiments/embedded.yaml",
-                      fix="pass an experiment YAML explicitly")
-
-
 __all__ = ["COMPLETION_KEYS", "DECISION_KEYS", "EXPERIMENT_KEYS", "METHOD_KEYS", "MODEL_KEYS", "CompletionSpec",
-           "Experiment", "MethodSpec", "ModelSpec", "default_experiment_path", "is_embedded", "resolve_battery",
-           "shipped_batteries"]
+           "Experiment", "MethodSpec", "ModelSpec", "is_embedded"]

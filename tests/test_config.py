@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from steercmp.config import Experiment, experiments_dir, shipped_batteries
+from steercmp.battery_files import experiments_dir, shipped_batteries
+from steercmp.config import Experiment
 from steercmp.errors import ConfigError
 
 

@@ -238,8 +238,8 @@ def _shapes_from_cache() -> Iterator[None]:
     request that ignores ``HF_HUB_OFFLINE`` and the cache, so a fully cached SAE still fails
     offline. While this is active, a file that is in the cache has its header read locally
     (safetensors); anything else goes to sae-lens' own function unchanged."""
-    from safetensors import safe_open
     from sae_lens.loading import pretrained_sae_loaders as loaders
+    from safetensors import safe_open
 
     from steercmp.lm.origin import cached_hub_file
 

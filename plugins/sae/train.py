@@ -243,7 +243,16 @@ def ensure_embedded_sae(progress: bool = True, *, settings: TrainSettings | None
 
             warnings.warn(f"cached {format_quality(q)}", stacklevel=2)
         return target
+    from steercmp.paths import build_lock
 
+    with build_lock(target, "the embedded SAE"):
+        if _cached(target, key):  # another process built it while this one waited
+            return target
+        return _train_embedded_sae(settings, target, key, train_docs, held_docs, lm, progress)
+
+
+def _train_embedded_sae(settings: TrainSettings, target: Path, key: dict[str, Any], train_docs: list[str],
+                        held_docs: list[str], lm: Any, progress: bool) -> Path:
     from steercmp.lm.load import load_base_model, parse_dtype, release
 
     own_model = lm is None

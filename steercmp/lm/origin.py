@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from steercmp.errors import ConfigError
 from steercmp.catalog import is_embedded
+from steercmp.errors import ConfigError
 from steercmp.lm.embedded import EMBEDDED_PACKAGE, embedded_dir
 
 

@@ -24,6 +24,7 @@ from steercmp.config import Experiment
 from steercmp.errors import ConfigError, NumericalError, PluginError, SteercmpError
 from steercmp.lm.capture import extract
 from steercmp.lm.prompts import check_against_tokenizer
+from steercmp.paths import sole_writer
 from steercmp.plugin_manager import PluginSet
 from steercmp.run.cells import CELL_SCHEMA, Cell, CellBook, FamilyForms, method_cells, score_unit
 from steercmp.run.keys import STAGES, RunKeys
@@ -109,22 +110,28 @@ class Runner:
                 "extract", self.keys.extract(), self.rundir.activations, self.rundir.contexts):
             preflight(self.experiment)
         ensure_writable_dir(self.run_dir)
-        write_text(self.rundir.config, self.experiment.snapshot())
+        with sole_writer(self.run_dir, where=str(self.run_dir)):  # one writer per run directory
+            write_text(self.rundir.config, self.experiment.snapshot())
+            cells = self._stages(steps)
+            self.resources.release()
+            self.write_manifest()
+        return cells
+
+    def _stages(self, steps: Sequence[str]) -> pl.DataFrame | None:
         cells = None
-        if any(s in steps for s in STAGES):
-            contexts = self.stage_extract(run="extract" in steps)
-            if any(s in steps for s in ("propose", "score", "completions", "match")):
-                proposals = self.stage_propose(contexts, run="propose" in steps)
-                if "score" in steps or "completions" in steps:
-                    book = self._cell_book(contexts, proposals)
-                    if "score" in steps:
-                        cells = self.stage_score(book)
-                    if "completions" in steps and self.experiment.completions.enabled:
-                        self.stage_completions(book, contexts, cells)
-                if "match" in steps:
-                    self.stage_match(contexts, proposals)
-        self.resources.release()
-        self.write_manifest()
+        if not any(s in steps for s in STAGES):
+            return cells
+        contexts = self.stage_extract(run="extract" in steps)
+        if any(s in steps for s in ("propose", "score", "completions", "match")):
+            proposals = self.stage_propose(contexts, run="propose" in steps)
+            if "score" in steps or "completions" in steps:
+                book = self._cell_book(contexts, proposals)
+                if "score" in steps:
+                    cells = self.stage_score(book)
+                if "completions" in steps and self.experiment.completions.enabled:
+                    self.stage_completions(book, contexts, cells)
+            if "match" in steps:
+                self.stage_match(contexts, proposals)
         return cells
 
     def _reusable(self, stage: str, key: str, *paths: Path) -> bool:

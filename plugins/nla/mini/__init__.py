@@ -57,9 +57,13 @@ def ensure_mini_pair(progress: bool = True, *, force: bool = False, position: st
     if needed."""
     root = mini_dir(position)
     if force or not is_built(root, position):
+        from steercmp.paths import build_lock
+
         from .build import build_mini_pair
 
-        build_mini_pair(root, progress=progress, position=position)
+        with build_lock(root, "the mini NLA pair"):
+            if force or not is_built(root, position):  # another process may have built it meanwhile
+                build_mini_pair(root, progress=progress, position=position)
     return root / "av", root / "ar"
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import yaml
 
-from steercmp.config import experiments_dir
+from steercmp.battery_files import experiments_dir
 from steercmp.lm.capture import capture_residuals
 from steercmp.lm.prompts import resolve_rule, tokenize_text
 from steercmp.rhymes import FIRST_LINE_TEMPLATES, make_couplets, rhyme_group, single_token_filter
