@@ -198,8 +198,10 @@ def match_prompt(lm: LoadedModel, exp: Experiment, ctx: PromptContext, others: S
     arms = [Arm(float(d.delta.norm()), site_norm) for d in free]
     ok_budget = budget if math.isfinite(budget) and budget > 0 else 0.0
     offset = len(score.results)
+    shared = sorted({d.condition for d in free if d.method == SHARED})
     matches = match_doses(arms, [ok_budget] * len(arms),
-                          lambda req: [r[KL_OFFTARGET] for r in score([(free[a], m) for a, m in req])])
+                          lambda req: [r[KL_OFFTARGET] for r in score([(free[a], m) for a, m in req])],
+                          groups=[shared.index(d.condition) if d.method == SHARED else None for d in free])
 
     def record(method: str, condition: str, draw: int, status: str, res: Mapping[str, float] | None,
                multiplier: float | None, d: Direction | None, evals: int) -> dict[str, Any]:

@@ -87,12 +87,37 @@ def _next_ratio(points: Sequence[Point], budget: float) -> float | None:
     return math.exp(x0 + min(max(t, 0.02), 0.98) * (x1 - x0))
 
 
+def _refine(points: list[list[Point]], arms: Sequence[int], budgets: Sequence[float], rounds: int, tolerance: float,
+            run: Callable[[list[tuple[int, float]]], None], ceiling: float | None = None) -> None:
+    """Rounds of log-log interpolation for ``arms``; with ``ceiling``, an arm whose points all
+    lie under the budget steps up (KL ~ r^2) no further than ``ceiling``."""
+    for _ in range(rounds):
+        todo = []
+        for a in arms:
+            best = min(points[a], key=lambda p: abs(_log(p.kl) - _log(budgets[a])))
+            if within(best.kl, budgets[a], tolerance):
+                continue
+            r = _next_ratio(points[a], budgets[a])
+            top = max(points[a], key=lambda p: p.ratio)
+            if r is None and ceiling is not None and top.ratio < ceiling:
+                r = min(ceiling, top.ratio * math.sqrt(budgets[a] / max(top.kl, _FLOOR)))
+            if r is not None and all(abs(math.log(r / p.ratio)) > 1e-6 for p in points[a]):
+                todo.append((a, r))
+        run(todo)
+
+
 def match_doses(arms: Sequence[Arm], budgets: Sequence[float],
                 evaluate: Callable[[Sequence[tuple[int, float]]], Sequence[float]], *,
-                grid: Sequence[float] = GRID, rounds: int = ROUNDS, tolerance: float = TOLERANCE) -> list[Match]:
+                grid: Sequence[float] = GRID, rounds: int = ROUNDS, tolerance: float = TOLERANCE,
+                groups: Sequence[int | None] | None = None) -> list[Match]:
     """Match every arm to its budget. ``evaluate([(arm, multiplier), ...])`` runs one batch and
     returns each row's off-target KL; the returned points' ``index`` counts evaluations across
-    all calls in order, so the caller can keep whatever else each evaluation produced."""
+    all calls in order, so the caller can keep whatever else each evaluation produced.
+
+    ``groups`` marks arms that are draws of one distribution (the K random directions of a
+    control): the first arm of a group searches the grid, the others start at its solution
+    and refine from there, and fall back to the grid only when that does not bracket the
+    budget. Every arm is still matched on its own points, to the same tolerance."""
     points: list[list[Point]] = [[] for _ in arms]
     counter = 0
 
@@ -106,17 +131,26 @@ def match_doses(arms: Sequence[Arm], budgets: Sequence[float],
             counter += 1
 
     live = [a for a, arm in enumerate(arms) if arm.unit_norm > 0 and budgets[a] > 0]
-    run([(a, r) for a in live for r in grid])
-    for _ in range(rounds):
-        todo = []
-        for a in live:
-            best = min(points[a], key=lambda p: abs(_log(p.kl) - _log(budgets[a])))
-            if within(best.kl, budgets[a], tolerance):
-                continue
-            r = _next_ratio(points[a], budgets[a])
-            if r is not None and all(abs(math.log(r / p.ratio)) > 1e-6 for p in points[a]):
-                todo.append((a, r))
-        run(todo)
+    group_of = list(groups) if groups is not None else [None] * len(arms)
+    leaders: dict[int, int] = {}
+    for a in live:
+        if group_of[a] is not None:
+            leaders.setdefault(group_of[a], a)  # type: ignore[arg-type]
+    followers = [a for a in live if group_of[a] is not None and leaders[group_of[a]] != a]  # type: ignore[index]
+    first = [a for a in live if a not in set(followers)]
+    run([(a, r) for a in first for r in grid])
+    _refine(points, first, budgets, rounds, tolerance, run)
+    if followers:
+        def start(a: int) -> float:
+            lead = points[leaders[group_of[a]]]  # type: ignore[index]
+            return min(lead, key=lambda p: abs(_log(p.kl) - _log(budgets[a]))).ratio
+
+        run([(a, start(a)) for a in followers])
+        _refine(points, followers, budgets, rounds, tolerance, run, ceiling=max(grid))
+        stray = [a for a in followers if not within(
+            min(points[a], key=lambda p: abs(_log(p.kl) - _log(budgets[a]))).kl, budgets[a], tolerance)]
+        run([(a, r) for a in stray for r in grid if all(abs(math.log(r / p.ratio)) > 1e-6 for p in points[a])])
+        _refine(points, stray, budgets, rounds, tolerance, run)
     out = []
     for a in range(len(arms)):
         if a not in live:

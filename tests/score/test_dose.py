@@ -46,3 +46,24 @@ def test_one_batch_per_round():
 
     match_doses(arms, [0.3] * 5, evaluate)
     assert calls[0] == 5 * 7 and len(calls) <= 3
+
+
+def test_draws_of_one_group_start_from_the_first_draws_solution():
+    """K random draws with similar curves: the followers are matched from the leader's dose in
+    a point or two each, to the same tolerance, and a follower whose curve differs falls back
+    to the grid and is still matched (or unreachable) on its own points."""
+    arms = [Arm(1.0, 10.0) for _ in range(8)]
+    scale = [1.0, 1.1, 0.9, 1.05, 0.95, 1.2, 1e-6, 300.0]  # draw 6 barely moves the KL, draw 7 a lot
+
+    def evaluate(req):
+        return [scale[a] * (m / 10) ** 2 for a, m in req]
+
+    grouped = match_doses(arms, [0.3] * 8, evaluate, groups=[0] * 8)
+    alone = match_doses(arms, [0.3] * 8, evaluate)
+    for a in range(8):
+        assert grouped[a].status == alone[a].status, a
+        if grouped[a].status == "matched":
+            assert 0.3 / TOLERANCE <= grouped[a].point.kl <= 0.3 * TOLERANCE
+    assert grouped[6].status == "unreachable"  # like the grid search, never reaches the budget
+    followers = sum(m.evals for m in grouped[1:6])
+    assert followers <= 2 * 5 < sum(m.evals for m in alone[1:6])
