@@ -92,7 +92,7 @@ def read_table(path: str | Path, spec: TableSpec, *, require_target: bool | None
     try:
         frame = pl.read_parquet(path)
     except (OSError, pl.exceptions.PolarsError) as exc:
-        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        reason = (str(exc).strip().splitlines() or [""])[0]
         raise ConfigError(f"{path.name} is not a readable parquet file ({type(exc).__name__}: {reason})",
                           where=str(path.parent),
                           fix=fix or f"write it as parquet with the columns listed in docs/schemas.md ({spec.doc})"

@@ -23,7 +23,8 @@ def write_random_sae(path: str | Path, *, d_in: int = 64, d_sae: int = 96, layer
 
 
 def write_gemma_scope_cache(hub_cache: str | Path, repo_id: str, folder: str, *, d_in: int = 64, d_sae: int = 96,
-                            layer: int = 32, seed: int = 12, revision: str = "0" * 40) -> dict[str, torch.Tensor]:
+                            layer: int = 32, seed: int = 12, revision: str = "0" * 40,
+                            tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """A random JumpReLU SAE in Gemma Scope 2's release layout (``<folder>/params.safetensors``
     with w_enc, w_dec, b_enc, b_dec, threshold, and ``<folder>/config.json``), placed in a Hugging
     Face cache at ``hub_cache`` under ``repo_id`` as a download would leave it. Returns the tensors."""
@@ -37,9 +38,10 @@ def write_gemma_scope_cache(hub_cache: str | Path, repo_id: str, folder: str, *,
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     gen = torch.Generator().manual_seed(seed)
-    tensors = {"w_enc": torch.randn(d_in, d_sae, generator=gen), "w_dec": torch.randn(d_sae, d_in, generator=gen),
-               "b_enc": torch.randn(d_sae, generator=gen) * 0.1, "b_dec": torch.randn(d_in, generator=gen) * 0.1,
-               "threshold": torch.rand(d_sae, generator=gen) * 0.1}
+    tensors = tensors or {
+        "w_enc": torch.randn(d_in, d_sae, generator=gen), "w_dec": torch.randn(d_sae, d_in, generator=gen),
+        "b_enc": torch.randn(d_sae, generator=gen) * 0.1, "b_dec": torch.randn(d_in, generator=gen) * 0.1,
+        "threshold": torch.rand(d_sae, generator=gen) * 0.1}
     save_file(tensors, str(snap / "params.safetensors"))
     model = repo_id.split("/")[-1].replace("gemma-scope-2-", "gemma-v3-")
     (snap / "config.json").write_text(json.dumps({

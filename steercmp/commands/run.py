@@ -29,6 +29,7 @@ def run_command(args: argparse.Namespace, experiment: Experiment, plugins: Plugi
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        os.environ["TQDM_DISABLE"] = "1"  # builders' own bars too (tqdm reads TQDM_* defaults)
     n_prompts = len(experiment.battery)
     if args.processes < 1 or args.processes > n_prompts:
         raise ConfigError(f"--processes {args.processes} must lie between 1 and the battery's {n_prompts} prompts",
@@ -49,7 +50,8 @@ def run_command(args: argparse.Namespace, experiment: Experiment, plugins: Plugi
             if args.fresh:  # one fresh computation of everything, shared by both passes
                 RunDir(out).forget_results()
                 runner.fresh = False
-            failures = _first_report(args, experiment, plugins, out, pending)
+            failures, first_timings = _first_report(args, experiment, plugins, out, pending)
+            runner.timings.update({f"first_report:{k}": v for k, v in first_timings.items()})
             runner.timings["first_report"] = time.perf_counter() - t0
         runner.run(stages)
         RunDir(out).pending.unlink(missing_ok=True)
@@ -71,10 +73,10 @@ def _report(experiment: Experiment, plugins: PluginSet, out: Path) -> None:
 
 
 def _first_report(args: argparse.Namespace, experiment: Experiment, plugins: PluginSet, out: Path,
-                  pending: dict[str, str]) -> list[str]:
+                  pending: dict[str, str]) -> tuple[list[str], dict[str, float]]:
     """Run every stage for the methods with nothing to build and write their report, marked
     partial (``pending.json``), before any build starts; the full run then reuses every unit of
-    theirs and rewrites the report. Returns the first pass's one-line failures."""
+    theirs and rewrites the report. Returns the first pass's one-line failures and timings."""
     ready = [s.key for s in experiment.methods if s.key not in pending]
     print(f"steercmp: first report without {', '.join(pending)} (still to build: "
           f"{'; '.join(sorted(set(pending.values())))})", file=sys.stderr)
@@ -82,7 +84,7 @@ def _first_report(args: argparse.Namespace, experiment: Experiment, plugins: Plu
     ensure_writable_dir(run.root)
     write_json(run.pending, {"pending": pending, "ready": ready})
     if not ready:
-        return []
+        return [], {}
     first = Runner(experiment.with_methods(ready), plugins, out, progress=not args.no_progress)
     first.run(STAGES)
     if run.cells.exists():
@@ -90,7 +92,7 @@ def _first_report(args: argparse.Namespace, experiment: Experiment, plugins: Plu
         _print_results(experiment, run)
         print(f"steercmp: partial report written ({run.report / 'summary.md'}); building the rest now",
               file=sys.stderr)
-    return [f.one_line() for f in first.failures]
+    return [f.one_line() for f in first.failures], dict(first.timings)
 
 
 def _run_distributed(args: argparse.Namespace, experiment: Experiment, out: Path,
@@ -109,16 +111,21 @@ def _run_distributed(args: argparse.Namespace, experiment: Experiment, out: Path
 
 
 def _print_results(experiment: Experiment, run: RunDir) -> None:
+    """The matched-dose verdict table (the per-alpha summary only for a run without one: it is
+    hundreds of lines, and details.md holds it)."""
     summary_path = run.report / "summary.parquet"
+    verdict = run.report / "verdict.json"
     if summary_path.exists() or run.cells.exists():
         print(f"\nsteercmp {experiment.name}: {len(experiment.battery)} prompts, layer {experiment.layer}, "
               f"model {experiment.model.id} (score = logmass(edited) - logmass(original))")
+    if not run.matched.exists() and (summary_path.exists() or run.cells.exists()):
         summary = pl.read_parquet(summary_path) if summary_path.exists() else \
             summarize(pl.read_parquet(run.cells), n_boot=1_000, seed=experiment.seed)
         print(format_summary_table(summary))
-    verdict = run.report / "verdict.json"
     if verdict.exists():
         data = json.loads(verdict.read_text())
+        if "partial" in data:
+            print(f"\n{data['partial']['notice']}")
         if "alpha_sweep" in data:  # the matched-dose verdict
             from steercmp.report.matched import verdict_table
 

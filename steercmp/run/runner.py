@@ -95,9 +95,11 @@ class Runner:
     def keys(self) -> RunKeys:
         """The run's resume keys (reading the checkpoint's file hashes once)."""
         if self._keys is None:
+            from steercmp.lm.load import resolve_source
             from steercmp.run.provenance import checkpoint_identity
 
             spec = self.experiment.model
+            resolve_source(spec.id, progress=False)  # the embedded model's files exist before they are hashed
             ident = checkpoint_identity(spec.id, spec.revision)
             self._keys = RunKeys(self.experiment, self.methods, self.controls,
                                  {"id": spec.id, "revision": ident.get("revision"), "files": ident.get("files", {})})
