@@ -19,8 +19,7 @@ from collections.abc import Sequence
 import attrs
 import torch
 
-from steercmp.api import Control, Method, PromptContext, Proposal
-from steercmp.errors import ConfigError
+from steercmp.api import ConfigError, Control, Method, PromptContext, Proposal
 from steercmp.hookspecs import hookimpl
 
 

@@ -16,10 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from steercmp.api import PROPOSAL_FAMILIES, Method, MethodRuntime, PromptContext, Proposal
-from steercmp.errors import ConfigError
+from steercmp.api import (
+    CONSTRUCTIONS,
+    PROPOSAL_FAMILIES,
+    ConfigError,
+    Method,
+    MethodRuntime,
+    PromptContext,
+    Proposal,
+    build_counterfactual,
+)
 from steercmp.hookspecs import hookimpl
-from steercmp.lm.counterfactual import CONSTRUCTIONS, build_counterfactual
 
 OPTIONS = ("construction",)
 
@@ -39,8 +46,8 @@ class _Counterfactual(Method):
 
     def _counterfactuals(self, contexts: Sequence[PromptContext], runtime: MethodRuntime) -> list:
         construction = self.options.get("construction", "auto")
-        chat = bool(getattr(getattr(self.experiment, "model", None), "chat_template", False))
-        source = getattr(getattr(self.experiment, "battery", None), "source", "battery")
+        chat = self.settings.chat_template
+        source = self.settings.battery_source
         with runtime.base() as lm:
             return [(ctx, family, build_counterfactual(lm.tokenizer, ctx.prompt, family,
                                                        None if construction == "auto" else construction,

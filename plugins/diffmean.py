@@ -20,8 +20,15 @@ from collections.abc import Sequence
 
 import torch
 
-from steercmp.api import PROPOSAL_FAMILIES, Method, MethodRuntime, Prompt, PromptContext, Proposal
-from steercmp.errors import ConfigError
+from steercmp.api import (
+    PROPOSAL_FAMILIES,
+    ConfigError,
+    Method,
+    MethodRuntime,
+    Prompt,
+    PromptContext,
+    Proposal,
+)
 from steercmp.hookspecs import hookimpl
 
 

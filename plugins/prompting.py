@@ -29,8 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from steercmp.api import PROPOSAL_FAMILIES, Method, MethodRuntime, PromptContext, Proposal
-from steercmp.errors import ConfigError
+from steercmp.api import (
+    PROPOSAL_FAMILIES,
+    ConfigError,
+    Method,
+    MethodRuntime,
+    PromptContext,
+    Proposal,
+)
 from steercmp.hookspecs import hookimpl
 
 TEMPLATES = {
@@ -92,7 +98,7 @@ class Prompting(Method):
         form = self.options.get("form", "auto")
         if form != "auto":
             return form
-        chat = bool(getattr(getattr(self.experiment, "model", None), "chat_template", False))
+        chat = self.settings.chat_template
         return "instruction" if chat else "base"
 
     @property

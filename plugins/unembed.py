@@ -8,10 +8,8 @@ Gemma 3's multimodal wrapper). No extra model: it reads the base model's own rea
 
 from __future__ import annotations
 
-from steercmp.api import PROPOSAL_FAMILIES, Method, Proposal
-from steercmp.errors import ConfigError
+from steercmp.api import PROPOSAL_FAMILIES, ConfigError, Method, Proposal, readout_directions
 from steercmp.hookspecs import hookimpl
-from steercmp.lm.readout import readout_directions
 
 
 class UnembedDirection(Method):

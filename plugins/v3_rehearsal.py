@@ -27,7 +27,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from steercmp.battery_files import experiments_dir
+from steercmp.api import experiments_dir
 
 V3_CONFIG = "gemma3-12b-v3.yaml"
 LAYER = 32
@@ -71,7 +71,7 @@ def gemma_tokenizer(cache: Path) -> Any:
     saved = cache / "tokenizer"
     if (saved / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(saved)
-    from steercmp.lm.embedded import embedded_dir
+    from steercmp.api import embedded_dir
 
     converted = embedded_dir()
     if (converted / "steercmp_conversion.json").exists():

@@ -205,6 +205,27 @@ class MethodRuntime(abc.ABC):
         """Return ``compute()``, reusing a stored result keyed by ``name`` and ``key`` when present."""
 
 
+@attrs.frozen
+class RunSettings:
+    """What a method knows of the run it is part of, frozen: built by the runner from the
+    experiment (:meth:`steercmp.config.Experiment.run_settings`). ``label`` is the method's key
+    in this run (its ``label``, else its name: error messages name ``methods.<label>.options``);
+    ``inject`` and ``score`` are the position rules every prompt of the battery shares (the
+    experiment's ``inject`` sets them), ``None`` when prompts differ; ``model_dtype`` and
+    ``model_device`` are as configured (``auto`` included)."""
+
+    label: str = ""
+    layer: int | None = None
+    model_id: str = ""
+    model_dtype: str = "float32"
+    model_device: str = "cpu"
+    chat_template: bool = False
+    inject: str | None = None
+    score: str | None = None
+    seed: int = 0
+    battery_source: str = "battery"
+
+
 class Method(abc.ABC):
     """A steering method. Subclasses set ``name`` and implement :meth:`propose`.
 
@@ -220,9 +241,9 @@ class Method(abc.ABC):
     #: :data:`COMPANION_FAMILIES`, and the controls that read them then apply to it
     companion_families: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, options: Mapping[str, Any], experiment: Any):
+    def __init__(self, options: Mapping[str, Any], settings: RunSettings | None = None):
         self.options = dict(options)
-        self.experiment = experiment
+        self.settings = settings if settings is not None else RunSettings()
 
     def validate(self) -> None:  # noqa: B027 - optional hook
         """Check options before any model loads; raise :class:`steercmp.errors.ConfigError`."""
@@ -327,3 +348,46 @@ class ReportSection:
     title: str
     build: Callable[[ReportInputs], SectionContent | None] = attrs.field(repr=False)
     missing: str = "not produced by this run"
+
+
+# ----------------------------------------------------------------------------- the helpers
+#: Everything else a plugin may use, re-exported here so ``plugins/`` and third-party plugins
+#: import one namespace (``steercmp.api``) besides ``steercmp.hookspecs``; a meta-test keeps
+#: them to it. They load on first use (PEP 562): the core imports the types above from this
+#: module, and an eager import of ``steercmp.lm`` here would make the layers circular.
+HELPERS: dict[str, str] = {
+    **dict.fromkeys(("ConfigError", "NumericalError", "PluginError", "SteercmpError"), "steercmp.errors"),
+    **dict.fromkeys(("EMBEDDED_ID", "is_embedded", "known_model", "nla_pair"), "steercmp.catalog"),
+    **dict.fromkeys(("LoadedModel", "load_base_model", "parse_dtype", "release", "resolve_device", "text_config"),
+                    "steercmp.lm.load"),
+    **dict.fromkeys(("capture_at", "capture_embeds", "capture_residuals", "capture_tokens"), "steercmp.lm.capture"),
+    **dict.fromkeys(("encode_form", "pad_batch", "resolve_rule", "tokenize_text", "word_forms"), "steercmp.lm.prompts"),
+    **dict.fromkeys(("final_norm_gain", "readout_directions"), "steercmp.lm.readout"),
+    **dict.fromkeys(("top_blocks_only", "truncate_blocks"), "steercmp.lm.blocks"),
+    "sample_tokens": "steercmp.lm.sampling",
+    "resolve_dtype_name": "steercmp.lm.device",
+    **dict.fromkeys(("cache_kwargs", "output_cache"), "steercmp.lm.compat"),
+    **dict.fromkeys(("CONSTRUCTIONS", "build_counterfactual"), "steercmp.lm.counterfactual"),
+    **dict.fromkeys(("cache_root", "embedded_dir"), "steercmp.lm.embedded"),
+    **dict.fromkeys(("cached_hub_file", "hub_offline", "hub_origin", "model_origin"), "steercmp.lm.origin"),
+    **dict.fromkeys(("FIRST_LINE_TEMPLATES", "general_sentences", "make_couplets", "rhyme_group", "rhyme_part",
+                     "single_token_filter"), "steercmp.rhymes"),
+    "experiments_dir": "steercmp.battery_files",
+    **dict.fromkeys(("build_lock", "writable_file"), "steercmp.paths"),
+}
+#: whole modules re-exported as they are
+HELPER_MODULES = {"rhymes": "steercmp.rhymes"}
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in HELPER_MODULES:
+        return importlib.import_module(HELPER_MODULES[name])
+    if name in HELPERS:
+        return getattr(importlib.import_module(HELPERS[name]), name)
+    raise AttributeError(f"module 'steercmp.api' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *HELPERS, *HELPER_MODULES])

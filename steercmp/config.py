@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 import yaml
 
-from steercmp.api import SCALINGS
+from steercmp.api import SCALINGS, RunSettings
 from steercmp.battery import Battery, check_rule_syntax, read_yaml
 from steercmp.battery_files import (
     _base_dir,
@@ -126,6 +126,15 @@ class Experiment:
     def with_prompts(self, prompt_ids: Sequence[str]) -> Experiment:
         """The same experiment on a subset of its battery (a shard of a distributed run)."""
         return attrs.evolve(self, battery=self.battery.subset(prompt_ids))
+
+    def run_settings(self, key: str) -> RunSettings:
+        """What method ``key`` is told about this run (:class:`steercmp.api.RunSettings`)."""
+        injects, scores = {p.inject for p in self.battery.prompts}, {p.score for p in self.battery.prompts}
+        return RunSettings(label=key, layer=self.layer, model_id=self.model.id, model_dtype=self.model.dtype,
+                           model_device=self.model.device, chat_template=self.model.chat_template,
+                           inject=injects.pop() if len(injects) == 1 else None,
+                           score=scores.pop() if len(scores) == 1 else None, seed=self.seed,
+                           battery_source=self.battery.source)
 
     def with_methods(self, keys: Sequence[str]) -> Experiment:  # the first, partial pass of a run
         return attrs.evolve(self, methods=tuple(s for s in self.methods if s.key in set(keys)))

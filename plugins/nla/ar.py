@@ -15,8 +15,7 @@ import attrs
 import torch
 from safetensors.torch import load_file
 
-from steercmp.errors import ConfigError
-from steercmp.lm.load import LoadedModel, text_config
+from steercmp.api import ConfigError, LoadedModel, text_config
 
 from .checkpoint import check_finite_weights, hidden_size, load_lm, read_meta, resolve_checkpoint
 from .meta import VALUE_HEAD_NAME, NlaMeta

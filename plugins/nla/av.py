@@ -17,10 +17,14 @@ from pathlib import Path
 import attrs
 import torch
 
-from steercmp.errors import ConfigError, NumericalError
-from steercmp.lm.compat import cache_kwargs, output_cache
-from steercmp.lm.load import LoadedModel
-from steercmp.lm.sampling import sample_tokens
+from steercmp.api import (
+    ConfigError,
+    LoadedModel,
+    NumericalError,
+    cache_kwargs,
+    output_cache,
+    sample_tokens,
+)
 
 from .checkpoint import (
     as_id_list,

@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from steercmp.api import MethodRuntime
-from steercmp.rhymes import make_couplets
+from steercmp.api import MethodRuntime, make_couplets
 
 from .fidelity import baseline_variance
 

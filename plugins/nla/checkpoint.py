@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from steercmp.errors import ConfigError
-from steercmp.lm.load import LoadedModel, load_base_model, text_config
+from steercmp.api import ConfigError, LoadedModel, load_base_model, text_config
 
 from .meta import SIDECAR_NAME, NlaMeta
 

@@ -12,10 +12,7 @@ from typing import Any
 
 import torch
 
-from steercmp.errors import ConfigError
-from steercmp.lm.capture import capture_at
-from steercmp.lm.load import load_base_model
-from steercmp.paths import writable_file
+from steercmp.api import ConfigError, capture_at, load_base_model, writable_file
 
 from .method import checkpoint_source
 

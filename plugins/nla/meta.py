@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import yaml
 
-from steercmp.errors import ConfigError
+from steercmp.api import ConfigError
 
 SIDECAR_NAME = "nla_meta.yaml"
 VALUE_HEAD_NAME = "value_head.safetensors"

@@ -31,17 +31,20 @@ import torch
 
 from steercmp.api import (
     COMPANION_FAMILIES,
+    EMBEDDED_ID,
     PROPOSAL_FAMILIES,
+    ConfigError,
     Method,
     MethodRuntime,
     PromptContext,
     Proposal,
     Resource,
+    known_model,
+    model_origin,
+    nla_pair,
+    parse_dtype,
+    resolve_device,
 )
-from steercmp.catalog import EMBEDDED_ID, known_model, nla_pair
-from steercmp.errors import ConfigError
-from steercmp.lm.load import parse_dtype, resolve_device
-from steercmp.lm.origin import model_origin
 
 from .baseline import dataset_baseline
 from .fidelity import fidelity
@@ -217,36 +220,28 @@ class NlaTextEdit(Method):
 
         if self.opts.av == MINI_ALIAS and self._position() not in POSITIONS:
             raise ConfigError(f"the mini NLA pair is built for inject {' or '.join(POSITIONS)}, not "
-                              f"{self._position()!r}", where="methods.nla_text_edit.av",
+                              f"{self._position()!r}", where=f"methods.{self.settings.label or self.name}.av",
                               fix="set the experiment's inject to first_line_break or last, or give a trained pair")
 
     def _position(self) -> str:
         """The position rule the activations are read at: the battery's common inject rule (the
         experiment's ``inject`` sets it for every prompt), else the first line break."""
-        battery = getattr(self.experiment, "battery", None)
-        rules = {getattr(p, "inject", None) for p in getattr(battery, "prompts", ())} - {None}
-        return rules.pop() if len(rules) == 1 else "first_line_break"
+        return self.settings.inject or "first_line_break"
 
     # -- where and how to load
     def _device(self) -> str:
-        exp = self.experiment
-        dev = getattr(exp, "device", None) or getattr(getattr(exp, "model", None), "device", None)
-        return resolve_device(str(dev or "cpu"))
+        return resolve_device(self.settings.model_device)
 
     def _dtype(self) -> torch.dtype:
         if self.opts.dtype:
             return parse_dtype(self.opts.dtype, self._device())
-        exp_dtype = getattr(getattr(self.experiment, "model", None), "dtype", None)
         try:
-            return parse_dtype(exp_dtype, self._device()) if exp_dtype else torch.float32
+            return parse_dtype(self.settings.model_dtype, self._device())
         except ConfigError:
             return torch.float32
 
     def _layer(self) -> int | None:
-        layer = getattr(self.experiment, "layer", None)
-        if layer is None and isinstance(self.experiment, Mapping):
-            layer = self.experiment.get("layer")
-        return int(layer) if isinstance(layer, int) else None
+        return self.settings.layer
 
     def pending_build(self) -> str | None:
         from .mini import is_built, mini_dir
@@ -290,7 +285,7 @@ class NlaTextEdit(Method):
         layer = self._layer()
         d_model = contexts[0].d_model
         acts = torch.stack([c.activation.float().cpu() for c in contexts])
-        model_id = str(getattr(getattr(self.experiment, "model", None), "id", "") or "")
+        model_id = self.settings.model_id
         fve_base = dataset_baseline(runtime, model_id, position=self._position())  # base model, before the AV
         baseline = float(fve_base["value"])
         jobs = [(ci, s) for ci in range(len(contexts)) for s in range(o.n_explanations)]

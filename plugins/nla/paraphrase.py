@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from steercmp.errors import ConfigError
+from steercmp.api import ConfigError
 
 from .select import match_case, mentions
 

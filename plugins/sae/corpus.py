@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from steercmp.rhymes import general_sentences, make_couplets
+from steercmp.api import general_sentences, make_couplets
 
 __all__ = ["corpus_documents", "corpus_fingerprint", "pack_tokens"]
 

@@ -26,8 +26,7 @@ from typing import Any
 
 import attrs
 
-from steercmp.catalog import known_model
-from steercmp.errors import ConfigError
+from steercmp.api import ConfigError, known_model
 
 __all__ = [
     "EMBEDDED_PATH",
@@ -216,7 +215,7 @@ def release_files(source: SaeSource) -> tuple[str, tuple[str, ...]]:
 def origin(source: SaeSource) -> str:
     """Where the SAE comes from, without loading it (``steercmp plan``); ConfigError when it
     cannot be had offline."""
-    from steercmp.lm.origin import hub_origin
+    from steercmp.api import hub_origin
 
     if source.kind == "embedded":
         from steercmp_plugins.sae.train import embedded_sae_dir, embedded_sae_ready
@@ -241,7 +240,7 @@ def _shapes_from_cache() -> Iterator[None]:
     from sae_lens.loading import pretrained_sae_loaders as loaders
     from safetensors import safe_open
 
-    from steercmp.lm.origin import cached_hub_file
+    from steercmp.api import cached_hub_file
 
     original = loaders.get_safetensors_tensor_shapes
 
@@ -275,7 +274,7 @@ def load_sae(source: SaeSource, *, layer: int, d_model: int | None, device: str 
     else:
         assert source.release and source.sae_id
         release_entry(source.release, source.sae_id)
-        from steercmp.lm.origin import hub_offline
+        from steercmp.api import hub_offline
 
         if hub_offline():
             origin(source)  # names the missing file instead of a connection error

@@ -29,11 +29,20 @@ from typing import Any, ClassVar
 
 import torch
 
-from steercmp.api import PROPOSAL_FAMILIES, Method, MethodRuntime, PromptContext, Proposal, Resource
-from steercmp.catalog import known_model
-from steercmp.errors import ConfigError
-from steercmp.lm.readout import final_norm_gain
-from steercmp.rhymes import make_couplets, rhyme_part
+from steercmp.api import (
+    PROPOSAL_FAMILIES,
+    ConfigError,
+    Method,
+    MethodRuntime,
+    PromptContext,
+    Proposal,
+    Resource,
+    RunSettings,
+    final_norm_gain,
+    known_model,
+    make_couplets,
+    rhyme_part,
+)
 from steercmp_plugins.sae.load import SaeSource, check_compatible, load_sae
 from steercmp_plugins.sae.load import origin as sae_origin
 from steercmp_plugins.sae.select import (
@@ -95,8 +104,8 @@ class SaeFeatures(Method):
     description: ClassVar[str] = ("SAE features for the target rhyme family (sae-lens; Gemma Scope 2 "
                                   "or steercmp's embedded SAE), feature swap or additive")
 
-    def __init__(self, options: Mapping[str, Any], experiment: Any):
-        super().__init__(options, experiment)
+    def __init__(self, options: Mapping[str, Any], settings: RunSettings | None = None):
+        super().__init__(options, settings)
         o = self.options
         self.mode = str(o.get("mode", "feature_swap"))
         self.selection = str(o.get("selection", "unembed"))
@@ -107,10 +116,10 @@ class SaeFeatures(Method):
     # ------------------------------------------------------------------ config
     @property
     def layer(self) -> int:
-        return int(getattr(self.experiment, "layer", 12))
+        return self.settings.layer if self.settings.layer is not None else 12
 
     def _model_id(self) -> str:
-        return str(getattr(getattr(self.experiment, "model", None), "id", "") or "")
+        return self.settings.model_id
 
     def _d_model_hint(self) -> int | None:
         """The model's hidden size if known without loading it (embedded or a known HF id)."""
@@ -265,7 +274,7 @@ class SaeFeatures(Method):
                         | {c.prompt.line_end_word for c in contexts})
         seed = int(getattr(runtime, "seed", 0))
         couplets = make_couplets(int(self.contrast_couplets), seed, exclude=banned)
-        chat = bool(getattr(getattr(self.experiment, "model", None), "chat_template", False))
+        chat = self.settings.chat_template
         key = {"layer": layer, "model": self._model_id(), "n": len(couplets), "seed": seed,
                "chat": chat, "banned": hashlib.sha256(json.dumps(banned).encode()).hexdigest()[:16]}
 

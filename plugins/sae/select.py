@@ -79,7 +79,7 @@ class Readout:
 def family_token_ids(tokenizer, words: Sequence[str]) -> list[int]:  # noqa: ANN001 - any HF tokenizer
     """First token of each scored surface form of each word (`` word``, `` Word``, ``word``,
     ``Word``; the forms :func:`steercmp.lm.prompts.word_forms` scores), deduplicated."""
-    from steercmp.lm.prompts import encode_form, word_forms
+    from steercmp.api import encode_form, word_forms
 
     out: list[int] = []
     for w in words:

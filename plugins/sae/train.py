@@ -34,10 +34,7 @@ from typing import Any
 import attrs
 import torch
 
-from steercmp.catalog import EMBEDDED_ID
-from steercmp.lm.capture import capture_tokens
-from steercmp.lm.device import resolve_dtype_name
-from steercmp.lm.embedded import cache_root
+from steercmp.api import EMBEDDED_ID, cache_root, capture_tokens, resolve_dtype_name
 from steercmp_plugins.sae.corpus import corpus_documents, corpus_fingerprint, pack_tokens
 
 __all__ = [
@@ -243,7 +240,7 @@ def ensure_embedded_sae(progress: bool = True, *, settings: TrainSettings | None
 
             warnings.warn(f"cached {format_quality(q)}", stacklevel=2)
         return target
-    from steercmp.paths import build_lock
+    from steercmp.api import build_lock
 
     with build_lock(target, "the embedded SAE"):
         if _cached(target, key):  # another process built it while this one waited
@@ -253,7 +250,7 @@ def ensure_embedded_sae(progress: bool = True, *, settings: TrainSettings | None
 
 def _train_embedded_sae(settings: TrainSettings, target: Path, key: dict[str, Any], train_docs: list[str],
                         held_docs: list[str], lm: Any, progress: bool) -> Path:
-    from steercmp.lm.load import load_base_model, parse_dtype, release
+    from steercmp.api import load_base_model, parse_dtype, release
 
     own_model = lm is None
     if own_model:

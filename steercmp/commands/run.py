@@ -29,7 +29,6 @@ def run_command(args: argparse.Namespace, experiment: Experiment, plugins: Plugi
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        os.environ["TQDM_DISABLE"] = "1"  # builders' own bars too (tqdm reads TQDM_* defaults)
     n_prompts = len(experiment.battery)
     if args.processes < 1 or args.processes > n_prompts:
         raise ConfigError(f"--processes {args.processes} must lie between 1 and the battery's {n_prompts} prompts",

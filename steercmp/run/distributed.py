@@ -205,7 +205,9 @@ def run_rank(experiment: Experiment, run_dir: str | Path, *, plugins: PluginSpec
     ``accelerate.PartialState`` for rank, world size, device and the barriers."""
     from accelerate import PartialState
 
-    state = PartialState()
+    # on CPU ranks (no GPU, or device cpu) accelerate needs cpu=True to join the process group
+    # (gloo); without it every rank reads as a lone main process and all write the run directory
+    state = PartialState(cpu=experiment.model.device == "cpu" or not torch.cuda.is_available())
     device = str(state.device) if experiment.model.device in ("auto", "cuda") else None
     if state.is_main_process:
         run_whole_battery(experiment, plugins, run_dir, steps, fresh=fresh, device=device)

@@ -84,15 +84,15 @@ def _derive(control: Control, source: Proposal, ctx: PromptContext, exp: Experim
 
 def directions(exp: Experiment, ctx: PromptContext, others: Sequence[PromptContext], methods: Mapping[str, Method],
                controls: Mapping[str, Control], proposals: Mapping[str, Mapping[str, Proposal]],
-               pc: str | None, part: str) -> tuple[list[Direction], list[dict[str, Any]]]:
-    """The directions of one part of the prompt (a method's key, or :data:`SHARED` for the shared
-    controls), and the rows that need no matching (dropped, gated, not applicable) as
+               pc: str | None, parts: Sequence[str]) -> tuple[list[Direction], list[dict[str, Any]]]:
+    """The directions of some parts of the prompt (methods' keys, and :data:`SHARED` for the
+    shared controls), and the rows that need no matching (dropped, gated, not applicable) as
     ``(method, condition, status)`` records."""
     out: list[Direction] = []
     skipped: list[dict[str, Any]] = []
     pid = ctx.prompt.id
     for key, method in methods.items():
-        if key != part or method.intervention != "activation" or key not in proposals:
+        if key not in parts or method.intervention != "activation" or key not in proposals:
             continue
         props = proposals[key]
         target = props.get("edited")
@@ -122,7 +122,7 @@ def directions(exp: Experiment, ctx: PromptContext, others: Sequence[PromptConte
                 continue
             out.append(Direction(key, cname, 0, derived, _pos(derived, ctx)))
     for cname, control in controls.items():
-        if part != SHARED or control.matching != "shared":
+        if SHARED not in parts or control.matching != "shared":
             continue
         draws = exp.decision_random_draws
         if cname == "random_donor":  # distinct donors only
@@ -178,16 +178,16 @@ def _budget(score: _Scorer, exp: Experiment, ctx: PromptContext, proposals: Mapp
 def match_prompt(lm: LoadedModel, exp: Experiment, ctx: PromptContext, others: Sequence[PromptContext],
                  methods: Mapping[str, Method], controls: Mapping[str, Control],
                  proposals: Mapping[str, Mapping[str, Proposal]], prompt_rows: Sequence[Mapping[str, Any]],
-                 pc: str | None, part: str) -> tuple[list[dict[str, Any]], list[Direction]]:
-    """``matched.parquet`` records of one part of a prompt (see the module docstring): a method's
-    own rows (no-op, target, its controls), or with ``part`` :data:`SHARED` the shared controls'
-    draws under the method key ``*`` (:func:`expand_shared` copies them to every method). Also
-    returns the directions they were matched for (the matched completions inject the same
-    ones). Parts are independent, so adding a method to a run reuses every other part."""
+                 pc: str | None, parts: Sequence[str]) -> tuple[list[dict[str, Any]], list[Direction]]:
+    """``matched.parquet`` records of some parts of a prompt (see the module docstring), matched
+    in one batch: each method's own rows (no-op, target, its controls) and, for :data:`SHARED`,
+    the shared controls' draws under the method key ``*`` (:func:`expand_shared` copies them to
+    every method). Also returns the directions they were matched for (the matched completions
+    inject the same ones). Parts are independent, so adding a method reuses every other part."""
     forms = family_forms(lm.tokenizer, ctx.prompt.families)
     score = _Scorer(lm, exp, ctx, forms)
     noop, patch_res, budget, source = _budget(score, exp, ctx, proposals, pc)
-    dirs, skipped = directions(exp, ctx, others, methods, controls, proposals, pc, part)
+    dirs, skipped = directions(exp, ctx, others, methods, controls, proposals, pc, parts)
     fixed = [d for d in dirs if d.fixed is not None]
     others_fixed = [d for d in fixed if not (d.method == pc and d.condition == TARGET_CONDITION)]
     fixed_res = dict(zip(map(id, others_fixed), score([(d, d.fixed) for d in others_fixed]) if others_fixed else [],
@@ -219,7 +219,7 @@ def match_prompt(lm: LoadedModel, exp: Experiment, ctx: PromptContext, others: S
                 "score": None if res is None else res["edited"] - res["original"], "evals": evals,
                 "oracle_assisted": bool(meta.get("oracle_assisted", False))}
 
-    out = [record(part, "noop", 0, "ok", noop, 0.0, None, 1)] if part != SHARED else []
+    out = [record(part, "noop", 0, "ok", noop, 0.0, None, 1) for part in parts if part != SHARED]
     out += [record(d.method, d.condition, d.draw, "fixed", fixed_res[id(d)], d.fixed, d, 1) for d in fixed]
     for d, m in zip(free, matches, strict=True):
         res = score.results[offset + m.point.index] if m.point is not None else None
@@ -227,7 +227,7 @@ def match_prompt(lm: LoadedModel, exp: Experiment, ctx: PromptContext, others: S
                           d, m.evals))
     out += [record(s["method"], s["condition"], 0, s["status"], None, None, None, 0) for s in skipped]
     for r in prompt_rows:  # prompting methods: scored in the sweep, no dose
-        if r["method"] == part:
+        if r["method"] in parts:
             out.append({**record(r["method"], r["condition"], 0, "not_dose_matched", None, None, None, 0),
                         **{k: r[k] for k in ("logmass_edited", "logmass_original", "logmass_unrelated", "score",
                                              "kl_offtarget", "kl_unsteered")}})
@@ -277,9 +277,10 @@ def prompt_method_completions(rundir: Any, methods: Mapping[str, Method]) -> Any
 def matched_completions(lm: LoadedModel, exp: Experiment, battery: Any, ctx: PromptContext,
                         rows: Sequence[Mapping[str, Any]], dirs: Sequence[Direction],
                         baseline: Mapping[tuple[tuple[int, ...], int], str]) -> Any:
-    """Completions of one part of a prompt at the matched doses (``rows`` and ``dirs`` from
-    :func:`match_prompt`): a method's no-op (the prompt's shared unsteered samples), target and
-    controls; for the shared part, each shared control's first draw (sampled once, under ``*``)."""
+    """Completions of some parts of a prompt at the matched doses (``rows`` and ``dirs`` from
+    :func:`match_prompt`), in one sampling batch: each method's no-op (the prompt's shared
+    unsteered samples), target and controls; for the shared part, each shared control's first
+    draw (sampled once, under ``*``)."""
     found = {(d.method, d.condition, d.draw): d for d in dirs}
     forms = FamilyForms(forms={}, branches=((),), entries={})  # sampling reads no family forms
 

@@ -416,22 +416,26 @@ class Runner:
             if todo and exp.completions.enabled else {}
         prompt_completions = prompt_method_completions(self.rundir, methods)
         spent = {"match:dose": 0.0, "match:completions": 0.0}
-        for ctx, part, ukey in self.progress(todo, "match units", len(todo)):
-            pid = ctx.prompt.id
+        pending: dict[str, tuple[PromptContext, list[tuple[str, str]]]] = {}
+        for ctx, part, ukey in todo:  # a prompt's pending parts are matched and sampled together
+            pending.setdefault(ctx.prompt.id, (ctx, []))[1].append((part, ukey))
+        for pid, (ctx, group) in self.progress(pending.items(), "match prompts", len(pending)):
             lm = self.resources.base()
             t_unit = time.perf_counter()
             rows, dirs = match_prompt(lm, exp, ctx, contexts, methods, self.controls,
                                       {k: by_key[k].get(pid, {}) for k in keys}, prompt_method_rows(cells, methods, pid),
-                                      pc, part)
-            write_parquet(self.rundir.unit("match", ukey), pl.DataFrame(rows, schema=MATCHED_SCHEMA))
+                                      pc, [part for part, _ in group])
+            for part, ukey in group:
+                write_parquet(self.rundir.unit("match", ukey),
+                              pl.DataFrame([r for r in rows if r["method"] == part], schema=MATCHED_SCHEMA))
             spent["match:dose"] += time.perf_counter() - t_unit
             if exp.completions.enabled:
                 t_unit = time.perf_counter()
                 comp = matched_completions(lm, exp, self.battery, ctx, rows, dirs, baseline)
                 if prompt_completions is not None:  # a prompt has no dose: its sampled texts as they are
-                    comp = pl.concat([comp, prompt_completions.filter((pl.col("prompt_id") == pid)
-                                                                      & (pl.col("method") == part))], how="vertical")
-                write_parquet(self.rundir.unit("match_completions", ukey), comp)
+                    comp = pl.concat([comp, prompt_completions.filter(pl.col("prompt_id") == pid)], how="vertical")
+                for part, ukey in group:
+                    write_parquet(self.rundir.unit("match_completions", ukey), comp.filter(pl.col("method") == part))
                 spent["match:completions"] += time.perf_counter() - t_unit
         injecting = [k for k in keys if methods[k].intervention == "activation"]
 

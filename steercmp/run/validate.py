@@ -47,7 +47,7 @@ def validate_experiment(exp: Experiment, plugins: PluginSet) -> Validated:
                                   " (see `steercmp plugins`)")
         cls = plugins.method(spec.name)
         try:
-            method = cls(spec.options, exp)
+            method = cls(spec.options, exp.run_settings(spec.key))
             method.validate()
         except SteercmpError as exc:
             raise in_file(exc, exp.source, f"methods.{spec.key}.options") from None

@@ -256,7 +256,7 @@ def check_method(
     originals = [c.resid.clone() for c in contexts]
 
     def make() -> Method:
-        m = method_cls(dict(options or {}), experiment)
+        m = method_cls(dict(options or {}), experiment.run_settings(method_cls.name))
         m.validate()
         return m
 

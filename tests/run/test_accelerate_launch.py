@@ -1,6 +1,8 @@
-"""The scale-out path users take on GPUs, ``accelerate launch -m steercmp run``, run on the CPU
-with two processes: rank 0 proposes, both ranks score their shard, rank 0 merges and matches.
-The cells equal a single process's (scores to float tolerance: the ranks' thread counts differ)."""
+"""The scale-out path users take on GPUs, ``accelerate launch --multi_gpu -m steercmp run``, run
+on the CPU with two ranks (torchrun underneath, gloo): rank 0 proposes, both ranks score their
+shard, rank 0 merges and matches. The cells equal a single process's (scores to float tolerance:
+the ranks' thread counts differ). ``accelerate launch --cpu --num_processes 2`` is not this path:
+without an MPI hostfile accelerate starts ONE process for it."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def test_accelerate_launch_on_cpu_gives_the_cells_of_one_process(tmp_path, tiny_
     assert not runner.failures and single is not None
     launcher = str(Path(sys.executable).parent / "accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
-    done = subprocess.run([launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    done = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "steercmp", "run", str(exp),
                            "--out", str(tmp_path / "launched"), "--no-progress"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)

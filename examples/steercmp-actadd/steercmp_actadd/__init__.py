@@ -18,8 +18,14 @@ from collections.abc import Sequence
 
 import torch
 
-from steercmp.api import PROPOSAL_FAMILIES, Method, MethodRuntime, PromptContext, Proposal
-from steercmp.errors import ConfigError
+from steercmp.api import (
+    PROPOSAL_FAMILIES,
+    ConfigError,
+    Method,
+    MethodRuntime,
+    PromptContext,
+    Proposal,
+)
 from steercmp.hookspecs import hookimpl
 
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@ import torch
 from steercmp_actadd import ActAdd
 
 import steercmp.testing
-from steercmp.errors import ConfigError
+from steercmp.api import ConfigError
 
 
 def test_conformance():

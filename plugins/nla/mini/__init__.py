@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from steercmp.lm.embedded import cache_root
+from steercmp.api import cache_root
 
 from .data import POSITIONS, mini_name
 
@@ -57,7 +57,7 @@ def ensure_mini_pair(progress: bool = True, *, force: bool = False, position: st
     if needed."""
     root = mini_dir(position)
     if force or not is_built(root, position):
-        from steercmp.paths import build_lock
+        from steercmp.api import build_lock
 
         from .build import build_mini_pair
 

@@ -20,12 +20,15 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from steercmp.catalog import EMBEDDED_ID
-from steercmp.lm.blocks import top_blocks_only, truncate_blocks
-from steercmp.lm.capture import capture_embeds
-from steercmp.lm.device import resolve_dtype_name
-from steercmp.lm.load import load_base_model
-from steercmp.lm.prompts import pad_batch
+from steercmp.api import (
+    EMBEDDED_ID,
+    capture_embeds,
+    load_base_model,
+    pad_batch,
+    resolve_dtype_name,
+    top_blocks_only,
+    truncate_blocks,
+)
 
 from ..ar import ar_prompt_ids, check_suffix
 from ..checkpoint import as_id_list

@@ -17,10 +17,16 @@ from typing import Any
 import torch
 import yaml
 
-from steercmp.battery_files import experiments_dir
-from steercmp.lm.capture import capture_residuals
-from steercmp.lm.prompts import resolve_rule, tokenize_text
-from steercmp.rhymes import FIRST_LINE_TEMPLATES, make_couplets, rhyme_group, single_token_filter
+from steercmp.api import (
+    FIRST_LINE_TEMPLATES,
+    capture_residuals,
+    experiments_dir,
+    make_couplets,
+    resolve_rule,
+    rhyme_group,
+    single_token_filter,
+    tokenize_text,
+)
 
 from ..select import spelled_ending
 
@@ -190,7 +196,7 @@ def battery_words(root: Path | None = None) -> tuple[set[str], list[dict[str, An
 
 
 def _lexicon(tokenizer, banned: set[str]) -> list[tuple[str, list[str]]]:  # noqa: ANN001
-    from steercmp import rhymes
+    from steercmp.api import rhymes
 
     single = rhymes.single_token_filter(tokenizer)
     rhymes.rhyme_part("a")

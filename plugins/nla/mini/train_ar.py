@@ -17,9 +17,7 @@ from typing import Any
 
 import torch
 
-from steercmp.lm.blocks import top_blocks_only
-from steercmp.lm.capture import capture_residuals
-from steercmp.lm.load import LoadedModel
+from steercmp.api import LoadedModel, capture_residuals, top_blocks_only
 
 from ..fidelity import baseline_variance, normalise
 

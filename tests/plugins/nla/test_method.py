@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import types
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import steercmp.testing
-from steercmp.api import Prompt, PromptContext
+from steercmp.api import Prompt, PromptContext, RunSettings
 from steercmp.errors import ConfigError
 from steercmp_plugins.nla import cli
 from steercmp_plugins.nla.meta import NlaMeta
@@ -83,7 +82,7 @@ def _contexts(n=3, d=64, orig=("quux", "zorp")):
 
 
 def test_propose_with_fake_runtime(pair_dir):
-    exp = types.SimpleNamespace(layer=2, seed=0, model=types.SimpleNamespace(id="tiny"))
+    exp = RunSettings(layer=2, seed=0, model_id="tiny")
     m = NlaTextEdit({"av": str(pair_dir[0]), "ar": str(pair_dir[1]), "n_explanations": 2,
                      "max_new_tokens": 6, "selection": "default"}, exp)
     m.validate()
@@ -131,7 +130,7 @@ def test_editable_explanations_are_edited(pair_dir, monkeypatch):
         return [("the line ends with stream , planning dream or seem", "raw", True)] * len(vectors)
 
     monkeypatch.setattr(ActivationVerbalizer, "explain", explain)
-    exp = types.SimpleNamespace(layer=2, seed=0, model=types.SimpleNamespace(id="tiny"))
+    exp = RunSettings(layer=2, seed=0, model_id="tiny")
     m = NlaTextEdit({"av": str(pair_dir[0]), "ar": str(pair_dir[1]), "n_explanations": 2}, exp)
     rt = fake_runtime()
     props = m.propose(_contexts(orig=("dream", "seem")), rt)
@@ -166,7 +165,7 @@ def test_fidelity_gate_moves_prompts_apart(pair_dir, monkeypatch):
 
     monkeypatch.setattr(ActivationVerbalizer, "explain",
                         lambda self, vectors, **kw: [("planning dream or seem", "raw", True)] * len(vectors))
-    exp = types.SimpleNamespace(layer=2, seed=0, model=types.SimpleNamespace(id="tiny"))
+    exp = RunSettings(layer=2, seed=0, model_id="tiny")
     opts = {"av": str(pair_dir[0]), "ar": str(pair_dir[1]), "n_explanations": 1}
     open_gate = NlaTextEdit({**opts, "fidelity_gate": -1e9}, exp).propose(_contexts(orig=("dream", "seem")),
                                                                           fake_runtime())
@@ -182,7 +181,7 @@ def test_fidelity_gate_moves_prompts_apart(pair_dir, monkeypatch):
 
 
 def test_propose_checks_layer(pair_dir, tmp_path):
-    exp = types.SimpleNamespace(layer=7, seed=0)
+    exp = RunSettings(layer=7, seed=0)
     m = NlaTextEdit({"av": str(pair_dir[0]), "ar": str(pair_dir[1]), "n_explanations": 1,
                      "max_new_tokens": 2}, exp)
     with pytest.raises(ConfigError, match="layer"):

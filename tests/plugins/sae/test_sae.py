@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 from sae_lens import SAE
 
+from steercmp.api import RunSettings
 from steercmp.errors import ConfigError
 from steercmp_plugins.sae.load import SaeSource, check_compatible, hook_layer, load_sae
 from steercmp_plugins.sae.method import SaeFeatures, additive_delta, feature_swap_delta
@@ -125,8 +125,7 @@ def test_unreachable_hub_points_to_local_directory(monkeypatch):
 
 
 def test_twelve_b_resource_estimate_without_download():
-    exp = SimpleNamespace(layer=32, model=SimpleNamespace(id="google/gemma-3-12b-it",
-                                                          chat_template=True))
+    exp = RunSettings(layer=32, model_id="google/gemma-3-12b-it", chat_template=True)
     m = SaeFeatures({"release": "gemma-scope-2-12b-it-res-all",
                      "sae_id": "layer_32_width_16k_l0_small"}, exp)
     m.validate()
@@ -141,7 +140,7 @@ def test_twelve_b_resource_estimate_without_download():
     ({"bogus": 1}, "unknown option"),
 ])
 def test_bad_options(options, match):
-    exp = SimpleNamespace(layer=12, model=SimpleNamespace(id="embedded:gemma-3-270m"))
+    exp = RunSettings(layer=12, model_id="embedded:gemma-3-270m")
     with pytest.raises(ConfigError, match=match):
         SaeFeatures(options, exp).validate()
 
@@ -254,7 +253,7 @@ def test_method_swap_delta_matches_independent_computation(tiny_sae_dir):
     contexts = kit.tiny_contexts(lm)
     runtime = kit.TestRuntime(lm, layer=2)
     method = SaeFeatures({"path": str(tiny_sae_dir), "k": 3, "strength": 2.0},
-                         kit.tiny_experiment("sae_features", layer=2))
+                         kit.tiny_experiment("sae_features", layer=2).run_settings("sae_features"))
     method.validate()
     proposals = method.propose(contexts, runtime)
     sae = SAE.load_from_disk(tiny_sae_dir)
@@ -287,7 +286,7 @@ def test_method_contrast_rule_with_battery_only(tiny_sae_dir):
     contexts = kit.tiny_contexts(lm)
     runtime = kit.TestRuntime(lm, layer=2)
     method = SaeFeatures({"path": str(tiny_sae_dir), "selection": "contrast",
-                          "contrast_couplets": 0}, kit.tiny_experiment("sae_features", layer=2))
+                          "contrast_couplets": 0}, kit.tiny_experiment("sae_features", layer=2).run_settings("sae_features"))
     method.validate()
     proposals = method.propose(contexts, runtime)
     assert len(proposals) == 2 * len(contexts)
