@@ -349,8 +349,8 @@ def check_control(
     battery = tiny_battery()
     lm = tiny_lm(battery)
     exp = tiny_experiment(layer=layer, seed=seed)
-    act = type("ActivationFake", (_FakeMethod,), {"intervention": "activation"})({}, exp)
-    prm = type("PromptFake", (_FakeMethod,), {"intervention": "prompt"})({}, exp)
+    act = type("ActivationFake", (_FakeMethod,), {"intervention": "activation"})({}, exp.run_settings("fake"))
+    prm = type("PromptFake", (_FakeMethod,), {"intervention": "prompt"})({}, exp.run_settings("fake"))
     for m in (act, prm):
         if not isinstance(control.applies_to(m), bool):
             raise _fail("applies_to", f"{control_cls.name}.applies_to must return a bool")

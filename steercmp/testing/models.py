@@ -164,12 +164,16 @@ def save_tiny_checkpoint(path: str | Path, battery: Battery | None = None, seed:
     """Write the tiny model and its tokenizer to ``path``: a local model directory for
     ``model: {id: PATH}`` in an experiment (a whole-:class:`~steercmp.run.runner.Runner` test).
 
-    The tokenizer knows ``battery``'s words (default: the kit's battery), or, given ``words``,
-    :data:`COUPLET_WORDS` plus ``words``; ``overrides`` change the model config."""
+    The tokenizer knows ``battery``'s words, or, given ``words``, :data:`COUPLET_WORDS` plus
+    ``words``; by default both the kit's battery and :data:`COUPLET_BATTERY` (what
+    :func:`write_tiny_experiment` writes), so the whole-run helpers work together as they are.
+    ``overrides`` change the model config."""
     path = Path(path)
     model = tiny_model(seed, **overrides)
     model.save_pretrained(path, safe_serialization=True)
     vocab = model.config.vocab_size
+    if words is None and battery is None:
+        words = [*battery_vocabulary(COUPLET_BATTERY), *_battery_words(tiny_battery())]
     tok = (couplet_tokenizer(words, vocab_size=vocab) if words is not None
            else tiny_tokenizer(_battery_words(battery or tiny_battery()), vocab_size=vocab))
     tok.save_pretrained(path)
