@@ -121,6 +121,8 @@ def build_parser(plugin_commands: Sequence[tuple] = ()) -> argparse.ArgumentPars
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--no-progress" in argv and "tqdm" not in sys.modules:
+        os.environ.setdefault("TQDM_DISABLE", "1")  # every bar, builders' and libraries' too (read at import)
     try:
         plugin_dir = None
         if "--plugins-dir" in argv:
