@@ -44,8 +44,9 @@ def run_command(args: argparse.Namespace, experiment: Experiment, plugins: Plugi
     elif stages:
         t0 = time.perf_counter()
         runner = Runner(experiment, plugins, out, fresh=args.fresh, progress=not args.no_progress)
-        pending = {k: why for k, m in runner.methods.items() if (why := m.pending_build())}
-        if pending and tuple(steps) == STEPS[1:]:
+        full_run = tuple(steps) == STEPS[1:]
+        pending = {k: why for k, m in runner.methods.items() if full_run and (why := m.pending_build())}
+        if pending:
             if args.fresh:  # one fresh computation of everything, shared by both passes
                 RunDir(out).forget_results()
                 runner.fresh = False

@@ -101,7 +101,7 @@ def directions(exp: Experiment, ctx: PromptContext, others: Sequence[PromptConte
             skipped.append({"method": key, "condition": TARGET_CONDITION, "status": status})
             continue
         # the positive control's patch sets the budget, unmatched: once, at its fixed alpha (1 = a patch)
-        fixed = (target.fixed_alpha if target.fixed_alpha is not None else 1.0) if key == pc else target.fixed_alpha
+        fixed = _patch_alpha(target) if key == pc else target.fixed_alpha
         out.append(Direction(key, TARGET_CONDITION, 0, target, _pos(target, ctx), fixed))
         unrelated = props.get("unrelated")
         if unrelated is not None and unrelated.delta is not None and unrelated.status in SCORED_STATUSES:
@@ -134,6 +134,11 @@ def directions(exp: Experiment, ctx: PromptContext, others: Sequence[PromptConte
     return out, skipped
 
 
+def _patch_alpha(target: Proposal) -> float:
+    """The positive control's multiplier: its fixed alpha, else 1 (a patch)."""
+    return target.fixed_alpha if target.fixed_alpha is not None else 1.0
+
+
 def _pos(p: Proposal, ctx: PromptContext) -> int:
     return p.position if p.position is not None else ctx.inject_pos
 
@@ -162,9 +167,8 @@ def _budget(score: _Scorer, exp: Experiment, ctx: PromptContext, proposals: Mapp
     scored as one batch of its own, so every part of the prompt reads the same numbers."""
     target = proposals.get(pc, {}).get("edited") if pc is not None else None
     patch = None
-    if target is not None and target.delta is not None and target.status in SCORED_STATUSES:
-        fixed = target.fixed_alpha if target.fixed_alpha is not None else 1.0
-        patch = Direction(pc, TARGET_CONDITION, 0, target, _pos(target, ctx), fixed)  # type: ignore[arg-type]
+    if pc is not None and target is not None and target.delta is not None and target.status in SCORED_STATUSES:
+        patch = Direction(pc, TARGET_CONDITION, 0, target, _pos(target, ctx), _patch_alpha(target))
     res = score([(None, 0.0), *([(patch, patch.fixed)] if patch is not None else [])])
     noop, patch_res = res[0], (res[1] if patch is not None else None)
     if exp.decision_max_kl is not None:
@@ -189,10 +193,12 @@ def match_prompt(lm: LoadedModel, exp: Experiment, ctx: PromptContext, others: S
     noop, patch_res, budget, source = _budget(score, exp, ctx, proposals, pc)
     dirs, skipped = directions(exp, ctx, others, methods, controls, proposals, pc, parts)
     fixed = [d for d in dirs if d.fixed is not None]
-    others_fixed = [d for d in fixed if not (d.method == pc and d.condition == TARGET_CONDITION)]
-    fixed_res = dict(zip(map(id, others_fixed), score([(d, d.fixed) for d in others_fixed]) if others_fixed else [],
-                         strict=True))
-    fixed_res.update({id(d): patch_res for d in fixed if id(d) not in fixed_res and patch_res is not None})
+    # the patch was scored with the budget; every other fixed-alpha direction is scored here
+    patch_dirs = [d for d in fixed if d.method == pc and d.condition == TARGET_CONDITION]
+    rest = [d for d in fixed if d not in patch_dirs]
+    fixed_res = {id(d): patch_res for d in patch_dirs}
+    if rest:
+        fixed_res.update(zip(map(id, rest), score([(d, d.fixed) for d in rest]), strict=True))
     free = [d for d in dirs if d.fixed is None]
     site_norm = float(ctx.activation.float().norm())
     arms = [Arm(float(d.delta.norm()), site_norm) for d in free]
@@ -256,8 +262,6 @@ def prompt_method_rows(cells: Any, methods: Mapping[str, Method], pid: str) -> l
     if "kl_offtarget" not in rows.columns:
         rows = rows.with_columns(pl.lit(None, dtype=pl.Float64).alias("kl_offtarget"))
     return rows.to_dicts()
-
-
 
 
 def prompt_method_completions(rundir: Any, methods: Mapping[str, Method]) -> Any:
