@@ -52,11 +52,10 @@ from .data import (
     SEED,
     TRAIN_FROM_BLOCK,
     battery_words,
-    extract_gold,
-    ground_explanations,
     make_eval_items,
     make_training_couplets,
     mini_name,
+    read_items,
 )
 from .evaluate import evaluate
 from .train_ar import train_ar
@@ -100,7 +99,13 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
                            "mini_version": mini_name(position), "train_dtype": train_dtype,
                            "machine": machine_record()}
     stage_seconds: dict[str, float] = {}
-    t_stage = time.time()
+    t_stage = [time.time()]
+
+    def lap() -> float:
+        """Seconds since the previous lap (the build's per-stage record)."""
+        now = time.time()
+        seconds, t_stage[0] = round(now - t_stage[0], 1), now
+        return seconds
 
     lm = load_base_model(EMBEDDED_ID, dtype="float32", device="cpu", progress=progress)
     tok, model = lm.tokenizer, lm.model
@@ -111,13 +116,12 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
     log["battery_words_in_training"] = len(battery_vocab)
     evals = make_eval_items(tok, seed)
     log.update(n_train=len(train), n_eval=len(evals), held_out_words=sorted(banned))
-    bar = tqdm(total=len(train) + len(evals), desc="nla mini: layer-12 activations",
+    bar = tqdm(total=len(train) + len(evals), desc="nla mini: layer-12 activations and predictions",
                disable=not progress)
-    gold_train = extract_gold(lm, train, bar, position=position)
-    gold_eval = extract_gold(lm, evals, bar, position=position)
+    gold_train = read_items(lm, train, position, bar)  # gold vectors; grounded explanations in place
+    gold_eval = read_items(lm, evals, position, bar)
     bar.close()
-    ground_explanations(lm, train)  # the model's own predictions at the rhyme slot
-    ground_explanations(lm, evals)
+    stage_seconds["read"] = lap()
     scale = float(gold_train.norm(dim=-1).mean())
 
     # ---- the AV tokenizer: the base tokenizer plus a chat template and an injection char
@@ -173,6 +177,7 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
         cached.extend(h[i, : n_prompt + len(seqs[i])].float().clone() for i in range(len(idx)))
         bar.update(len(idx))
     bar.close()
+    stage_seconds["av_inputs"] = lap()
 
     trainable = [p for blk in list(decoder.layers)[TRAIN_FROM_BLOCK:] for p in blk.parameters()]
     for p in trainable:
@@ -213,6 +218,7 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
     model.eval()
     model.requires_grad_(False)
     log["av_loss_final"] = sum(losses[-10:]) / max(1, len(losses[-10:]))
+    stage_seconds["av_train"] = lap()
     del cached
     model.save_pretrained(tmp / "av", safe_serialization=True)
     tok.save_pretrained(tmp / "av")
@@ -224,8 +230,7 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
     # ---- AR: base truncated to blocks 0..12; value head by ridge, then top blocks + head by gradient
     lm = load_base_model(EMBEDDED_ID, dtype="float32", device="cpu", progress=False)
     tok = lm.tokenizer
-    truncate_blocks(lm.model, LAYER + 1)
-    lm.model.save_pretrained(tmp / "ar", safe_serialization=True)
+    truncate_blocks(lm.model, LAYER + 1)  # its weights are saved once, after training
     tok.save_pretrained(tmp / "ar")
     suffix = common_suffix(tok(AR_TEMPLATE.format(explanation=e))["input_ids"]
                            for e in ("The line ends with x.", "planning dream or seem", "-eam"))
@@ -261,14 +266,12 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
         log["ar_ridge_lambda"] = best[1]
         return _ridge(feats, target, best[1])
 
-    stage_seconds["av"] = round(time.time() - t_stage, 1)
-    t_stage = time.time()
+    stage_seconds["save_av_load_ar"] = lap()
     w, curves = train_ar(lm, prompt_ids, [it["explanation"] for it in train], gold_train,
                          [it["explanation"] for it in evals], gold_eval, fit_head, blocks=AR_TRAIN_BLOCKS,
                          epochs=AR_EPOCHS, batch=AR_BATCH, lr=AR_LR, seed=seed, progress=progress,
                          autocast=autocast)
-    stage_seconds["ar"] = round(time.time() - t_stage, 1)
-    t_stage = time.time()
+    stage_seconds["ar"] = lap()
     log["ar_training"] = curves
     # the loss is scale-free (sqrt(d)-normalised); a released AR outputs vectors in the activation's
     # own scale, and deltas AR(edited) - AR(original) are injected raw, so rescale the head to the
@@ -283,7 +286,7 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
     # ---- quality on held-out prompts, through the released-layout loaders
     quality = evaluate(tmp / "av", tmp / "ar", evals, gold_eval, progress=progress, seed=seed)
     log.update(quality)
-    stage_seconds["evaluate"] = round(time.time() - t_stage, 1)
+    stage_seconds["evaluate"] = lap()
     log["stage_seconds"] = stage_seconds
     log["build_seconds"] = round(time.time() - t0, 1)
     log["targets"] = {k: {"target": v, "measured": log[k],
