@@ -21,8 +21,8 @@ def sample_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator], t
     """One token per row of ``logits [n, V]``, row ``i`` drawing ONE uniform from ``generators[i]``.
 
     Exact inverse-CDF sampling, batched: the softmax of every row at once, then the block whose
-    cumulative mass passes ``u * total`` and the token inside it (block sums and cumulative sums in
-    float64, so a 262k vocabulary loses no tail mass). One Python-level draw per row instead of a
+    cumulative mass passes ``u * total`` and the token inside it (cumulative sums in float64, so a
+    262k vocabulary loses no tail mass). One Python-level draw per row instead of a
     softmax and a multinomial per row: about 12x faster at 140 rows of a 262k vocabulary, the
     difference between minutes and seconds for the embedded default's completions.
     ``top_p < 1`` keeps the smallest set of most likely tokens whose mass reaches ``top_p``.
@@ -30,23 +30,35 @@ def sample_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator], t
     n, vocab = logits.shape
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(logits if temperature == 1.0 else logits.float() / temperature, dim=-1, dtype=torch.float32)
     order = None
     if top_p < 1.0:
         probs, order = torch.sort(probs, dim=-1, descending=True)
         probs = torch.where(torch.cumsum(probs, -1) - probs < top_p, probs, torch.zeros_like(probs))
-    pad = (-vocab) % SAMPLE_BLOCK
-    blocks = torch.nn.functional.pad(probs, (0, pad)).view(n, -1, SAMPLE_BLOCK)
-    block_cum = torch.cumsum(blocks.sum(-1, dtype=torch.float64), -1)
+    block_cum = torch.cumsum(_block_sums(probs).to(torch.float64), -1)
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
     target = u * block_cum[:, -1]
     b = torch.searchsorted(block_cum, target[:, None], right=True).squeeze(1).clamp_max(block_cum.shape[1] - 1)
     before = torch.where(b > 0, block_cum.gather(1, (b - 1).clamp_min(0)[:, None]).squeeze(1),
                          torch.zeros(n, dtype=torch.float64))
-    inner = torch.cumsum(blocks[torch.arange(n), b].to(torch.float64), -1)
+    starts = b * SAMPLE_BLOCK
+    cols = (starts[:, None] + torch.arange(SAMPLE_BLOCK)).clamp_max(vocab - 1)
+    entries = probs.gather(1, cols).masked_fill(starts[:, None] + torch.arange(SAMPLE_BLOCK) >= vocab, 0.0)
+    inner = torch.cumsum(entries.to(torch.float64), -1)
     k = torch.searchsorted(inner, (target - before)[:, None], right=True).squeeze(1).clamp_max(SAMPLE_BLOCK - 1)
     tok = (b * SAMPLE_BLOCK + k).clamp_max(vocab - 1)
     return tok if order is None else order.gather(1, tok[:, None]).squeeze(1)
+
+
+def _block_sums(probs: torch.Tensor) -> torch.Tensor:
+    """Per row, the mass of each :data:`SAMPLE_BLOCK`-token block, ``[n, ceil(V / block)]``: the
+    whole blocks through a view (no padded copy of a 262k-wide batch), the ragged last one apart.
+    Summed in float32 (512 terms, relative error ~1e-7 of a block's own mass); the cumulative sum
+    over blocks that follows is float64, which is what keeps the tail mass."""
+    n, vocab = probs.shape
+    whole = vocab // SAMPLE_BLOCK * SAMPLE_BLOCK
+    sums = probs[:, :whole].reshape(n, -1, SAMPLE_BLOCK).sum(-1)
+    return torch.cat([sums, probs[:, whole:].sum(-1, keepdim=True)], dim=-1) if whole < vocab else sums
 
 
 __all__ = ["SAMPLE_BLOCK", "sample_tokens"]
