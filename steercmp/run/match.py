@@ -149,13 +149,15 @@ class _Scorer:
     def __init__(self, lm: LoadedModel, exp: Experiment, ctx: PromptContext, forms: FamilyForms):
         self.lm, self.exp, self.ctx, self.forms = lm, exp, ctx, forms
         self.results: list[dict[str, float]] = []
+        self.memo: dict = {}  # the prompt's prepared context, shared by every round of the search
 
     def __call__(self, items: Sequence[tuple[Direction | None, float]]) -> list[dict[str, float]]:
         ctx = self.ctx
         rows = [ScoreRow(ctx.input_ids, ctx.score_pos, self.forms,
                          d.delta if d is not None else torch.zeros(ctx.d_model), float(m),
                          d.position if d is not None else ctx.inject_pos, "raw") for d, m in items]
-        masses = score_rows_fast(self.lm, self.exp.layer, rows, batch_size=self.exp.batch_size, kl=True)
+        masses = score_rows_fast(self.lm, self.exp.layer, rows, batch_size=self.exp.batch_size, kl=True,
+                                 memo=self.memo)
         out = [{k: float(v[i]) for k, v in masses.items()} for i in range(len(rows))]
         self.results.extend(out)
         return out

@@ -70,8 +70,8 @@ def auto_batch_size(lm: LoadedModel, seq_len: int, n_branches: int, keep: int) -
 
 @torch.no_grad()
 def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
-                    batch_size: int | str = "auto", progress: Any = None, kl: bool = False
-                    ) -> dict[str, torch.Tensor]:
+                    batch_size: int | str = "auto", progress: Any = None, kl: bool = False,
+                    memo: dict[Any, dict[str, Any]] | None = None) -> dict[str, torch.Tensor]:
     """Same result as :func:`steercmp.score.reference.score_rows`, recomputing only blocks L+1..N after p.
 
     Per context (rows grouped by prompt): one pass of blocks 0..L over the context and its scoring
@@ -86,6 +86,10 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
     row moves the whole distribution, not only the two families), and ``kl_offtarget``: the same
     KL over the vocabulary without the families' first tokens, renormalised, in float64 (the side
     effect: the intended shift toward or away from a family is not charged as damage).
+
+    ``memo`` (a dict the caller keeps) holds each context's once-per-context work between calls:
+    a caller that scores one prompt in several rounds (the dose search) prepares it once. The
+    numbers are the same with or without it.
     """
     result = {f: torch.full((len(rows),), float("nan"),
                             dtype=torch.float64 if f in (KL_OFFTARGET, SURVIVAL) else torch.float32)
@@ -99,16 +103,15 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
     for idx in groups:
         first = rows[idx[0]]
         forms = first.forms
-        prep = prepare_context(lm, layer, first.context, forms, min(rows[i].position for i in idx), pad)
+        p_min = min(rows[i].position for i in idx)
+        known = _context_work(memo, lm, layer, first.context, forms, p_min, pad, kl)
+        prep = known["prep"]
         size = batch_size if isinstance(batch_size, int) else auto_batch_size(
             lm, prep.h_ctx.shape[0], len(forms.branches), prep.max_branch + 1)
         base = off = None
         if kl:
-            zero = Injection.build(torch.zeros(1, prep.h_ctx.shape[-1]), [0.0], [prep.p_min], "raw")
-            unsteered = suffix_pass(model, layer, prep, zero)[0][0]
-            unsteered_of[tuple(first.context)] = (unsteered, forms)
-            base = unsteered_distribution(unsteered)
-            off = offtarget_distribution(unsteered, family_first_tokens(forms))
+            unsteered_of[tuple(first.context)] = (known["unsteered"], forms)
+            base, off = known["base"], known["off"]
         for s in range(0, len(idx), size):
             chunk = idx[s:s + size]
             inj = Injection.build([rows[i].delta for i in chunk], [rows[i].alpha for i in chunk],
@@ -127,6 +130,25 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
     if kl:
         _kl_against_other_contexts(lm, rows, result, unsteered_of)
     return result
+
+
+def _context_work(memo: dict[Any, dict[str, Any]] | None, lm: LoadedModel, layer: int, context: Sequence[int],
+                  forms: FamilyForms, p_min: int, pad: int, kl: bool) -> dict[str, Any]:
+    """One context's shared work (:class:`PreparedContext`; with ``kl`` its unsteered logits and
+    distributions), from ``memo`` when an earlier call did it."""
+    key = (tuple(context), p_min, id(forms))
+    known = memo.get(key) if memo is not None else None
+    if known is None:
+        known = {"prep": prepare_context(lm, layer, context, forms, p_min, pad)}
+        if memo is not None:
+            memo[key] = known
+    if kl and "unsteered" not in known:
+        prep = known["prep"]
+        zero = Injection.build(torch.zeros(1, prep.h_ctx.shape[-1]), [0.0], [prep.p_min], "raw")
+        unsteered = suffix_pass(lm.model, layer, prep, zero)[0][0]
+        known.update(unsteered=unsteered, base=unsteered_distribution(unsteered),
+                     off=offtarget_distribution(unsteered, family_first_tokens(forms)))
+    return known
 
 
 def _kl_against_other_contexts(lm: LoadedModel, rows: Sequence[ScoreRow], result: dict[str, torch.Tensor],
