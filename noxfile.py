@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests|lint|typecheck|demo|bench``.
+"""Developer sessions: ``nox -s tests|tests-fast|tests-all|lint|typecheck|demo|bench``.
 
 torch is pinned to the local CPU wheel (2.13.0) and installed first, so nothing pulls CUDA builds.
 """
@@ -23,6 +23,23 @@ def tests(session: nox.Session) -> None:
     """Run the test suite (tiny models plus a few tests on the embedded Gemma 3 270M)."""
     _install(session, "[dev]")
     session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session(python=PYTHON, name="tests-fast")
+def tests_fast(session: nox.Session) -> None:
+    """The unit tier only: no whole runs (``integration``) and no embedded 270M (``slow``); minutes."""
+    _install(session, "[dev]")
+    session.run("pytest", "-q", "-m", "not slow and not integration", *session.posargs)
+
+
+@nox.session(python=PYTHON, name="tests-all")
+def tests_all(session: nox.Session) -> None:
+    """Everything: the whole suite (as CI and the README's command run it), then the architecture
+    contracts and ruff, so one session says whether a change can land."""
+    _install(session, "[dev]")
+    session.run("pytest", "-q", *session.posargs)
+    session.run("lint-imports")
+    session.run("ruff", "check", "steercmp", "plugins", "tests", "scripts")
 
 
 @nox.session(python=PYTHON)

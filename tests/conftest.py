@@ -39,3 +39,22 @@ def tiny_ckpt(tmp_path_factory):
     from steercmp.testing import COUPLET_BATTERY, battery_vocabulary, save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), words=battery_vocabulary(COUPLET_BATTERY))
+
+
+#: test modules that run whole experiments (runner or CLI) on a tiny model: the ``integration``
+#: tier (``nox -s tests-fast`` leaves them out; the README's command and CI run everything)
+INTEGRATION_MODULES = frozenset({
+    "commands/test_bad_inputs.py", "commands/test_partial_report.py", "plugins/nla/test_text_edit_controls.py",
+    "plugins/test_example_plugin.py", "plugins/test_whole_run_example.py", "rehearsal/test_v3_rehearsal.py",
+    "run/test_accelerate_launch.py", "run/test_determinism.py", "run/test_distributed.py", "run/test_faults.py",
+    "run/test_match.py", "run/test_resume.py", "run/test_runner.py", "run/test_safety.py", "run/test_schema.py",
+    "report/test_report.py", "report/test_reference.py",
+})
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's signature
+    root = os.path.dirname(__file__)
+    for item in items:
+        rel = os.path.relpath(str(item.path), root).replace(os.sep, "/")
+        if rel in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
