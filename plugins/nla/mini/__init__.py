@@ -13,7 +13,8 @@ planning position) or the rhyme slot ``last`` (the embedded default's site, docs
 Explanations are grounded in the 270M's own behaviour (v2): the words it predicts at the rhyme
 slot, the line-end word with its spelled rhyme ending, and the first line's content words.
 
-Training (CPU-sized, fp32): the AV is the base model with blocks 13..17 fine-tuned on cached
+Training (CPU-sized; bf16 autocast with fp32 master weights where the dtype probe picks bf16, fp32
+elsewhere): the AV is the base model with blocks 13..17 fine-tuned on cached
 block-12 outputs (the gold vector injected at the injection character, as in the release) and a
 restricted output vocabulary (the 262k-vocab output layer dominates CPU cost); the AR's top blocks
 and value head are trained by gradient on the normalised MSE, the head starting from a ridge fit.
@@ -24,6 +25,7 @@ naming rate, build time) and the AR's learning curves. Every random choice is se
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from steercmp.api import cache_root
@@ -61,6 +63,8 @@ def ensure_mini_pair(progress: bool = True, *, force: bool = False, position: st
 
         from .build import build_mini_pair
 
+        # `steercmp run --no-progress` sets TQDM_DISABLE: the build's bars and its summary stay quiet
+        progress = progress and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true")
         with build_lock(root, "the mini NLA pair"):
             if force or not is_built(root, position):  # another process may have built it meanwhile
                 build_mini_pair(root, progress=progress, position=position)
