@@ -3,7 +3,7 @@
 ``counterfactual_patch`` (the positive control) proposes ``h_cf - h`` at the experiment's layer
 and injection position, where ``h_cf`` is the residual of the counterfactual couplet, the same
 couplet whose first line ends with a word that moves the plan to the target family
-(:mod:`steercmp.lm.counterfactual`). At alpha 1 (raw scaling) it IS activation patching: if the
+(:mod:`steercmp.lm.couplet_counterfactual`). At alpha 1 (raw scaling) it IS activation patching: if the
 plan lives at that site, the score moves; if even this does not move it, no method injecting
 there can be expected to. ``counterfactual_text`` (the ceiling) scores the counterfactual couplet
 itself: how far any intervention, at any site, could move the score.

@@ -243,7 +243,7 @@ def hub_cache(mini: Miniature, cache: str | Path, widths: Widths = Widths()) -> 
     release layout. Point ``HF_HUB_CACHE`` at it and set ``HF_HUB_OFFLINE=1``."""
     import shutil
 
-    from steercmp_plugins.sae.testing import write_gemma_scope_cache
+    from steercmp_plugins.sae.tiny_sae import write_gemma_scope_cache
 
     cache = Path(cache)
     commit = "0" * 40

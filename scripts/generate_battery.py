@@ -10,7 +10,7 @@ CMU rhyme sound). Two kinds of families:
 - ``--kind rhyme`` (a rhyme-sound change): ``original`` as above, ``edited`` = two words of a
   second sound, ``unrelated`` = two words of a third sound; each target family also gets a cue
   word in ``meta.cue`` (a third word of its sound, in no family), the line-end word of its
-  counterfactual couplet (steercmp.lm.counterfactual).
+  counterfactual couplet (steercmp.lm.couplet_counterfactual).
 
 Every family and cue word is kept only if its leading-space form (``▁word``) is a single token of
 the embedded Gemma 3 270M tokenizer. Deterministic in --seed; --exclude-from holds out the

@@ -12,8 +12,8 @@ from steercmp.hookspecs import hookimpl
 
 @hookimpl
 def register_methods(register) -> None:  # noqa: ANN001
-    """Register :class:`~steercmp_plugins.nla.method.NlaTextEdit`."""
-    from .method import NlaTextEdit
+    """Register :class:`~steercmp_plugins.nla.text_edit.NlaTextEdit`."""
+    from .text_edit import NlaTextEdit
 
     register(NlaTextEdit)
 
@@ -21,7 +21,7 @@ def register_methods(register) -> None:  # noqa: ANN001
 @hookimpl
 def register_report_sections(register) -> None:  # noqa: ANN001
     """Register the NLA fidelity section and the text-edit panel."""
-    from .report import PANEL, SECTION
+    from .report_sections import PANEL, SECTION
 
     register(SECTION)
     register(PANEL)
@@ -30,6 +30,6 @@ def register_report_sections(register) -> None:  # noqa: ANN001
 @hookimpl
 def register_commands(register) -> None:  # noqa: ANN001
     """Register ``steercmp nla explain|reconstruct|build-mini``."""
-    from .cli import configure, handler
+    from .commands import configure, handler
 
     register("nla", "work with NLA pairs (explain, reconstruct, build-mini)", configure, handler)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from steercmp.api import ConfigError
 
-from .select import match_case, mentions
+from .editing import match_case, mentions
 
 #: phrase -> rewording, applied in this order; framing words only (no rhyme or plan words)
 DEFAULT_RULES: tuple[tuple[str, str], ...] = (

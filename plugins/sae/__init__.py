@@ -12,7 +12,7 @@ from steercmp.hookspecs import hookimpl
 
 @hookimpl
 def register_methods(register):  # noqa: ANN001 - pluggy passes the registrar
-    """Register :class:`~steercmp_plugins.sae.method.SaeFeatures`."""
-    from steercmp_plugins.sae.method import SaeFeatures
+    """Register :class:`~steercmp_plugins.sae.features.SaeFeatures`."""
+    from steercmp_plugins.sae.features import SaeFeatures
 
     register(SaeFeatures)

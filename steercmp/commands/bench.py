@@ -8,7 +8,7 @@ On ONE set of cells (prompt x condition x alpha) it times four implementations o
 - (b) ``nnsight``: the same cells through nnsight, one ``trace`` per cell, the residual edit
   written inside the trace;
 - (c) ``batched``: AxBench-style batching, per-row deltas, a full forward of every row
-  (:func:`steercmp.score.reference.score_rows`);
+  (:func:`steercmp.score.full_forward.score_rows`);
 - (d) ``steercmp``: :func:`steercmp.score.sweep.score_rows_fast` (prefix KV cache, blocks L+1..N only,
   logits at the scoring slot and branch tokens only).
 
@@ -55,7 +55,7 @@ from steercmp.lm.prompts import pad_batch
 from steercmp.lm.readout import readout_directions
 from steercmp.paths import writable_file
 from steercmp.score.forms import branch_sequences, family_forms, logmass_from_logits
-from steercmp.score.reference import ScoreRow, group_rows, score_rows
+from steercmp.score.full_forward import ScoreRow, group_rows, score_rows
 from steercmp.score.sample import _newline_ids, generate_rows
 from steercmp.score.sweep import (
     auto_batch_size,
@@ -310,30 +310,7 @@ def run_bench(lm: LoadedModel, layer: int, prompts: Sequence[Any], *, loop_cells
                                       "seconds": with_br}
     log(f"[bench] bound: {bare:.1f} s, with branches {with_br:.1f} s")
 
-    agreement: dict[str, Any] = {}
-    paths = [("c", "AxBench-style batched full forward (engine.score_rows)", batched_cells,
-              lambda sub: score_rows(lm, layer, sub)),
-             ("a", "usual loop: full forward + hook per cell", loop_cells,
-              lambda sub: loop_scores(lm, layer, sub))]
-    try:
-        nn_model = wrap_nnsight(lm)
-    except ImportError:
-        log("[bench] (b) skipped: nnsight is not installed (pip install 'steercmp[dev]')")
-    else:
-        paths.append(("b", "nnsight: one trace per cell", nnsight_cells,
-                      lambda sub: nnsight_scores(lm, layer, sub, nn_model)))
-    for key, name, target, fn in paths:
-        idx = subsample(n, target, block)
-        sub = [rows[i] for i in idx]
-        t = time.perf_counter()
-        got = fn(sub)
-        secs = time.perf_counter() - t
-        timings[key] = {"name": name, "cells": len(idx), "seconds": secs,
-                        "sampled": None if len(idx) == n else
-                        f"every {idx[1] - idx[0] if len(idx) > 1 else n}-th cell in grid order ({len(idx)} of {n})"}
-        diff = max_abs_diff(got, fast, idx)
-        agreement[key] = {"cells_checked": len(idx), "max_abs_diff": diff, "ok": diff <= TOLERANCE}
-        log(f"[bench] ({key}) {name}: {len(idx)} cells in {secs:.1f} s, max |diff| vs (d) {diff:.2e}")
+    agreement = _compare_paths(lm, layer, rows, fast, timings, (loop_cells, nnsight_cells, batched_cells), block, log)
     for v in timings.values():
         v["cells_per_s"] = v["cells"] / v["seconds"] if v["seconds"] > 0 else float("inf")
     rate = {k: v["cells_per_s"] for k, v in timings.items()}
@@ -364,6 +341,41 @@ def run_bench(lm: LoadedModel, layer: int, prompts: Sequence[Any], *, loop_cells
         for k, v in TARGETS.items()}
     result["all_agree"] = all(a["ok"] for a in agreement.values())
     return result
+
+
+def _compare_paths(lm: LoadedModel, layer: int, rows: Sequence[Any], fast: dict[str, torch.Tensor],
+                   timings: dict[str, dict[str, Any]], cells: tuple[int | None, int | None, int | None],
+                   block: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Time the other paths (a: per-cell loop, b: nnsight, c: batched full forward) on
+    ``cells = (a, b, c)`` cells each (None: all), whole blocks of ``block`` grid cells evenly spaced,
+    into ``timings``; return their agreement with the fast sweep (d)."""
+    loop_cells, nnsight_cells, batched_cells = cells
+    n = len(rows)
+    agreement: dict[str, Any] = {}
+    paths = [("c", "AxBench-style batched full forward (engine.score_rows)", batched_cells,
+              lambda sub: score_rows(lm, layer, sub)),
+             ("a", "usual loop: full forward + hook per cell", loop_cells,
+              lambda sub: loop_scores(lm, layer, sub))]
+    try:
+        nn_model = wrap_nnsight(lm)
+    except ImportError:
+        log("[bench] (b) skipped: nnsight is not installed (pip install 'steercmp[dev]')")
+    else:
+        paths.append(("b", "nnsight: one trace per cell", nnsight_cells,
+                      lambda sub: nnsight_scores(lm, layer, sub, nn_model)))
+    for key, name, target, fn in paths:
+        idx = subsample(n, target, block)
+        sub = [rows[i] for i in idx]
+        t = time.perf_counter()
+        got = fn(sub)
+        secs = time.perf_counter() - t
+        timings[key] = {"name": name, "cells": len(idx), "seconds": secs,
+                        "sampled": None if len(idx) == n else
+                        f"every {idx[1] - idx[0] if len(idx) > 1 else n}-th cell in grid order ({len(idx)} of {n})"}
+        diff = max_abs_diff(got, fast, idx)
+        agreement[key] = {"cells_checked": len(idx), "max_abs_diff": diff, "ok": diff <= TOLERANCE}
+        log(f"[bench] ({key}) {name}: {len(idx)} cells in {secs:.1f} s, max |diff| vs (d) {diff:.2e}")
+    return agreement
 
 
 def environment(lm: LoadedModel | None = None) -> dict[str, Any]:

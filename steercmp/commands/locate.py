@@ -1,7 +1,7 @@
 """``steercmp locate EXPERIMENT.yaml``: a causal site scan for the rhyme plan, on the shared engine.
 
 For every battery prompt and target family (``edited``, ``unrelated``) a counterfactual couplet
-changes the plan (:mod:`steercmp.lm.counterfactual`); for every layer and every position from the
+changes the plan (:mod:`steercmp.lm.couplet_counterfactual`); for every layer and every position from the
 end of line 1 to the rhyme slot, its residual is patched into the original run and the shift of
 the target-minus-original log-mass at the slot is measured (:mod:`steercmp.score.patching`).
 Staged like ``run``: the base model alone is resident, every layer is one resumable unit under
@@ -22,12 +22,12 @@ from steercmp import __version__
 from steercmp.config import Experiment
 from steercmp.errors import ConfigError
 from steercmp.hashing import stable_hash
-from steercmp.lm.counterfactual import CONSTRUCTIONS, build_counterfactual, same_rhyme
+from steercmp.lm.couplet_counterfactual import CONSTRUCTIONS, build_counterfactual, same_rhyme
 from steercmp.lm.device import resolve_dtype_name
 from steercmp.lm.load import load_base_model
 from steercmp.lm.prompts import check_against_tokenizer, tokenize_prompt
 from steercmp.paths import writable_dir
-from steercmp.report.locate import write_locate
+from steercmp.report.locate_heatmap import write_locate
 from steercmp.run.keys import module_code_hash
 from steercmp.run.provenance import checkpoint_identity
 from steercmp.run.rundir import RunDir, write_parquet

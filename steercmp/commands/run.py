@@ -127,7 +127,7 @@ def _print_results(experiment: Experiment, run: RunDir) -> None:
         if "partial" in data:
             print(f"\n{data['partial']['notice']}")
         if "alpha_sweep" in data:  # the matched-dose verdict
-            from steercmp.report.matched import verdict_table
+            from steercmp.report.summary_page import verdict_table
 
             head, rows = verdict_table(data["verdicts"])
             keep = [0, 2, 3, 5, 7, 8]

@@ -18,7 +18,7 @@ import vl_convert as vlc
 
 from steercmp import stats
 from steercmp.report.sections import Section
-from steercmp.report.tables import Table
+from steercmp.report.text_tables import Table
 
 NOT_AVAILABLE = "not available"
 VL_VERSION = ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])

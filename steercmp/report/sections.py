@@ -12,7 +12,7 @@ import attrs
 import polars as pl
 
 from steercmp import stats
-from steercmp.report.tables import (
+from steercmp.report.text_tables import (
     COND_RANK,
     Table,
     frame_table,
@@ -25,6 +25,7 @@ from steercmp.report.tables import (
     status_table,
     summary_table,
 )
+from steercmp.stats.analysis import Analysis
 
 
 @attrs.frozen
@@ -49,10 +50,11 @@ def _het_tables(het: pl.DataFrame, alphas: Sequence[float]) -> list[tuple[str, T
     return out
 
 
-def core_sections(alphas: Sequence[float], cells: pl.DataFrame, verdicts: list[dict], summary: pl.DataFrame,
-                  paired_score: pl.DataFrame, paired_hits: pl.DataFrame | None, hits: pl.DataFrame | None,
-                  rel: pl.DataFrame, peaks: pl.DataFrame, het: pl.DataFrame,
-                  secondary: pl.DataFrame | None) -> list[Section]:
+def core_sections(a: Analysis) -> list[Section]:
+    """The alpha-sweep pages of an analysis (details.md; the whole report without a match stage)."""
+    alphas, cells, verdicts, summary = list(a.settings.alphas), a.cells, a.verdicts, a.summary
+    paired_score, paired_hits, hits, rel, peaks = a.paired_score, a.paired_hits, a.hits, a.relative, a.peaks
+    het, secondary = a.heterogeneity, a.secondary
     at_decision = summary.filter(pl.any_horizontal([(pl.col("alpha") - a).abs() < 1e-9 for a in alphas]))
     return [
         Section("What this battery can show", None, [("power per method and metric", power_table(verdicts))],

@@ -28,10 +28,12 @@ from steercmp.errors import NumericalError
 from steercmp.hashing import make_generator
 from steercmp.lm.load import LoadedModel
 from steercmp.lm.prompts import tokenize_prompt
+from steercmp.schemas import (
+    CELL_SCHEMA as CELL_SCHEMA,  # the columns of cells.parquet (re-exported)
+)
 from steercmp.score.forms import FamilyForms, family_forms
-from steercmp.score.reference import ScoreRow
+from steercmp.score.full_forward import ScoreRow
 from steercmp.score.sweep import score_rows_fast
-from steercmp.tables import CELL_SCHEMA as CELL_SCHEMA  # the columns of cells.parquet (re-exported)
 
 FAMILIES = ("edited", "original", "unrelated")
 KL = "kl_unsteered"

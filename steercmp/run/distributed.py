@@ -49,7 +49,7 @@ from steercmp.run.rundir import (
 )
 from steercmp.run.runner import Runner
 from steercmp.run.validate import validate_experiment
-from steercmp.tables import CELLS, COMPLETIONS, read_table
+from steercmp.schemas import CELLS, COMPLETIONS, read_table
 
 
 @attrs.frozen

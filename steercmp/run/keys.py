@@ -32,9 +32,9 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "extract": ("steercmp.lm", "steercmp.battery"),
     "propose": ("steercmp.api", "steercmp.run.proposals", "steercmp.run.runtime"),
     "score": ("steercmp.lm", "steercmp.score", "steercmp.battery", "steercmp.run.cells",
-              "steercmp.run.proposals", "steercmp.tables"),
-    "completions": ("steercmp.lm", "steercmp.score", "steercmp.run.cells", "steercmp.tables"),
-    "match": ("steercmp.lm", "steercmp.score", "steercmp.run.match", "steercmp.run.cells", "steercmp.tables"),
+              "steercmp.run.proposals", "steercmp.schemas"),
+    "completions": ("steercmp.lm", "steercmp.score", "steercmp.run.cells", "steercmp.schemas"),
+    "match": ("steercmp.lm", "steercmp.score", "steercmp.run.match", "steercmp.run.cells", "steercmp.schemas"),
 }
 _FILE_DIGESTS: dict[str, str] = {}
 

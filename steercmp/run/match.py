@@ -40,12 +40,12 @@ from steercmp.config import Experiment
 from steercmp.hashing import make_generator
 from steercmp.lm.load import LoadedModel
 from steercmp.run.cells import Cell
+from steercmp.schemas import COMPLETIONS, read_table
 from steercmp.score.dose import DEFAULT_MAX_KL, Arm, match_doses
 from steercmp.score.forms import FamilyForms, family_forms
-from steercmp.score.reference import ScoreRow
+from steercmp.score.full_forward import ScoreRow
 from steercmp.score.sample import COMPLETION_SCHEMA, sample_completions
 from steercmp.score.sweep import KL_OFFTARGET, KL_UNSTEERED, score_rows_fast
-from steercmp.tables import COMPLETIONS, read_table
 
 #: proposal statuses whose deltas the verdict injects (the rest count as no-op under ITT)
 SCORED_STATUSES = ("ok", "editable")

@@ -41,8 +41,7 @@ from steercmp.run.rundir import (
 )
 from steercmp.run.runtime import ResourceManager, RunnerRuntime, tqdm_progress
 from steercmp.run.validate import preflight, validate_experiment
-from steercmp.score.sample import COMPLETION_SCHEMA, sample_baseline, sample_completions
-from steercmp.tables import (
+from steercmp.schemas import (
     BASELINE_SCHEMA,
     BASELINE_UNIT,
     CELLS,
@@ -52,6 +51,7 @@ from steercmp.tables import (
     SCORE_UNIT,
     read_table,
 )
+from steercmp.score.sample import COMPLETION_SCHEMA, sample_baseline, sample_completions
 
 Unit = tuple[str, str, str]  # (method key, prompt id, unit key)
 

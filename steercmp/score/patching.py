@@ -1,6 +1,6 @@
 """Activation patching through the shared engine: where does the rhyme plan live?
 
-For a prompt and its counterfactual (:mod:`steercmp.lm.counterfactual`), patching site
+For a prompt and its counterfactual (:mod:`steercmp.lm.couplet_counterfactual`), patching site
 (layer L, position p) replaces the original run's residual at the output of block L, position p,
 by the counterfactual's: the shared injection engine adds ``delta = h_cf - h_orig`` there at
 alpha 1 (raw), and the fast sweep scores it. The score is the target family's log-mass minus the
@@ -19,11 +19,11 @@ import torch
 
 from steercmp.api import Prompt
 from steercmp.lm.capture import capture_layers
-from steercmp.lm.counterfactual import Counterfactual
+from steercmp.lm.couplet_counterfactual import Counterfactual
 from steercmp.lm.load import LoadedModel
 from steercmp.lm.prompts import TokenizedPrompt
 from steercmp.score.forms import FamilyForms, family_forms
-from steercmp.score.reference import ScoreRow
+from steercmp.score.full_forward import ScoreRow
 from steercmp.score.sweep import score_rows_fast
 
 OTHER = {"edited": "unrelated", "unrelated": "edited"}

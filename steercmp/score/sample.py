@@ -25,7 +25,7 @@ from steercmp.lm.hooks import Injection, injecting
 from steercmp.lm.load import LoadedModel
 from steercmp.lm.prompts import pad_batch
 from steercmp.lm.sampling import sample_tokens
-from steercmp.tables import COMPLETION_SCHEMA
+from steercmp.schemas import COMPLETION_SCHEMA
 
 
 def first_line(text: str) -> str:

@@ -10,7 +10,7 @@ the scoring slot (and the branch steps of multi-token forms).
 
 The partial pass goes through the model's OWN forward (its masks, rotary embeddings and cache
 handling) with blocks 0..L temporarily swapped for identity modules and the stored layer-L output
-fed as ``inputs_embeds``; :func:`steercmp.score.reference.score_rows` is the plain reference it must match.
+fed as ``inputs_embeds``; :func:`steercmp.score.full_forward.score_rows` is the plain reference it must match.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from steercmp.lm.hooks import (
 from steercmp.lm.load import LoadedModel, decoder_layers, text_config
 from steercmp.lm.prompts import pad_batch
 from steercmp.score.forms import FamilyForms
-from steercmp.score.reference import ScoreRow, group_rows
+from steercmp.score.full_forward import ScoreRow, group_rows
 
 #: working memory a scoring batch may use, as a fraction of the model's own bytes: keeps the
 #: staged pipeline's peak within 1.25x the largest model (issue target), on CPU and GPU alike
@@ -72,7 +72,7 @@ def auto_batch_size(lm: LoadedModel, seq_len: int, n_branches: int, keep: int) -
 def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
                     batch_size: int | str = "auto", progress: Any = None, kl: bool = False,
                     memo: dict[Any, dict[str, Any]] | None = None) -> dict[str, torch.Tensor]:
-    """Same result as :func:`steercmp.score.reference.score_rows`, recomputing only blocks L+1..N after p.
+    """Same result as :func:`steercmp.score.full_forward.score_rows`, recomputing only blocks L+1..N after p.
 
     Per context (rows grouped by prompt): one pass of blocks 0..L over the context and its scoring
     branches (stopped after block L), and one prefix pass for the KV cache of positions

@@ -5,7 +5,7 @@ The pre-declared rule (docs/embedded.md), measured on the unsteered model only:
 1. the model prefers its own rhyme: at the rhyme slot, ``logmass(original) > logmass(edited)``
    (the score ``edited - original`` is negative), so there is a plan to move;
 2. the rhyme is under the first line's control: the counterfactual couplet, whose first line
-   ends with the edited family's cue word (:mod:`steercmp.lm.counterfactual`), scores higher
+   ends with the edited family's cue word (:mod:`steercmp.lm.couplet_counterfactual`), scores higher
    than the original couplet. A prompt whose second line alone fixes the word (``never said a
    ___``) fails this: no intervention on the rhyme plan can change its answer.
 
@@ -19,11 +19,11 @@ import torch
 
 from steercmp.battery import Battery
 from steercmp.errors import ConfigError
-from steercmp.lm.counterfactual import build_counterfactual
+from steercmp.lm.couplet_counterfactual import build_counterfactual
 from steercmp.lm.load import LoadedModel
 from steercmp.lm.prompts import tokenize_prompt
 from steercmp.score.forms import family_forms
-from steercmp.score.reference import ScoreRow
+from steercmp.score.full_forward import ScoreRow
 from steercmp.score.sweep import score_rows_fast
 
 RULE = ("usable iff (1) logmass(original) > logmass(edited) at the rhyme slot of the unsteered couplet and "

@@ -18,20 +18,20 @@ from steercmp.stats.decision import (
 from steercmp.stats.format import format_summary_table
 from steercmp.stats.matched import expected_hits, matched_verdicts, planned_power
 from steercmp.stats.paired import CONTROLS, TARGET, paired, paired_hits, relative_to_noop
-from steercmp.stats.power import (
-    mde_in_sd,
-    min_p_value,
-    minimum_detectable_effect,
-    prompts_for_power,
-    prompts_to_reach,
-)
-from steercmp.stats.reference import (
+from steercmp.stats.positive_control import (
     CEILING,
     POSITIVE_CONTROL,
     absolute_logmass,
     effects_vs_noop,
     fractions,
     method_roles,
+)
+from steercmp.stats.power import (
+    mde_in_sd,
+    min_p_value,
+    minimum_detectable_effect,
+    prompts_for_power,
+    prompts_to_reach,
 )
 from steercmp.stats.summary import (
     ALL,

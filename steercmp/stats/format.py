@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import polars as pl
+
+
+def fmt(x: Any, spec: str = "+.3f") -> str:
+    """A number with ``spec``; ``NA`` for missing values."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "NA"
+    if isinstance(x, float):
+        return format(x, spec)
+    return str(x)
+
+
+def fmt_ci(lo: Any, hi: Any, spec: str = "+.3f") -> str:
+    return "NA" if lo is None else f"[{fmt(lo, spec)}, {fmt(hi, spec)}]"
 
 
 def _num(x: float | None, signed: bool = True) -> str:

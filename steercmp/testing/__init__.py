@@ -15,6 +15,7 @@ test that needs a model in milliseconds.
 """
 
 from steercmp.testing.checks import MethodReport, check_control, check_method
+from steercmp.testing.memory_runtime import ConformanceError, TestRuntime
 from steercmp.testing.models import (
     COUPLET_BATTERY,
     COUPLET_WORDS,
@@ -33,7 +34,6 @@ from steercmp.testing.models import (
     write_tiny_experiment,
 )
 from steercmp.testing.running import run_experiment
-from steercmp.testing.runtime import ConformanceError, TestRuntime
 
 __all__ = [
     "COUPLET_BATTERY",

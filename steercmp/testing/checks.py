@@ -57,9 +57,9 @@ from steercmp.lm.prompts import tokenize_prompt
 from steercmp.plugin_manager import DEFAULT_PLUGINS, build_plugin_manager
 from steercmp.run.proposals import ProposalError, check_proposals
 from steercmp.score.forms import family_forms
-from steercmp.score.reference import ScoreRow, score_rows
+from steercmp.score.full_forward import ScoreRow, score_rows
+from steercmp.testing.memory_runtime import ConformanceError, TestRuntime
 from steercmp.testing.models import tiny_battery, tiny_contexts, tiny_experiment, tiny_lm
-from steercmp.testing.runtime import ConformanceError, TestRuntime
 
 
 def _fail(check: str, message: str) -> ConformanceError:
@@ -270,13 +270,7 @@ def check_method(
     proposals = _check_proposals(method, contexts, method.propose(contexts, runtime), families, lm,
                                  chat_template, allow_zero)
     checks += ["proposals", "shape", "dtype", "finite", "families"]
-    if _attached(lm) != hooks_before:
-        raise _fail("hooks", f"{method_cls.name}.propose() left {_attached(lm) - hooks_before} hook(s) "
-                             "on the base model; attach hooks inside context managers that remove them")
-    for ctx, before in zip(contexts, originals, strict=True):
-        if not torch.equal(ctx.resid, before):
-            raise _fail("hooks", f"{method_cls.name}.propose() modified the residual of {ctx.prompt.id!r}; "
-                                 "clone before editing")
+    _check_untouched(method_cls.name, lm, hooks_before, contexts, originals)
     checks.append("hooks")
     declared = {r.name for r in resources}
     undeclared = [n for n in runtime.loaded if n not in declared]
@@ -284,25 +278,11 @@ def check_method(
         raise _fail("resources", f"{method_cls.name} loaded {undeclared} without declaring them in resources()")
 
     if distinct_families and set(PROPOSAL_FAMILIES) <= set(families):
-        sig = _signature(proposals)
-        live = [c.prompt.id for c in contexts
-                if all(sig[(c.prompt.id, f)][0] != "dropped" for f in PROPOSAL_FAMILIES)]
-        if live and all(_same(sig[(pid, "edited")][2], sig[(pid, "unrelated")][2])
-                        and _same(sig[(pid, "edited")][3], sig[(pid, "unrelated")][3]) for pid in live):
-            raise _fail("families", f"{method_cls.name} proposes the same thing for 'edited' and "
-                                    "'unrelated' on every prompt; the family must change the proposal")
+        _check_distinct(method_cls.name, contexts, proposals)
         checks.append("distinct_families")
 
     again = TestRuntime(lm, seed=seed, layer=layer, method_key=method_cls.name, chat_template=chat_template)
-    second = list(make().propose(contexts, again))
-    first_sig, second_sig = _signature(proposals), _signature(second)
-    if set(first_sig) != set(second_sig) or not all(
-            all(_same(x, y) for x, y in zip(first_sig[k], second_sig[k], strict=True)) for k in first_sig):
-        diff = next((k for k in first_sig if k not in second_sig or not all(
-            _same(x, y) for x, y in zip(first_sig[k], second_sig[k], strict=True))), None)
-        raise _fail("deterministic", f"{method_cls.name} proposed differently on a second run with the same "
-                                     f"seed (first difference at {diff}); draw randomness from "
-                                     "runtime.generator(...) only")
+    _check_deterministic(method_cls.name, proposals, list(make().propose(contexts, again)))
     checks.append("deterministic")
 
     masses = _score(method, contexts, proposals, lm, layer, chat_template, scalings)
@@ -311,6 +291,40 @@ def check_method(
     checks.append("engine")
     return MethodReport(name=method_cls.name, method=method, contexts=contexts, proposals=proposals,
                         runtime=runtime, masses=masses, checks=checks)
+
+
+def _check_untouched(name: str, lm: LoadedModel, hooks_before: int, contexts: Sequence[Any],
+                     originals: Sequence[torch.Tensor]) -> None:
+    """propose() left no hook on the model and every residual as it was."""
+    if _attached(lm) != hooks_before:
+        raise _fail("hooks", f"{name}.propose() left {_attached(lm) - hooks_before} hook(s) "
+                             "on the base model; attach hooks inside context managers that remove them")
+    for ctx, before in zip(contexts, originals, strict=True):
+        if not torch.equal(ctx.resid, before):
+            raise _fail("hooks", f"{name}.propose() modified the residual of {ctx.prompt.id!r}; "
+                                 "clone before editing")
+
+
+def _check_distinct(name: str, contexts: Sequence[Any], proposals: Sequence[Proposal]) -> None:
+    """The family must change the proposal: 'edited' and 'unrelated' may not agree on every live prompt."""
+    sig = _signature(proposals)
+    live = [c.prompt.id for c in contexts if all(sig[(c.prompt.id, f)][0] != "dropped" for f in PROPOSAL_FAMILIES)]
+    if live and all(_same(sig[(pid, "edited")][2], sig[(pid, "unrelated")][2])
+                    and _same(sig[(pid, "edited")][3], sig[(pid, "unrelated")][3]) for pid in live):
+        raise _fail("families", f"{name} proposes the same thing for 'edited' and "
+                                "'unrelated' on every prompt; the family must change the proposal")
+
+
+def _check_deterministic(name: str, proposals: Sequence[Proposal], second: Sequence[Proposal]) -> None:
+    """A second run with the same seed proposes exactly the same."""
+    first_sig, second_sig = _signature(proposals), _signature(second)
+    if set(first_sig) != set(second_sig) or not all(
+            all(_same(x, y) for x, y in zip(first_sig[k], second_sig[k], strict=True)) for k in first_sig):
+        diff = next((k for k in first_sig if k not in second_sig or not all(
+            _same(x, y) for x, y in zip(first_sig[k], second_sig[k], strict=True))), None)
+        raise _fail("deterministic", f"{name} proposed differently on a second run with the same "
+                                     f"seed (first difference at {diff}); draw randomness from "
+                                     "runtime.generator(...) only")
 
 
 def _attached(lm: LoadedModel) -> int:

@@ -220,7 +220,7 @@ def test_missing_plugins_dir(capsys):
 def test_nla_sidecar_disagrees_with_tokenizer(tmp_path, capsys):
     """An AV sidecar whose injection token id is not what its tokenizer produces (public loader
     and the ``steercmp nla explain`` command)."""
-    from steercmp_plugins.nla.testing import write_pair
+    from steercmp_plugins.nla.tiny_pair import write_pair
 
     av, _ar = write_pair(tmp_path, av_meta_overrides={"tokens.injection_token_id": 7})
     save_file({"vector": torch.ones(64)}, str(tmp_path / "v.safetensors"))

@@ -22,7 +22,7 @@ BUILTINS = tuple(dict.fromkeys((*DEFAULT_PLUGINS, "steercmp_plugins.prompting"))
 
 def _nla_pair(tmp_path: Path) -> dict:
     """A tiny random AV/AR pair matching the kit's model: d_model 64, layer 2."""
-    from steercmp_plugins.nla.testing import write_pair
+    from steercmp_plugins.nla.tiny_pair import write_pair
 
     av, ar = write_pair(tmp_path, layer=2, hidden=64)
     return {"av": str(av), "ar": str(ar), "n_explanations": 2, "max_new_tokens": 6, "selection": "default"}
@@ -30,7 +30,7 @@ def _nla_pair(tmp_path: Path) -> dict:
 
 def _tiny_sae(tmp_path: Path) -> dict:
     """A random sae-lens SAE on the kit model's layer 2 (d_in 64), saved in sae-lens disk format."""
-    from steercmp_plugins.sae.testing import write_random_sae
+    from steercmp_plugins.sae.tiny_sae import write_random_sae
 
     return {"path": str(write_random_sae(tmp_path)), "k": 3}
 

@@ -2,7 +2,7 @@
 
 import polars as pl
 
-from steercmp.report.matched import banner, survival_warning, verdict_table
+from steercmp.report.summary_page import banner, survival_warning, verdict_table
 
 
 def test_survival_warning_names_the_cells_that_lost_their_delta():

@@ -79,8 +79,8 @@ def test_two_processes_equal_single_process_byte_for_byte(experiment, tmp_path):
 def test_methods_that_look_across_prompts_are_shard_invariant(experiment, tmp_path):
     """sae_features (scales over the battery), nla_text_edit (tiny pair) and diffmean
     (contexts: all) propose once on the whole battery, so 2 processes equal 1, byte for byte."""
-    from steercmp_plugins.nla.testing import write_pair
-    from steercmp_plugins.sae.testing import write_random_sae
+    from steercmp_plugins.nla.tiny_pair import write_pair
+    from steercmp_plugins.sae.tiny_sae import write_random_sae
 
     av, ar = write_pair(tmp_path / "nla", layer=2, hidden=64)
     sae = write_random_sae(tmp_path / "sae", layer=2)

@@ -163,7 +163,7 @@ def test_exception_mid_generation_and_sweep_leaves_no_hook(tiny_lm, monkeypatch)
     from steercmp.score import sample as completions
     from steercmp.score import sweep
     from steercmp.score.forms import family_forms
-    from steercmp.score.reference import ScoreRow
+    from steercmp.score.full_forward import ScoreRow
 
     calls = {"n": 0}
     real = completions.sample_tokens

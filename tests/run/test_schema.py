@@ -20,9 +20,7 @@ from steercmp.errors import ConfigError
 from steercmp.plugin_manager import build_plugin_manager
 from steercmp.report import write_report
 from steercmp.run.distributed import PluginSpec, merge_shards, run_sharded
-from steercmp.stats.paired import PAIRED_SCHEMA
-from steercmp.stats.summary import SUMMARY_SCHEMA
-from steercmp.tables import (
+from steercmp.schemas import (
     BASELINE_SCHEMA,
     CELL_SCHEMA,
     CELLS,
@@ -33,6 +31,8 @@ from steercmp.tables import (
     check_table,
     read_table,
 )
+from steercmp.stats.paired import PAIRED_SCHEMA
+from steercmp.stats.summary import SUMMARY_SCHEMA
 from steercmp.testing import run_experiment, write_tiny_experiment
 from steercmp.testing.running import TINY_BUILTINS
 

@@ -6,7 +6,7 @@ import torch
 from steercmp.lm.hooks import Injection, injecting
 from steercmp.lm.load import LoadedModel
 from steercmp.score.forms import family_forms
-from steercmp.score.reference import ScoreRow, score_rows
+from steercmp.score.full_forward import ScoreRow, score_rows
 from steercmp.score.sweep import score_rows_fast
 from steercmp.testing import tiny_model
 

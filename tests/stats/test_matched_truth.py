@@ -5,8 +5,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from steercmp.schemas import MATCHED_SCHEMA
 from steercmp.stats import matched as mv
-from steercmp.tables import MATCHED_SCHEMA
 
 BUDGET = 0.25
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 import yaml
 from safetensors.torch import save_file
@@ -58,7 +59,7 @@ from .data import (
     read_items,
 )
 from .evaluate import evaluate
-from .train_ar import train_ar
+from .train_ar import ArSchedule, train_ar
 
 #: the issue's quality targets, checked and saved with every build
 TARGETS = {"fve_nrm_av": 0.7, "name_rate": 0.8, "build_seconds": 5 * 60}  # issue 20's targets
@@ -81,12 +82,34 @@ def machine_record() -> dict[str, Any]:
             "torch": torch.__version__}
 
 
+@attrs.define
+class _Build:
+    """One build's settings, its record (``quality.json``) and the clock of its stages."""
+
+    tmp: Path
+    seed: int
+    position: str
+    progress: bool
+    autocast: Any
+    log: dict[str, Any]
+    stage_seconds: dict[str, float] = attrs.field(factory=dict)
+    t_last: float = attrs.field(factory=time.time)
+
+    def lap(self, stage: str) -> None:
+        """Record the seconds since the previous lap under ``stage``."""
+        now = time.time()
+        self.stage_seconds[stage], self.t_last = round(now - self.t_last, 1), now
+
+    def bar(self, total: int, desc: str) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"nla mini: {desc}", disable=not self.progress)
+
+
 def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
                     position: str = POSITIONS[0]) -> dict[str, Any]:
     """Build the miniature pair read at ``position`` into ``root/{av,ar}`` and write
-    ``root/quality.json``."""
-    from tqdm.auto import tqdm
-
+    ``root/quality.json`` (built in ``root.tmp`` and renamed into place only when complete)."""
     t0 = time.time()
     train_dtype, autocast = train_autocast()
     torch.manual_seed(seed)
@@ -94,40 +117,54 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "av").mkdir(parents=True)
     (tmp / "ar").mkdir(parents=True)
-    name = mini_name(position)
-    log: dict[str, Any] = {"seed": seed, "layer": LAYER, "position": position, "base": EMBEDDED_ID,
-                           "mini_version": mini_name(position), "train_dtype": train_dtype,
-                           "machine": machine_record()}
-    stage_seconds: dict[str, float] = {}
-    t_stage = [time.time()]
-
-    def lap() -> float:
-        """Seconds since the previous lap (the build's per-stage record)."""
-        now = time.time()
-        seconds, t_stage[0] = round(now - t_stage[0], 1), now
-        return seconds
-
+    b = _Build(tmp, seed, position, progress, autocast, {
+        "seed": seed, "layer": LAYER, "position": position, "base": EMBEDDED_ID,
+        "mini_version": mini_name(position), "train_dtype": train_dtype, "machine": machine_record()})
     lm = load_base_model(EMBEDDED_ID, dtype="float32", device="cpu", progress=progress)
-    tok, model = lm.tokenizer, lm.model
-    d = lm.d_model
-    battery_vocab, _ = battery_words()
-    banned: set[str] = set()  # words are not held out; battery prompt texts are (see below)
-    train = make_training_couplets(tok, banned, seed)
-    log["battery_words_in_training"] = len(battery_vocab)
-    evals = make_eval_items(tok, seed)
-    log.update(n_train=len(train), n_eval=len(evals), held_out_words=sorted(banned))
-    bar = tqdm(total=len(train) + len(evals), desc="nla mini: layer-12 activations and predictions",
-               disable=not progress)
-    gold_train = read_items(lm, train, position, bar)  # gold vectors; grounded explanations in place
-    gold_eval = read_items(lm, evals, position, bar)
-    bar.close()
-    stage_seconds["read"] = lap()
-    scale = float(gold_train.norm(dim=-1).mean())
+    train, evals, gold_train, gold_eval = _read_data(b, lm)
+    _build_av(b, lm, train, gold_train)
+    _build_ar(b, train, evals, gold_train, gold_eval)
+    quality = evaluate(tmp / "av", tmp / "ar", evals, gold_eval, progress=progress, seed=seed)
+    log = b.log
+    log.update(quality)
+    b.lap("evaluate")
+    log["stage_seconds"] = b.stage_seconds
+    log["build_seconds"] = round(time.time() - t0, 1)
+    log["targets"] = {k: {"target": v, "measured": log[k],
+                          "met": bool(log[k] <= v if k == "build_seconds" else log[k] >= v)}
+                      for k, v in TARGETS.items()}
+    (tmp / "quality.json").write_text(json.dumps(log, indent=2))
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.replace(root)
+    if progress:
+        print(quality_lines(log, root))
+    return log
 
-    # ---- the AV tokenizer: the base tokenizer plus a chat template and an injection char
+
+def _read_data(b: _Build, lm: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], torch.Tensor, torch.Tensor]:
+    """``(training couplets, held-out items, their gold vectors)``; every item gets its grounded
+    explanation from the same read pass."""
+    battery_vocab, _ = battery_words()
+    banned: set[str] = set()  # words are not held out; battery prompt texts are (see make_eval_items)
+    train = make_training_couplets(lm.tokenizer, banned, b.seed)
+    evals = make_eval_items(lm.tokenizer, b.seed)
+    b.log.update(battery_words_in_training=len(battery_vocab), n_train=len(train), n_eval=len(evals),
+                 held_out_words=sorted(banned))
+    bar = b.bar(len(train) + len(evals), "layer-12 activations and predictions")
+    gold_train = read_items(lm, train, b.position, bar)  # gold vectors; grounded explanations in place
+    gold_eval = read_items(lm, evals, b.position, bar)
+    bar.close()
+    b.lap("read")
+    return train, evals, gold_train, gold_eval
+
+
+def _build_av(b: _Build, lm: Any, train: list[dict[str, Any]], gold_train: torch.Tensor) -> None:
+    """The AV: the base with a chat template and an injection character; blocks 13..17 fine-tuned
+    on cached block-12 outputs (the gold vector injected as in the release), restricted vocabulary."""
+    tok, model, d = lm.tokenizer, lm.model, lm.d_model
+    scale = float(gold_train.norm(dim=-1).mean())
     tok.chat_template = CHAT_TEMPLATE
-    inj = next(c for c in INJECTION_CANDIDATES
-               if len(tok.encode(c, add_special_tokens=False)) == 1)
+    inj = next(c for c in INJECTION_CANDIDATES if len(tok.encode(c, add_special_tokens=False)) == 1)
     inj_id = tok.encode(inj, add_special_tokens=False)[0]
     content = AV_TEMPLATE.format(injection_char=inj)
     prompt = as_id_list(tok.apply_chat_template([{"role": "user", "content": content}],
@@ -135,63 +172,78 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
     site = prompt.index(inj_id)
     av_meta = {
         "kind": "nla_model", "role": "av", "d_model": d, "base_model": EMBEDDED_ID,
-        "extraction_layer_index": LAYER, "mini_version": name, "extraction_position": position,
+        "extraction_layer_index": LAYER, "mini_version": b.log["mini_version"], "extraction_position": b.position,
         "extraction": {"injection_scale": round(scale, 3), "mse_scale": "sqrt_d_model"},
         "tokens": {"injection_char": inj, "injection_token_id": inj_id,
                    "injection_left_neighbor_id": prompt[site - 1],
                    "injection_right_neighbor_id": prompt[site + 1]},
         "prompt_templates": {"av": AV_TEMPLATE, "ar": AR_TEMPLATE},
     }
-
-    # ---- AV: fine-tune blocks 13..17 on cached block-12 outputs, restricted vocabulary
     end_id = tok.convert_tokens_to_ids("<end_of_turn>")
     targets = [tok.encode(f"<explanation>{it['explanation']}</explanation>",
                           add_special_tokens=False) + [end_id] for it in train]
     sub_ids = sorted({t for tt in targets for t in tt})
-    held = {tid for w in banned for tid in tok.encode(" " + w, add_special_tokens=False)}
-    rng = random.Random(f"nla-mini-neg:{seed}")
+    rng = random.Random(f"nla-mini-neg:{b.seed}")
     vocab_size = model.get_input_embeddings().weight.shape[0]
-    negatives = [t for t in rng.sample(range(vocab_size), N_NEGATIVES) if t not in held]
-    sub_ids = sorted(set(sub_ids) | set(negatives))
+    sub_ids = sorted(set(sub_ids) | set(rng.sample(range(vocab_size), N_NEGATIVES)))
     remap = torch.full((vocab_size,), -100, dtype=torch.long)
     remap[torch.tensor(sub_ids)] = torch.arange(len(sub_ids))
-    embed_w = model.get_input_embeddings().weight.detach()
-    w_sub = embed_w[torch.tensor(sub_ids)].clone()
+    w_sub = model.get_input_embeddings().weight.detach()[torch.tensor(sub_ids)].clone()
+    cached = _av_inputs(b, lm, (prompt, site), targets, gold_train, scale)
+    b.lap("av_inputs")
+    _train_av(b, model, cached, [remap[torch.tensor(t)] for t in targets], w_sub, len(prompt))
+    b.lap("av_train")
+    del cached
+    model.save_pretrained(b.tmp / "av", safe_serialization=True)
+    tok.save_pretrained(b.tmp / "av")
+    (b.tmp / "av" / SIDECAR_NAME).write_text(yaml.safe_dump(av_meta, allow_unicode=True, sort_keys=False))
+    lm.unload()
 
-    decoder = model.get_decoder()
+
+def _av_inputs(b: _Build, lm: Any, prompt_site: tuple[list[int], int], targets: list[list[int]],
+               gold: torch.Tensor, scale: float) -> list[torch.Tensor]:
+    """Block-12 outputs of every training sequence (the AV prompt with ``gold[i]`` at the site,
+    scaled to ``scale``, then the target explanation): the frozen blocks run once, not every epoch."""
+    prompt, site = prompt_site
+    model = lm.model
     embed = model.get_input_embeddings()
     base_prompt = embed(torch.tensor([prompt])).detach()[0]
     n_prompt = len(prompt)
     cached: list[torch.Tensor] = []
-    bar = tqdm(total=len(train), desc="nla mini: AV inputs", disable=not progress)
-    order = list(range(len(train)))
-    for s in range(0, len(train), AV_BATCH):
-        idx = order[s:s + AV_BATCH]
+    bar = b.bar(len(targets), "AV inputs")
+    for s in range(0, len(targets), AV_BATCH):
+        idx = list(range(s, min(s + AV_BATCH, len(targets))))
         seqs = [targets[i] for i in idx]
-        ids, _, _ = pad_batch(seqs, tok.pad_token_id or 0)
-        with torch.no_grad(), autocast():
+        ids, _, _ = pad_batch(seqs, lm.tokenizer.pad_token_id or 0)
+        with torch.no_grad(), b.autocast():
             emb = torch.cat([base_prompt.expand(len(idx), -1, -1), embed(ids)], dim=1)
-            v = gold_train[idx]
+            v = gold[idx]
             emb[:, site] = v / v.norm(dim=-1, keepdim=True) * scale
             h = capture_embeds(model, TRAIN_FROM_BLOCK - 1, emb)
         cached.extend(h[i, : n_prompt + len(seqs[i])].float().clone() for i in range(len(idx)))
         bar.update(len(idx))
     bar.close()
-    stage_seconds["av_inputs"] = lap()
+    return cached
 
+
+def _train_av(b: _Build, model: torch.nn.Module, cached: list[torch.Tensor], labels_of: list[torch.Tensor],
+              w_sub: torch.Tensor, n_prompt: int) -> None:
+    """Fine-tune blocks 13..17 in place: next-token cross-entropy over the restricted vocabulary
+    (``labels_of[i]``: sequence i's target ids in it) on the explanation tokens only."""
+    decoder, d = model.get_decoder(), w_sub.shape[-1]
     trainable = [p for blk in list(decoder.layers)[TRAIN_FROM_BLOCK:] for p in blk.parameters()]
     for p in trainable:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(trainable, lr=AV_LR, weight_decay=0.0)
-    steps_total = AV_EPOCHS * math.ceil(len(train) / AV_BATCH)
+    steps_total = AV_EPOCHS * math.ceil(len(cached) / AV_BATCH)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps_total))
-    g = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=steps_total, desc="nla mini: train AV", disable=not progress)
+    g = torch.Generator().manual_seed(b.seed)
+    bar = b.bar(steps_total, "train AV")
     losses = []
     model.train()
     for _ in range(AV_EPOCHS):
-        perm = torch.randperm(len(train), generator=g).tolist()
+        perm = torch.randperm(len(cached), generator=g).tolist()
         for s in range(0, len(perm), AV_BATCH):
             idx = perm[s:s + AV_BATCH]
             width = max(cached[i].shape[0] for i in idx)
@@ -200,8 +252,8 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
             for j, i in enumerate(idx):
                 n = cached[i].shape[0]
                 x[j, :n] = cached[i]
-                labels[j, n_prompt - 1: n - 1] = remap[torch.tensor(targets[i])]
-            with top_blocks_only(model, TRAIN_FROM_BLOCK) as top, autocast():
+                labels[j, n_prompt - 1: n - 1] = labels_of[i]
+            with top_blocks_only(model, TRAIN_FROM_BLOCK) as top, b.autocast():
                 hid = top(inputs_embeds=x, use_cache=False).last_hidden_state
                 sel = labels != -100
                 logits = hid[sel] @ w_sub.T
@@ -217,33 +269,29 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
     bar.close()
     model.eval()
     model.requires_grad_(False)
-    log["av_loss_final"] = sum(losses[-10:]) / max(1, len(losses[-10:]))
-    stage_seconds["av_train"] = lap()
-    del cached
-    model.save_pretrained(tmp / "av", safe_serialization=True)
-    tok.save_pretrained(tmp / "av")
-    (tmp / "av" / SIDECAR_NAME).write_text(yaml.safe_dump(av_meta, allow_unicode=True,
-                                                          sort_keys=False))
-    lm.unload()
-    del model, decoder, embed
+    b.log["av_loss_final"] = sum(losses[-10:]) / max(1, len(losses[-10:]))
 
-    # ---- AR: base truncated to blocks 0..12; value head by ridge, then top blocks + head by gradient
+
+def _build_ar(b: _Build, train: list[dict[str, Any]], evals: list[dict[str, Any]], gold_train: torch.Tensor,
+              gold_eval: torch.Tensor) -> None:
+    """The AR: the base truncated to blocks 0..12; the value head by ridge, then the top blocks
+    and the head by gradient (:func:`.train_ar.train_ar`); written in the released layout."""
     lm = load_base_model(EMBEDDED_ID, dtype="float32", device="cpu", progress=False)
     tok = lm.tokenizer
     truncate_blocks(lm.model, LAYER + 1)  # its weights are saved once, after training
-    tok.save_pretrained(tmp / "ar")
+    tok.save_pretrained(b.tmp / "ar")
     suffix = common_suffix(tok(AR_TEMPLATE.format(explanation=e))["input_ids"]
                            for e in ("The line ends with x.", "planning dream or seem", "-eam"))
     ar_meta = {
-        "kind": "nla_model", "role": "ar", "d_model": d, "base_model": EMBEDDED_ID,
-        "extraction_layer_index": LAYER, "mini_version": name, "extraction_position": position,
+        "kind": "nla_model", "role": "ar", "d_model": lm.d_model, "base_model": EMBEDDED_ID,
+        "extraction_layer_index": LAYER, "mini_version": b.log["mini_version"], "extraction_position": b.position,
         "ar": {"num_hidden_layers": LAYER},
         "extraction": {"injection_scale": None, "mse_scale": "sqrt_d_model"},
         "tokens": {"critic_suffix_ids": suffix},
         "prompt_templates": {"av": AV_TEMPLATE, "ar": AR_TEMPLATE},
     }
-    (tmp / "ar" / SIDECAR_NAME).write_text(yaml.safe_dump(ar_meta, sort_keys=False))
-    meta = NlaMeta.from_yaml(tmp / "ar" / SIDECAR_NAME)
+    (b.tmp / "ar" / SIDECAR_NAME).write_text(yaml.safe_dump(ar_meta, sort_keys=False))
+    meta = NlaMeta.from_yaml(b.tmp / "ar" / SIDECAR_NAME)
 
     def prompt_ids(text: str) -> list[int]:
         """The released-layout AR prompt (the loader's own function), suffix checked."""
@@ -263,41 +311,24 @@ def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,
             mse = float(((normalise(feats[n_fit:] @ w) - target[n_fit:]) ** 2).mean())
             if best is None or mse < best[0]:
                 best = (mse, lam)
-        log["ar_ridge_lambda"] = best[1]
+        b.log["ar_ridge_lambda"] = best[1]
         return _ridge(feats, target, best[1])
 
-    stage_seconds["save_av_load_ar"] = lap()
-    w, curves = train_ar(lm, prompt_ids, [it["explanation"] for it in train], gold_train,
-                         [it["explanation"] for it in evals], gold_eval, fit_head, blocks=AR_TRAIN_BLOCKS,
-                         epochs=AR_EPOCHS, batch=AR_BATCH, lr=AR_LR, seed=seed, progress=progress,
-                         autocast=autocast)
-    stage_seconds["ar"] = lap()
-    log["ar_training"] = curves
+    b.lap("save_av_load_ar")
+    w, curves = train_ar(lm, prompt_ids, ([it["explanation"] for it in train], gold_train),
+                         ([it["explanation"] for it in evals], gold_eval), fit_head,
+                         ArSchedule(blocks=AR_TRAIN_BLOCKS, epochs=AR_EPOCHS, batch=AR_BATCH, lr=AR_LR, seed=b.seed),
+                         progress=b.progress, autocast=b.autocast)
+    b.lap("ar")
+    b.log["ar_training"] = curves
     # the loss is scale-free (sqrt(d)-normalised); a released AR outputs vectors in the activation's
     # own scale, and deltas AR(edited) - AR(original) are injected raw, so rescale the head to the
     # mean gold norm (fidelity is measured after normalising, so it is unchanged)
     factor = float(gold_train.norm(dim=-1).mean()) / max(curves["pred_norm_mean"], 1e-12)
-    w = w * factor
-    lm.model.save_pretrained(tmp / "ar", safe_serialization=True)  # the trained top blocks
-    save_file({"weight": w.T.contiguous()}, str(tmp / "ar" / VALUE_HEAD_NAME))
-    log["ar_output_scale"] = factor
+    lm.model.save_pretrained(b.tmp / "ar", safe_serialization=True)  # the trained top blocks
+    save_file({"weight": (w * factor).T.contiguous()}, str(b.tmp / "ar" / VALUE_HEAD_NAME))
+    b.log["ar_output_scale"] = factor
     lm.unload()
-
-    # ---- quality on held-out prompts, through the released-layout loaders
-    quality = evaluate(tmp / "av", tmp / "ar", evals, gold_eval, progress=progress, seed=seed)
-    log.update(quality)
-    stage_seconds["evaluate"] = lap()
-    log["stage_seconds"] = stage_seconds
-    log["build_seconds"] = round(time.time() - t0, 1)
-    log["targets"] = {k: {"target": v, "measured": log[k],
-                          "met": bool(log[k] <= v if k == "build_seconds" else log[k] >= v)}
-                      for k, v in TARGETS.items()}
-    (tmp / "quality.json").write_text(json.dumps(log, indent=2))
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.replace(root)
-    if progress:
-        print(quality_lines(log, root))
-    return log
 
 
 def quality_lines(log: dict[str, Any], root: Path) -> str:

@@ -27,7 +27,7 @@ from steercmp.api import (
     tokenize_text,
 )
 
-from ..select import spelled_ending
+from ..editing import spelled_ending
 
 MINI_NAME = "gemma-3-270m-L12-mini-v4"  # v4: one read pass for gold and grounding, AR 6 epochs
 LAYER = 12

@@ -12,8 +12,8 @@ import torch
 
 from ..ar import ActivationReconstructor
 from ..av import ActivationVerbalizer
+from ..editing import mentions
 from ..fidelity import baseline_variance, fidelity
-from ..select import mentions
 from .data import SEED
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import attrs
 import torch
 
 from steercmp.api import LoadedModel, capture_residuals, top_blocks_only
@@ -68,17 +69,31 @@ def length_batches(lengths: Sequence[int], batch: int, generator: torch.Generato
     return [out[i] for i in order]
 
 
-def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], texts: Sequence[str], gold: torch.Tensor,
-             eval_texts: Sequence[str], eval_gold: torch.Tensor,
-             fit_head: Callable[[torch.Tensor], torch.Tensor], *, blocks: int, epochs: int, batch: int, lr: float,
-             seed: int, progress: bool = True,
+@attrs.frozen
+class ArSchedule:
+    """How the AR trains: its top ``blocks`` blocks and the head, ``epochs`` passes in batches of
+    ``batch`` at learning rate ``lr``, shuffled from ``seed``."""
+
+    blocks: int
+    epochs: int
+    batch: int
+    lr: float
+    seed: int
+
+
+def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], train: tuple[Sequence[str], torch.Tensor],
+             held_out: tuple[Sequence[str], torch.Tensor], fit_head: Callable[[torch.Tensor], torch.Tensor],
+             schedule: ArSchedule, *, progress: bool = True,
              autocast: Callable[[], Any] = contextlib.nullcontext) -> tuple[torch.Tensor, dict]:
-    """Fine-tune the top ``blocks`` blocks of ``lm`` (the AR backbone, blocks 0..K) and a value head
-    (``[d, d]``, applied as ``features @ W``) in place; returns ``(W, curves)``. The head starts
+    """Fine-tune the top ``schedule.blocks`` blocks of ``lm`` (the AR backbone, blocks 0..K) and a
+    value head (``[d, d]``, applied as ``features @ W``) in place on ``train`` (texts, gold
+    vectors), measuring ``held_out`` each epoch; returns ``(W, curves)``. The head starts
     from ``fit_head(frozen last-token features)`` (the closed-form ridge fit). ``autocast`` wraps
     the training forward passes (bf16 where the machine's probe picks it); the loss, the head and
     every evaluation stay fp32. The training-set fit is measured after the first and last epochs
     only (a pass over the whole training set each epoch cost a third of the training)."""
+    (texts, gold), (eval_texts, eval_gold) = train, held_out
+    blocks, epochs, batch, lr, seed = schedule.blocks, schedule.epochs, schedule.batch, schedule.lr, schedule.seed
     from tqdm.auto import tqdm
 
     model = lm.model

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from steercmp_plugins.nla import testing as tiny
+from steercmp_plugins.nla import tiny_pair as tiny
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from steercmp.errors import ConfigError, NumericalError
-from steercmp_plugins.nla import testing as tiny
+from steercmp_plugins.nla import tiny_pair as tiny
 from steercmp_plugins.nla.ar import ActivationReconstructor, ar_prompt_ids
 from steercmp_plugins.nla.av import ActivationVerbalizer, av_prompt_ids, parse_explanation
 from steercmp_plugins.nla.meta import NlaMeta

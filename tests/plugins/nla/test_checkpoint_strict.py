@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steercmp.cli import main
-from steercmp_plugins.nla.testing import DELETE, write_pair
+from steercmp_plugins.nla.tiny_pair import DELETE, write_pair
 
 
 def _one_line(capsys) -> str:

@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 import steercmp.testing
 from steercmp.api import Prompt, PromptContext, RunSettings
 from steercmp.errors import ConfigError
-from steercmp_plugins.nla import cli
+from steercmp_plugins.nla import commands as cli
+from steercmp_plugins.nla.editing import apply_edit, mentions, select_explanation
 from steercmp_plugins.nla.meta import NlaMeta
-from steercmp_plugins.nla.method import NlaTextEdit, edit_texts, estimate_params
-from steercmp_plugins.nla.select import apply_edit, mentions, select_explanation
+from steercmp_plugins.nla.text_edit import NlaTextEdit, edit_texts, estimate_params
 
 
 def test_apply_edit_word_boundary_and_case():
@@ -248,8 +248,8 @@ def test_cue_edit_states_the_positive_controls_counterfactual():
     """With the oracle-assisted ``cue_edit`` on, a rhyme-change prompt with cue words also swaps
     line 1's last word for the cue (and its spelled ending), the counterfactual the positive
     control patches in; by default the edit uses the battery's edit map only."""
-    from steercmp_plugins.nla.method import edit_map_for
-    from steercmp_plugins.nla.select import apply_edit
+    from steercmp_plugins.nla.editing import apply_edit
+    from steercmp_plugins.nla.text_edit import edit_map_for
 
     p = Prompt(id="bat", text="The children laughed and pointed at the bat,\nAnd every night I dreamed about the",
                families={"original": ("hat", "cat"), "edited": ("bell", "well"), "unrelated": ("ship", "trip")},

@@ -7,7 +7,12 @@ import pytest
 
 from steercmp.api import ReportInputs, SectionContent
 from steercmp.plugin_manager import build_plugin_manager
-from steercmp_plugins.nla.report import SECTION, fidelity_chart, fidelity_frame, selections_frame
+from steercmp_plugins.nla.report_sections import (
+    SECTION,
+    fidelity_chart,
+    fidelity_frame,
+    selections_frame,
+)
 
 
 def selections() -> pl.DataFrame:
@@ -42,7 +47,7 @@ def test_section_content_and_absence():
 
 
 def test_panel_pairs_effects_per_prompt():
-    from steercmp_plugins.nla.report import PANEL, panel_frame
+    from steercmp_plugins.nla.report_sections import PANEL, panel_frame
 
     rows = []
     for pid, fve, (noop, target, para, rt) in [("a", 0.6, (-1.0, 1.0, -0.5, -0.9)), ("b", 0.2, (0.0, 0.5, 0.7, 0.1))]:

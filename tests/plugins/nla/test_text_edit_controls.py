@@ -22,7 +22,7 @@ PLUGINS = ("steercmp_plugins.controls", "steercmp_plugins.unembed", "steercmp_pl
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     from steercmp_plugins.nla.av import ActivationVerbalizer
-    from steercmp_plugins.nla.testing import write_pair
+    from steercmp_plugins.nla.tiny_pair import write_pair
 
     root = tmp_path_factory.mktemp("text_edit")
     battery = Battery.from_yaml(NOTE8)

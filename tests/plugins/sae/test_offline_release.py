@@ -10,8 +10,8 @@ from huggingface_hub import constants
 from sae_lens.loading import pretrained_sae_loaders as loaders
 
 from steercmp.errors import ConfigError
-from steercmp_plugins.sae.load import SaeSource, load_sae, origin
-from steercmp_plugins.sae.testing import write_gemma_scope_cache
+from steercmp_plugins.sae.sources import SaeSource, load_sae, origin
+from steercmp_plugins.sae.tiny_sae import write_gemma_scope_cache
 
 RELEASE, SAE_ID = "gemma-scope-2-12b-it-res-all", "layer_32_width_16k_l0_small"
 REPO, FOLDER = "google/gemma-scope-2-12b-it", "resid_post_all/layer_32_width_16k_l0_small"

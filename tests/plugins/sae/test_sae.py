@@ -10,8 +10,7 @@ from sae_lens import SAE
 
 from steercmp.api import RunSettings
 from steercmp.errors import ConfigError
-from steercmp_plugins.sae.load import SaeSource, check_compatible, hook_layer, load_sae
-from steercmp_plugins.sae.method import SaeFeatures, additive_delta, feature_swap_delta
+from steercmp_plugins.sae.features import SaeFeatures, additive_delta, feature_swap_delta
 from steercmp_plugins.sae.select import (
     Readout,
     contrast_scores,
@@ -19,6 +18,7 @@ from steercmp_plugins.sae.select import (
     select_unembed,
     unembed_scores,
 )
+from steercmp_plugins.sae.sources import SaeSource, check_compatible, hook_layer, load_sae
 
 
 def build_sae(d_in: int = 32, d_sae: int = 48, *, arch: str = "standard", seed: int = 0,

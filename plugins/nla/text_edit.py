@@ -47,9 +47,9 @@ from steercmp.api import (
 )
 
 from .baseline import dataset_baseline
+from .editing import SELECTIONS, apply_edit, mentions, select_explanation, spelled_ending
 from .fidelity import fidelity
 from .paraphrase import DEFAULT_RULES, paraphrase, parse_rules
-from .select import SELECTIONS, apply_edit, mentions, select_explanation, spelled_ending
 
 #: the miniature pair steercmp builds for the embedded Gemma 3 270M (:mod:`.mini`)
 MINI_ALIAS = "mini"
@@ -278,119 +278,144 @@ class NlaTextEdit(Method):
     # -- the method
     def propose(self, contexts: Sequence[PromptContext], runtime: MethodRuntime
                 ) -> Sequence[Proposal]:
+        """Explain (AV), choose and edit an explanation per prompt, reconstruct both texts (AR):
+        the delta is AR(edited) - AR(original). Writes the explanations and selections tables."""
         o = self.opts
         if not contexts:
             return []
         av_res, ar_res = self.resources()
-        layer = self._layer()
-        d_model = contexts[0].d_model
+        layer, d_model = self._layer(), contexts[0].d_model
         acts = torch.stack([c.activation.float().cpu() for c in contexts])
-        model_id = self.settings.model_id
-        fve_base = dataset_baseline(runtime, model_id, position=self._position())  # base model, before the AV
+        fve_base = dataset_baseline(runtime, self.settings.model_id, position=self._position())  # before the AV
         baseline = float(fve_base["value"])
         jobs = [(ci, s) for ci in range(len(contexts)) for s in range(o.n_explanations)]
-        texts: dict[tuple[int, int], tuple[str, str]] = {}
+        texts = self._explain(contexts, acts, jobs, runtime, av_res, d_model, layer)
+        with runtime.load(ar_res) as ar:
+            ar.meta.check_compatible(d_model=d_model, layer=layer)
+            recon = ar.reconstruct([texts[k][0] for k in jobs])
+            fid = {k: fidelity(recon[i], acts[k[0]], baseline) for i, k in enumerate(jobs)}
+            expl_rows, chosen, plans = self._plan_edits(contexts, texts, fid)
+            edit_inputs = [t for p in plans for t in (p[2], p[3])]
+            edit_vecs = ar.reconstruct(edit_inputs) if edit_inputs else torch.zeros(0, d_model)
+        # AR(original explanation) of each prompt: the round trip's reconstruction
+        recon_orig = {p[0]: edit_vecs[2 * j].float() for j, p in enumerate(plans) if p[1] == "edited"}
+        by_prompt: dict[int, dict[str, Any]] = {}
+        for j, (ci, fam, orig, edited, mode, count) in enumerate(plans):
+            delta = (edit_vecs[2 * j + 1] - edit_vecs[2 * j]).float().contiguous()
+            by_prompt.setdefault(ci, {})[fam] = (orig, edited, mode, count, delta)
+        proposals: list[Proposal] = []
+        sel_rows: list[dict[str, Any]] = []
+        for ci, ctx in enumerate(contexts):
+            sel, idx = chosen[ci]
+            if idx is None:
+                proposals.extend(self._dropped(ctx.prompt.id, sel))
+                sel_rows.append({"prompt_id": ctx.prompt.id, "selection": sel, **dict.fromkeys(SELECTION_EMPTY)})
+                continue
+            made, row = self._prompt_proposals(ctx, fid[(ci, idx)], texts[(ci, idx)][0], (sel, idx), by_prompt[ci],
+                                               (acts[ci], recon_orig[ci]), baseline)
+            proposals.extend(made)
+            sel_rows.append(row)
+        runtime.write_table("explanations", expl_rows)
+        runtime.write_table("selections", sel_rows)
+        return proposals
 
+    def _explain(self, contexts: Sequence[PromptContext], acts: torch.Tensor, jobs: Sequence[tuple[int, int]],
+                 runtime: MethodRuntime, av_res: Resource, d_model: int, layer: int
+                 ) -> dict[tuple[int, int], tuple[str, str]]:
+        """``(explanation, raw text)`` of every (prompt, sample) job, from the AV in batches."""
+        o = self.opts
+        texts: dict[tuple[int, int], tuple[str, str]] = {}
         with runtime.load(av_res) as av:
             av.meta.check_compatible(d_model=d_model, layer=layer)
             batches = [jobs[i:i + o.batch_size] for i in range(0, len(jobs), o.batch_size)]
             for batch in runtime.progress(batches, desc="nla: explain", total=len(batches)):
                 vecs = acts[[ci for ci, _ in batch]]
-                gens = [runtime.generator("nla_text_edit", contexts[ci].prompt.id, s)
-                        for ci, s in batch]
-                outs = av.explain(vecs, generators=None if o.greedy else gens,
-                                  temperature=o.temperature, greedy=o.greedy,
-                                  max_new_tokens=o.new_tokens)
+                gens = [runtime.generator("nla_text_edit", contexts[ci].prompt.id, s) for ci, s in batch]
+                outs = av.explain(vecs, generators=None if o.greedy else gens, temperature=o.temperature,
+                                  greedy=o.greedy, max_new_tokens=o.new_tokens)
                 for key, (expl, raw, _complete) in zip(batch, outs, strict=True):
                     texts[key] = (expl, raw)
+        return texts
 
-        with runtime.load(ar_res) as ar:
-            ar.meta.check_compatible(d_model=d_model, layer=layer)
-            recon = ar.reconstruct([texts[k][0] for k in jobs])
-            fid = {k: fidelity(recon[i], acts[k[0]], baseline) for i, k in enumerate(jobs)}
-            expl_rows: list[dict[str, Any]] = []
-            chosen: dict[int, tuple[str, int | None]] = {}
-            plans: list[tuple[int, str, str, str, str, int]] = []
-            for ci, ctx in enumerate(contexts):
-                maps = {fam: edit_map_for(ctx.prompt, fam, cue=o.cue_edit) for fam in PROPOSAL_FAMILIES}
-                terms = sorted({k for m in maps.values() for k in m})
-                samples = [texts[(ci, s)][0] for s in range(o.n_explanations)]
-                for s, e in enumerate(samples):
-                    f = fid[(ci, s)]
-                    expl_rows.append({
-                        "prompt_id": ctx.prompt.id, "sample": s, "explanation": e,
-                        "raw": texts[(ci, s)][1], "fve_nrm": f.fve_nrm, "mse_nrm": f.mse_nrm,
-                        "cosine": f.cosine, "mentions_editable": bool(mentions(e, terms))})
-                scores = [-fid[(ci, s)].mse_nrm for s in range(o.n_explanations)]
-                chosen[ci] = select_explanation(samples, scores, terms, o.selection)
-                sel, idx = chosen[ci]
-                if idx is None:
-                    continue
-                for fam in PROPOSAL_FAMILIES:
-                    orig, edited, mode, count = edit_texts(samples[idx], maps[fam])
-                    plans.append((ci, fam, orig, edited, mode, count))
-                reworded, applied = paraphrase(samples[idx], o.paraphrase_rules, terms)
-                if applied:
-                    plans.append((ci, "paraphrase", samples[idx], reworded, "reworded", len(applied)))
-            edit_inputs = [t for p in plans for t in (p[2], p[3])]
-            edit_vecs = ar.reconstruct(edit_inputs) if edit_inputs else torch.zeros(0, d_model)
-            # AR(original explanation) of each prompt: the round trip's reconstruction
-            recon_orig = {p[0]: edit_vecs[2 * j].float() for j, p in enumerate(plans) if p[1] == "edited"}
-
-        proposals: list[Proposal] = []
-        sel_rows: list[dict[str, Any]] = []
-        by_prompt: dict[int, dict[str, Any]] = {}
-        for j, (ci, fam, orig, edited, mode, count) in enumerate(plans):
-            delta = (edit_vecs[2 * j + 1] - edit_vecs[2 * j]).float().contiguous()
-            by_prompt.setdefault(ci, {})[fam] = (orig, edited, mode, count, delta)
+    def _plan_edits(self, contexts: Sequence[PromptContext], texts: Mapping[tuple[int, int], tuple[str, str]],
+                    fid: Mapping[tuple[int, int], Any]) -> tuple[list[dict[str, Any]], dict[int, tuple[str, int | None]],
+                                                             list[tuple[int, str, str, str, str, int]]]:
+        """``(explanation rows, chosen sample per prompt, edit plans)``: each prompt's explanation
+        is chosen by the selection rule, then edited for every family and reworded (paraphrase)."""
+        o = self.opts
+        expl_rows: list[dict[str, Any]] = []
+        chosen: dict[int, tuple[str, int | None]] = {}
+        plans: list[tuple[int, str, str, str, str, int]] = []
         for ci, ctx in enumerate(contexts):
-            sel, idx = chosen[ci]
-            pid = ctx.prompt.id
+            maps = {fam: edit_map_for(ctx.prompt, fam, cue=o.cue_edit) for fam in PROPOSAL_FAMILIES}
+            terms = sorted({k for m in maps.values() for k in m})
+            samples = [texts[(ci, s)][0] for s in range(o.n_explanations)]
+            for s, e in enumerate(samples):
+                f = fid[(ci, s)]
+                expl_rows.append({
+                    "prompt_id": ctx.prompt.id, "sample": s, "explanation": e,
+                    "raw": texts[(ci, s)][1], "fve_nrm": f.fve_nrm, "mse_nrm": f.mse_nrm,
+                    "cosine": f.cosine, "mentions_editable": bool(mentions(e, terms))})
+            scores = [-fid[(ci, s)].mse_nrm for s in range(o.n_explanations)]
+            chosen[ci] = select_explanation(samples, scores, terms, o.selection)
+            _sel, idx = chosen[ci]
             if idx is None:
-                meta = {"selection": sel, "reason": "no explanation names an editable term",
-                        "n_explanations": o.n_explanations}
-                proposals.extend(Proposal(prompt_id=pid, family=fam, status="dropped", meta=meta)
-                                 for fam in (*PROPOSAL_FAMILIES, *COMPANION_FAMILIES))
-                sel_rows.append({"prompt_id": pid, "selection": sel, "sample": None,
-                                 "explanation": None, "edited_text": None, "unrelated_text": None,
-                                 "fve_nrm": None, "mse_nrm": None, "cosine": None,
-                                 "delta_norm": None, "unrelated_delta_norm": None})
                 continue
-            f = fid[(ci, idx)]
-            explanation = texts[(ci, idx)][0]
-            status = sel
-            if o.fidelity_gate is not None and sel == "editable" and not f.fve_nrm >= o.fidelity_gate:
-                status = "below_fidelity"  # reported apart, like fallback prompts
-            common = {"selection": sel, "sample": idx, "explanation": explanation, "fve_nrm": f.fve_nrm,
-                      "mse_nrm": f.mse_nrm, "cosine": f.cosine, "fve_baseline": baseline,
-                      "fidelity_gate": o.fidelity_gate, "av": o.av, "ar": o.ar,
-                      **({"oracle_assisted": True} if o.cue_edit else {})}
             for fam in PROPOSAL_FAMILIES:
-                orig, edited, mode, count, delta = by_prompt[ci][fam]
-                meta = {**common, "original_text": orig, "edited_text": edited, "edit_mode": mode,
-                        "replacements": count, "delta_norm": float(delta.norm())}
-                proposals.append(Proposal(prompt_id=pid, family=fam, delta=delta, status=status,
-                                          meta=meta))
-            target_norm = float(by_prompt[ci]["edited"][4].norm())
-            if "paraphrase" in by_prompt[ci]:
-                orig, reworded, _mode, count, delta = by_prompt[ci]["paraphrase"]
-                proposals.append(Proposal(prompt_id=pid, family="paraphrase", delta=delta, status=status, meta={
-                    **common, "original_text": orig, "paraphrase_text": reworded, "rules_applied": count,
-                    "delta_norm": float(delta.norm()), "target_delta_norm": target_norm}))
-            else:
-                proposals.append(Proposal(prompt_id=pid, family="paraphrase", status="dropped", meta={
-                    **common, "reason": "no paraphrase rule applies to the selected explanation"}))
-            proposals.append(round_trip(pid, acts[ci], recon_orig[ci], status, common))
-            sel_rows.append({
-                "prompt_id": pid, "selection": sel, "sample": idx, "explanation": explanation,
-                "edited_text": by_prompt[ci]["edited"][1],
-                "unrelated_text": by_prompt[ci]["unrelated"][1],
-                "fve_nrm": f.fve_nrm, "mse_nrm": f.mse_nrm, "cosine": f.cosine,
-                "delta_norm": float(by_prompt[ci]["edited"][4].norm()),
-                "unrelated_delta_norm": float(by_prompt[ci]["unrelated"][4].norm())})
-        runtime.write_table("explanations", expl_rows)
-        runtime.write_table("selections", sel_rows)
-        return proposals
+                orig, edited, mode, count = edit_texts(samples[idx], maps[fam])
+                plans.append((ci, fam, orig, edited, mode, count))
+            reworded, applied = paraphrase(samples[idx], o.paraphrase_rules, terms)
+            if applied:
+                plans.append((ci, "paraphrase", samples[idx], reworded, "reworded", len(applied)))
+        return expl_rows, chosen, plans
+
+    def _dropped(self, pid: str, sel: str) -> list[Proposal]:
+        """A prompt none of whose explanations names an editable term: every family dropped."""
+        meta = {"selection": sel, "reason": "no explanation names an editable term",
+                "n_explanations": self.opts.n_explanations}
+        return [Proposal(prompt_id=pid, family=fam, status="dropped", meta=meta)
+                for fam in (*PROPOSAL_FAMILIES, *COMPANION_FAMILIES)]
+
+    def _prompt_proposals(self, ctx: PromptContext, f: Any, explanation: str, choice: tuple[str, int],
+                          edits: Mapping[str, Any], round_trip_pair: tuple[torch.Tensor, torch.Tensor],
+                          baseline: float) -> tuple[list[Proposal], dict[str, Any]]:
+        """One prompt's proposals (each family, the paraphrase, the round trip) and its selection row."""
+        o = self.opts
+        sel, idx = choice
+        pid = ctx.prompt.id
+        status = sel
+        if o.fidelity_gate is not None and sel == "editable" and not f.fve_nrm >= o.fidelity_gate:
+            status = "below_fidelity"  # reported apart, like fallback prompts
+        common = {"selection": sel, "sample": idx, "explanation": explanation, "fve_nrm": f.fve_nrm,
+                  "mse_nrm": f.mse_nrm, "cosine": f.cosine, "fve_baseline": baseline,
+                  "fidelity_gate": o.fidelity_gate, "av": o.av, "ar": o.ar,
+                  **({"oracle_assisted": True} if o.cue_edit else {})}
+        proposals = []
+        for fam in PROPOSAL_FAMILIES:
+            orig, edited, mode, count, delta = edits[fam]
+            meta = {**common, "original_text": orig, "edited_text": edited, "edit_mode": mode,
+                    "replacements": count, "delta_norm": float(delta.norm())}
+            proposals.append(Proposal(prompt_id=pid, family=fam, delta=delta, status=status, meta=meta))
+        target_norm = float(edits["edited"][4].norm())
+        if "paraphrase" in edits:
+            orig, reworded, _mode, count, delta = edits["paraphrase"]
+            proposals.append(Proposal(prompt_id=pid, family="paraphrase", delta=delta, status=status, meta={
+                **common, "original_text": orig, "paraphrase_text": reworded, "rules_applied": count,
+                "delta_norm": float(delta.norm()), "target_delta_norm": target_norm}))
+        else:
+            proposals.append(Proposal(prompt_id=pid, family="paraphrase", status="dropped", meta={
+                **common, "reason": "no paraphrase rule applies to the selected explanation"}))
+        proposals.append(round_trip(pid, round_trip_pair[0], round_trip_pair[1], status, common))
+        row = {"prompt_id": pid, "selection": sel, "sample": idx, "explanation": explanation,
+               "edited_text": edits["edited"][1], "unrelated_text": edits["unrelated"][1],
+               "fve_nrm": f.fve_nrm, "mse_nrm": f.mse_nrm, "cosine": f.cosine,
+               "delta_norm": target_norm, "unrelated_delta_norm": float(edits["unrelated"][4].norm())}
+        return proposals, row
+
+
+#: the selection-table columns a dropped prompt leaves empty
+SELECTION_EMPTY = ("sample", "explanation", "edited_text", "unrelated_text", "fve_nrm", "mse_nrm", "cosine",
+                   "delta_norm", "unrelated_delta_norm")
 
 
 def round_trip(prompt_id: str, activation: torch.Tensor, reconstruction: torch.Tensor, status: str,

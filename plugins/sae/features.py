@@ -43,8 +43,6 @@ from steercmp.api import (
     make_couplets,
     rhyme_part,
 )
-from steercmp_plugins.sae.load import SaeSource, check_compatible, load_sae
-from steercmp_plugins.sae.load import origin as sae_origin
 from steercmp_plugins.sae.select import (
     Readout,
     Selection,
@@ -52,6 +50,8 @@ from steercmp_plugins.sae.select import (
     select_contrast,
     select_unembed,
 )
+from steercmp_plugins.sae.sources import SaeSource, check_compatible, load_sae
+from steercmp_plugins.sae.sources import origin as sae_origin
 
 __all__ = ["SaeFeatures", "feature_swap_delta", "additive_delta"]
 
@@ -215,9 +215,7 @@ class SaeFeatures(Method):
                     max_act = torch.maximum(max_act, acts.max(0).values)
                 extra_codes = (sae.encode(extra_acts).float().cpu() if extra_acts is not None
                                else torch.zeros(0, W_dec.shape[0]))
-            fallback_up = float(max_act[max_act > 0].median()) if bool((max_act > 0).any()) else 1.0
-            up_values = torch.where(max_act > 0, max_act, torch.full_like(max_act, fallback_up))
-            up_values = up_values * float(self.strength)
+            up_values = self._up_values(max_act)
 
             rhymes = [ctx.prompt.rhyme or _rhyme_of(ctx.prompt.families["original"])
                       for ctx in contexts]
@@ -244,26 +242,38 @@ class SaeFeatures(Method):
                                      "feature": f, "score": s, "up_value": float(up_values[f]),
                                      "plan_activation": float(plan_codes[i, f]),
                                      "note": sel[fam].note})
-                orig = sel["original"]
-                for fam in PROPOSAL_FAMILIES:
-                    target = sel[fam]
-                    meta = {"rule": self.selection, "mode": self.mode, "sae": resource.source,
-                            "k": self.k, "strength": float(self.strength),
-                            "features": list(target.features), "scores": list(target.scores),
-                            "original_features": list(orig.features),
-                            "original_scores": list(orig.scores), "note": target.note}
-                    if not target.features:
-                        proposals.append(Proposal(ctx.prompt.id, fam, status="dropped",
-                                                  meta={**meta, "reason": "no feature selected"}))
-                        continue
-                    if self.mode == "feature_swap":
-                        delta = feature_swap_delta(sae, ctx.activation, orig.features,
-                                                   target.features, up_values)
-                    else:
-                        delta = additive_delta(W_dec, target.features, target.scores, up_values)
-                    proposals.append(Proposal(ctx.prompt.id, fam,
-                                              delta=delta.to(torch.float32).contiguous(), meta=meta))
+                proposals += self._prompt_proposals(sae, W_dec, ctx, sel, up_values, resource.source)
         runtime.write_table("features", rows)
+        return proposals
+
+    def _up_values(self, max_act: torch.Tensor) -> torch.Tensor:
+        """Each feature's "up" value: its largest activation over the battery's tokens (features
+        never active get the median of the active ones), times ``strength``."""
+        fallback_up = float(max_act[max_act > 0].median()) if bool((max_act > 0).any()) else 1.0
+        return torch.where(max_act > 0, max_act, torch.full_like(max_act, fallback_up)) * float(self.strength)
+
+    def _prompt_proposals(self, sae: Any, w_dec: torch.Tensor, ctx: PromptContext, sel: Mapping[str, Selection], up_values: torch.Tensor,
+                          source: str) -> list[Proposal]:
+        """One prompt's proposals: each family's selected features, swapped in for the original
+        family's or added, as a delta (dropped when nothing was selected)."""
+        orig = sel["original"]
+        proposals = []
+        for fam in PROPOSAL_FAMILIES:
+            target = sel[fam]
+            meta = {"rule": self.selection, "mode": self.mode, "sae": source,
+                    "k": self.k, "strength": float(self.strength),
+                    "features": list(target.features), "scores": list(target.scores),
+                    "original_features": list(orig.features),
+                    "original_scores": list(orig.scores), "note": target.note}
+            if not target.features:
+                proposals.append(Proposal(ctx.prompt.id, fam, status="dropped",
+                                          meta={**meta, "reason": "no feature selected"}))
+                continue
+            if self.mode == "feature_swap":
+                delta = feature_swap_delta(sae, ctx.activation, orig.features, target.features, up_values)
+            else:
+                delta = additive_delta(w_dec, target.features, target.scores, up_values)
+            proposals.append(Proposal(ctx.prompt.id, fam, delta=delta.to(torch.float32).contiguous(), meta=meta))
         return proposals
 
     def _contrast_activations(self, contexts: Sequence[PromptContext], layer: int,

@@ -12,28 +12,16 @@ from typing import Any
 import polars as pl
 
 from steercmp.report.charts import CONDITION_ORDER
+from steercmp.stats.format import fmt, fmt_ci  # re-exported: every page formats with them
 
 Table = tuple[list[str], list[list[str]]]
 COND_RANK = {c: i for i, c in enumerate(CONDITION_ORDER)}
-
-
-def fmt(x: Any, spec: str = "+.3f") -> str:
-    """A number with ``spec``; ``NA`` for missing values."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "NA"
-    if isinstance(x, float):
-        return format(x, spec)
-    return str(x)
 
 
 def fmt_p(x: Any) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "NA"
     return f"{x:.4f}" if x >= 1e-4 else f"{x:.1e}"
-
-
-def fmt_ci(lo: Any, hi: Any, spec: str = "+.3f") -> str:
-    return "NA" if lo is None else f"[{fmt(lo, spec)}, {fmt(hi, spec)}]"
 
 
 def condition_sorted(df: pl.DataFrame, col: str = "condition") -> pl.DataFrame:

@@ -10,12 +10,16 @@ Methods announce their role in their proposals' ``meta.role`` (``positive_contro
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import attrs
 import numpy as np
 import polars as pl
 
 from steercmp.stats._core import bootstrap_mean_ci
+from steercmp.stats.decision import SHIFT_ONLY, SUPPORTED, UNDERPOWERED
+from steercmp.stats.format import fmt, fmt_ci
 from steercmp.stats.summary import usable
 
 POSITIVE_CONTROL, CEILING = "positive_control", "ceiling"
@@ -94,4 +98,82 @@ def absolute_logmass(cells: pl.DataFrame, alphas: Sequence[float] | None = None)
             .sort("method", "scaling", "alpha", "condition"))
 
 
-__all__ = ["CEILING", "POSITIVE_CONTROL", "absolute_logmass", "effects_vs_noop", "fractions", "method_roles"]
+
+
+@attrs.frozen
+class Reference:
+    """The run's reference methods and the frames the report writes and shows."""
+
+    positive: str | None
+    ceilings: tuple[str, ...]
+    fractions: pl.DataFrame
+    effects: pl.DataFrame
+    logmass: pl.DataFrame
+    cosines: pl.DataFrame = attrs.field(factory=pl.DataFrame)
+
+
+def roles_of(cells: pl.DataFrame) -> tuple[dict[str, str], str | None, tuple[str, ...]]:
+    """``(roles, positive control or None, ceilings)``; with several positive controls the first
+    by name is the reference."""
+    roles = method_roles(cells)
+    positives = sorted(m for m, r in roles.items() if r == POSITIVE_CONTROL)
+    ceilings = tuple(sorted(m for m, r in roles.items() if r == CEILING))
+    return roles, (positives[0] if positives else None), ceilings
+
+
+def order_verdicts(verdicts: list[dict[str, Any]], roles: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Each verdict gets its ``role``; positive controls first, the rest in their given order."""
+    for v in verdicts:
+        v["role"] = roles.get(v["method"])
+    return sorted(verdicts, key=lambda v: v["role"] != POSITIVE_CONTROL)
+
+
+def site_banner(verdicts: Sequence[Mapping[str, Any]], ref: Reference) -> str:
+    """The first line a reader sees: can the positive control, or anything tested, steer this site?"""
+    positive = ref.positive
+    if positive is None:
+        return ("No positive control in this run (add the counterfactual_patch method): a 'not supported' "
+                "below cannot tell a method that fails from a site that nothing can steer.")
+    own = [v for v in verdicts if v["method"] == positive]
+    found = {v["verdict"] for v in own}
+    label = ", ".join(f"{v['method']} · {v['scaling']}: {v['verdict']}" for v in own)
+    wins = {SUPPORTED, SHIFT_ONLY}
+    if found & wins:
+        return (f"The site can be steered: the positive control ({label}) moves the score here, so a method's "
+                f"'not supported' below is a failure of that method, not of the site.")
+    if found == {UNDERPOWERED}:
+        return (f"Cannot tell whether this site can be steered: the positive control ({label}) is underpowered "
+                f"at this battery's size. Read every verdict below as inconclusive about the site.")
+    lost = sorted({c["control"] for v in own for c in v["failures"] if c["metric"] == "logmass"})
+    why = f"; its logmass score loses to {', '.join(lost)}" if lost else ""
+    moved = ""
+    if not ref.fractions.is_empty():
+        row = ref.fractions.filter(pl.col("method") == positive).sort("scaling", "alpha").head(1)
+        if row.height and row["mean_effect"][0] is not None:
+            r = row.row(0, named=True)
+            moved = (f", although against noop it moves the score by {fmt(r['mean_effect'])} "
+                     f"{fmt_ci(r['ci_low'], r['ci_high'])} at alpha {r['alpha']:g}")
+    others = [f"{v['method']} · {v['scaling']}" for v in verdicts if v["method"] != positive and v["verdict"] in wins]
+    if others:
+        return (f"The positive control does not win here ({label}{why}){moved}. Other methods do win "
+                f"({', '.join(others)}): the site can be steered, and at this site the positive control is not "
+                f"a sufficient reference; read each verdict against the controls it names.")
+    return (f"The site cannot be steered by anything tested: the positive control ({label}{why}) does not win "
+            f"here{moved}. Every verdict below is read against that: a method's 'not supported' says nothing "
+            f"about the method.")
+
+
+def build_reference(cells: pl.DataFrame, alphas: Sequence[float], *, n_boot: int, seed: int,
+                    cosines: pl.DataFrame | None = None) -> Reference:
+    """The run's reference methods, every method's effect against noop and as a share of the
+    positive control's, the absolute log-masses, and ``cosines`` (read from the run's proposals
+    by the caller: :func:`steercmp.run.analyse.delta_cosines`)."""
+    _, positive, ceilings = roles_of(cells)
+    effects = effects_vs_noop(cells, alphas)
+    shares = fractions(effects, positive, n_boot=min(n_boot, 2_000), seed=seed) if positive else pl.DataFrame()
+    return Reference(positive, ceilings, shares, effects, absolute_logmass(cells, alphas),
+                     cosines if cosines is not None and positive else pl.DataFrame())
+
+
+__all__ = ["CEILING", "POSITIVE_CONTROL", "Reference", "absolute_logmass", "build_reference", "effects_vs_noop",
+           "fractions", "method_roles", "order_verdicts", "roles_of", "site_banner"]

@@ -14,7 +14,7 @@ import torch
 
 from steercmp.api import ConfigError, capture_at, load_base_model, writable_file
 
-from .method import checkpoint_source
+from .text_edit import checkpoint_source
 
 VECTOR_KEY = "vector"
 

@@ -15,19 +15,12 @@ from typing import Any
 import altair as alt
 import polars as pl
 
-from steercmp.report.tables import fmt, fmt_ci
-from steercmp.stats import matched as mv
+from steercmp.report.text_tables import fmt, fmt_ci
+from steercmp.stats.analysis import injects
+from steercmp.stats.analysis import matched_banner as banner  # the page's first line
 
 MAX_LINES = 60
 Table = tuple[list[str], list[list[str]]]
-WINS = (mv.SUPPORTED, mv.SHIFT_ONLY)
-
-
-def injects(v: Mapping[str, Any]) -> bool:
-    """Whether the method injects at the site (prompting methods do not: they say nothing about it)."""
-    return any(s in ("matched", "fixed", "off_budget", "unreachable") for s in (v.get("statuses") or {}))
-
-
 def label(v: Mapping[str, Any]) -> str:
     name = v["method"]
     if v.get("role") == "positive_control":
@@ -35,27 +28,6 @@ def label(v: Mapping[str, Any]) -> str:
     if v.get("oracle_assisted"):
         name += " (oracle-assisted)"
     return name
-
-
-def banner(verdicts: Sequence[Mapping[str, Any]]) -> str:
-    """Can anything tested steer this site, at the budget? Only methods that inject there count."""
-    pc = next((v for v in verdicts if v.get("role") == "positive_control"), None)
-    inj = [v for v in verdicts if injects(v) and v is not pc]
-    winners = [v["method"] for v in inj if v["verdict"] in WINS]
-    if pc is None:
-        head = ("No positive control in this run (add counterfactual_patch): the budget is decision.max_kl, and a "
-                "method's failure cannot be told apart from a site that nothing steers.")
-        return head + (f" Injecting methods that win: {', '.join(winners)}." if winners else "")
-    state = f"the positive control reads '{pc['verdict']}' ({pc['explanation']})"
-    if pc["verdict"] in WINS:
-        return f"The site can be steered at the budget: {state}. A method's failure below is the method's."
-    if pc["verdict"] == mv.INCONCLUSIVE:
-        return f"Cannot tell whether the site can be steered: {state}. Read every verdict below as open about the site."
-    if winners:
-        return (f"The positive control does not win ({state}), but injecting methods do ({', '.join(winners)}): the "
-                f"site can be steered at this cost; the patch is not a sufficient reference here.")
-    return (f"Nothing that injects at this site wins at the budget: {state}. A method's failure below says little "
-            f"about the method.")
 
 
 def _part(v: Mapping[str, Any], key: str) -> str:
