@@ -312,7 +312,7 @@ def random_spread(matched: pl.DataFrame, method: str) -> dict[str, dict[str, flo
     out: dict[str, dict[str, float | int | None]] = {}
     for cond in m.filter(pl.col("draw") > 0)["condition"].unique(maintain_order=True).to_list():
         per = (m.filter(pl.col("condition") == cond).join(noop, on="prompt_id")
-               .group_by("prompt_id").agg((pl.col("score") - pl.col("_noop")).mean().alias("mean"),
+               .group_by("prompt_id", maintain_order=True).agg((pl.col("score") - pl.col("_noop")).mean().alias("mean"),
                                           (pl.col("score")).std().alias("sd"), pl.len().alias("k")))
         out[cond] = {"mean_effect": per["mean"].mean(), "between_prompt_sd": per["mean"].std(),  # type: ignore[dict-item]
                      "within_prompt_sd": per["sd"].mean(), "draws": int(per["k"].max() or 0)}  # type: ignore[dict-item]
