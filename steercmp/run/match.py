@@ -44,7 +44,7 @@ from steercmp.schemas import COMPLETIONS, read_table
 from steercmp.score.dose import DEFAULT_MAX_KL, Arm, match_doses
 from steercmp.score.forms import FamilyForms, family_forms
 from steercmp.score.full_forward import ScoreRow
-from steercmp.score.sample import COMPLETION_SCHEMA, sample_completions
+from steercmp.score.sample import COMPLETION_SCHEMA, Sampling, sample_completions
 from steercmp.score.sweep import KL_OFFTARGET, KL_UNSTEERED, score_rows_fast
 
 #: proposal statuses whose deltas the verdict injects (the rest count as no-op under ITT)
@@ -280,7 +280,7 @@ def prompt_method_completions(rundir: Any, methods: Mapping[str, Method]) -> Any
     return comp.filter(pl.col("alpha") == comp["alpha"].min()).select(list(COMPLETION_SCHEMA))
 
 
-def matched_completions(lm: LoadedModel, exp: Experiment, battery: Any, ctx: PromptContext,
+def matched_completions(lm: LoadedModel, sampling: Sampling, families: Mapping[str, Any], ctx: PromptContext,
                         rows: Sequence[Mapping[str, Any]], dirs: Sequence[Direction],
                         baseline: Mapping[tuple[tuple[int, ...], int], str]) -> Any:
     """Completions of some parts of a prompt at the matched doses (``rows`` and ``dirs`` from
@@ -311,7 +311,7 @@ def matched_completions(lm: LoadedModel, exp: Experiment, battery: Any, ctx: Pro
             picked.append(cell(r["method"], r["condition"], d, float(r["multiplier"])))
     if not picked:
         return pl.DataFrame(schema=COMPLETION_SCHEMA)
-    return sample_completions(lm, exp, picked, battery, baseline=baseline)
+    return sample_completions(lm, sampling, picked, families, baseline=baseline)
 
 
 __all__ = ["SHARED", "directions", "expand_shared", "match_prompt", "matched_completions", "positive_control",

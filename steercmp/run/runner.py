@@ -51,7 +51,7 @@ from steercmp.schemas import (
     SCORE_UNIT,
     read_table,
 )
-from steercmp.score.sample import COMPLETION_SCHEMA, sample_baseline, sample_completions
+from steercmp.score.sample import COMPLETION_SCHEMA, Sampling, sample_baseline, sample_completions
 
 Unit = tuple[str, str, str]  # (method key, prompt id, unit key)
 
@@ -75,6 +75,9 @@ class Runner:
                  fresh: bool = False, progress: bool = True, log: Callable[[str], None] | None = None):
         self.experiment = experiment
         self.battery = experiment.battery
+        #: what sampling needs: the completion settings, layer and seed; each prompt's families
+        self.sampling = Sampling(experiment.completions, experiment.layer, experiment.seed)
+        self.families = {p.id: p.families for p in experiment.battery.prompts}
         self.rundir = RunDir(run_dir)
         self.run_dir = self.rundir.root
         self.fresh = fresh
@@ -305,7 +308,7 @@ class Runner:
             path = self.rundir.unit("completions", f"baseline-{self.keys.completion_baseline(ctx.prompt.id)}")
             context = tuple(ctx.input_ids[: ctx.score_pos + 1])
             if self.fresh or not path.exists():
-                texts = sample_baseline(self.resources.base(), self.experiment, ctx.prompt.id, context)
+                texts = sample_baseline(self.resources.base(), self.sampling, ctx.prompt.id, context)
                 write_parquet(path, pl.DataFrame({"prompt_id": [ctx.prompt.id] * len(texts),
                                                   "seed": list(range(len(texts))), "text": texts},
                                                  schema=BASELINE_SCHEMA))
@@ -349,15 +352,15 @@ class Runner:
         for pid, group in self.progress(by_prompt(todo), "completion prompts", len({u[1] for u in todo})):
             group = [(m, k) for m, k in group if m not in failed]
             try:
-                frames = {None: sample_completions(self.resources.base(), exp,
-                                                   [c for m, _ in group for c in chosen(m, pid)], self.battery,
+                frames = {None: sample_completions(self.resources.base(), self.sampling,
+                                                   [c for m, _ in group for c in chosen(m, pid)], self.families,
                                                    baseline=baseline)}
             except Exception:
                 frames = {}
                 for method, _ in group:
                     try:
-                        frames[method] = sample_completions(self.resources.base(), exp, chosen(method, pid),
-                                                            self.battery, baseline=baseline)
+                        frames[method] = sample_completions(self.resources.base(), self.sampling,
+                                                            chosen(method, pid), self.families, baseline=baseline)
                     except Exception as exc:
                         self._fail(method, "sampling completions", exc)
                         failed.add(method)
@@ -431,7 +434,7 @@ class Runner:
             spent["match:dose"] += time.perf_counter() - t_unit
             if exp.completions.enabled:
                 t_unit = time.perf_counter()
-                comp = matched_completions(lm, exp, self.battery, ctx, rows, dirs, baseline)
+                comp = matched_completions(lm, self.sampling, self.families, ctx, rows, dirs, baseline)
                 if prompt_completions is not None:  # a prompt has no dose: its sampled texts as they are
                     comp = pl.concat([comp, prompt_completions.filter(pl.col("prompt_id") == pid)], how="vertical")
                 for part, ukey in group:

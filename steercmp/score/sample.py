@@ -14,11 +14,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import attrs
 import polars as pl
 import torch
 
-from steercmp.battery import Battery
-from steercmp.config import Experiment
+from steercmp.config_sections import CompletionSpec
 from steercmp.hashing import derive_seed
 from steercmp.lm.compat import cache_kwargs, output_cache
 from steercmp.lm.hooks import Injection, injecting
@@ -178,30 +178,42 @@ def _sample_key(c: Any, seed: int) -> tuple[Any, ...]:
     return (r.context, c.method, c.condition, c.alpha, c.scaling, seed)
 
 
-def sample_baseline(lm: LoadedModel, experiment: Experiment, prompt_id: str, context: Sequence[int]) -> list[str]:
+@attrs.frozen
+class Sampling:
+    """What sampling needs from an experiment, and nothing else: the completion settings, the
+    injection layer and the run seed (every generator derives from it and the row's identity)."""
+
+    spec: CompletionSpec
+    layer: int
+    seed: int
+
+
+def sample_baseline(lm: LoadedModel, sampling: Sampling, prompt_id: str, context: Sequence[int]) -> list[str]:
     """The unsteered completions of one prompt, one per seed: sampled once per prompt and shared
     by every method's unsteered cells (alpha 0, no-op), so all methods meet the same draws."""
-    spec = experiment.completions
+    spec = sampling.spec
     d = int(lm.d_model)
     inj = Injection.build(torch.zeros(spec.seeds, d), [0.0] * spec.seeds, [len(context) - 1] * spec.seeds, "raw")
-    gens = [sample_generator(experiment.seed, prompt_id, s) for s in range(spec.seeds)]
-    new = generate_rows(lm, experiment.layer, context, inj, gens, max_new_tokens=spec.max_new_tokens,
+    gens = [sample_generator(sampling.seed, prompt_id, s) for s in range(spec.seeds)]
+    new = generate_rows(lm, sampling.layer, context, inj, gens, max_new_tokens=spec.max_new_tokens,
                         temperature=spec.temperature, top_p=spec.top_p)
     return [lm.tokenizer.decode(toks, skip_special_tokens=True) for toks in new]
 
 
-def sample_completions(lm: LoadedModel, experiment: Experiment, cells: Sequence[Any], battery: Battery, *,
+def sample_completions(lm: LoadedModel, sampling: Sampling, cells: Sequence[Any],
+                       families: Mapping[str, Mapping[str, Sequence[str]]], *,
                        baseline: Mapping[tuple[tuple[int, ...], int], str] | None = None,
                        progress: Callable[..., Any] | None = None, log: Callable[[str], None] | None = None,
                        batch_rows: int = 256) -> pl.DataFrame:
-    """Sample ``experiment.completions.seeds`` continuations for every scorable cell.
+    """Sample ``sampling.spec.seeds`` continuations for every scorable cell; a cell's context is
+    its row's token ids (tokenised once, upstream), and ``families`` (prompt id -> family ->
+    words) says which words are hits.
 
     A sample is identified by (context, injection, seed): cells that are the unsteered model on
     the same context share one text, taken from ``baseline`` (``{(context, seed): text}``, see
     :func:`sample_baseline`) when given. Every sample of a prompt and seed draws from the same
     generator stream (:func:`sample_generator`)."""
-    spec = experiment.completions
-    prompts = battery.by_id()
+    spec = sampling.spec
     baseline = baseline or {}
     work: dict[tuple[int, ...], dict[tuple[Any, ...], tuple[Any, int]]] = {}
     wanted: list[tuple[Any, int, tuple[Any, ...]]] = []
@@ -231,7 +243,7 @@ def sample_completions(lm: LoadedModel, experiment: Experiment, cells: Sequence[
              for key, item in items.items()]
     for s in range(0, len(plain), batch_rows):
         chunk = plain[s:s + batch_rows]
-        gens = [sample_generator(experiment.seed, c.prompt_id, seed) for _, _, (c, seed) in chunk]
+        gens = [sample_generator(sampling.seed, c.prompt_id, seed) for _, _, (c, seed) in chunk]
         new = generate_unsteered(lm, [ctx for ctx, _, _ in chunk], gens, max_new_tokens=spec.max_new_tokens,
                                  temperature=spec.temperature, top_p=spec.top_p)
         for (_, key, _), toks in zip(chunk, new, strict=True):
@@ -244,15 +256,15 @@ def sample_completions(lm: LoadedModel, experiment: Experiment, cells: Sequence[
     for context, items in batches:
         inj = Injection.build([c.row.delta for _, (c, _) in items], [c.row.alpha for _, (c, _) in items],
                               [c.row.position for _, (c, _) in items], [c.row.scaling for _, (c, _) in items])
-        gens = [sample_generator(experiment.seed, c.prompt_id, seed) for _, (c, seed) in items]
-        new = generate_rows(lm, experiment.layer, context, inj, gens, max_new_tokens=spec.max_new_tokens,
+        gens = [sample_generator(sampling.seed, c.prompt_id, seed) for _, (c, seed) in items]
+        new = generate_rows(lm, sampling.layer, context, inj, gens, max_new_tokens=spec.max_new_tokens,
                             temperature=spec.temperature, top_p=spec.top_p)
         for (key, _), toks in zip(items, new, strict=True):
             texts[key] = lm.tokenizer.decode(toks, skip_special_tokens=True)
     for c, seed, key in wanted:
         text = texts[key]
         line = first_line(text)
-        fams = prompts[c.prompt_id].families
+        fams = families[c.prompt_id]
         row = {"prompt_id": c.prompt_id, "method": c.method, "condition": c.condition,
                "alpha": c.alpha, "scaling": c.scaling, "seed": seed, "text": text, "line": line,
                "status": c.status}
