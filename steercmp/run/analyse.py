@@ -117,13 +117,19 @@ def _decision_alphas(arg: Sequence[float] | None, config: dict, run: RunDir) -> 
 
 def _decision_setting(config: dict, run: RunDir, level: float | None, correction: str | None) -> tuple[float, str]:
     """The level and the correction across methods: arguments, else config.yaml, else defaults."""
-    decision = config.get("decision") if isinstance(config.get("decision"), dict) else {}
+    decision = _section(config, "decision")
     where = str(run.config)
     level = check_level(level if level is not None else decision.get("level", 0.05),
                         where=f"{where}: decision.level" if level is None else "--level")
     correction = check_correction(correction if correction is not None else decision.get("correction", "none"),
                                   where=f"{where}: decision.correction" if correction is None else "--correction")
     return level, correction
+
+
+def _section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A mapping section of config.yaml, or an empty one (a missing or malformed section means defaults)."""
+    value = config.get(name)
+    return value if isinstance(value, dict) else {}
 
 
 def _partial_notice(run: RunDir) -> tuple[list[str], str] | None:
@@ -141,14 +147,14 @@ def _partial_notice(run: RunDir) -> tuple[list[str], str] | None:
 
 
 def _seeds(config: Mapping[str, Any]) -> int:
-    comp = config.get("completions") if isinstance(config.get("completions"), dict) else {}
+    comp = _section(config, "completions")
     return int(comp.get("seeds", 5) or 5)
 
 
 def _declared(config: Mapping[str, Any], alphas: Sequence[float], level: float, correction: str) -> dict[str, Any]:
     """The decision settings in force, and whether they are the pre-declared ones (config.yaml):
     a report run with other flags is an exploratory re-analysis, and says so."""
-    declared = config.get("decision") if isinstance(config.get("decision"), dict) else {}
+    declared = _section(config, "decision")
     min_effect = declared.get("min_effect", DEFAULT_MIN_EFFECT)
     settings = {"alphas": [float(a) for a in alphas], "level": level, "correction": correction,
                 "min_effect": float(min_effect) if isinstance(min_effect, int | float) else DEFAULT_MIN_EFFECT,
