@@ -351,6 +351,16 @@ class ReportSection:
 
 
 # ----------------------------------------------------------------------------- the helpers
+def progress_bar(iterable: Any = None, *, enabled: bool = True, **options: Any) -> Any:
+    """A tqdm bar for builders and stages. ``enabled=False`` hides it; otherwise ``disable`` is
+    left to tqdm's default, so ``steercmp run --no-progress`` (which sets ``TQDM_DISABLE``)
+    silences every bar, a plugin's build included. (Passing ``disable=not enabled`` would
+    override that environment default.)"""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **options) if enabled else tqdm(iterable, disable=True, **options)
+
+
 #: Everything else a plugin may use, re-exported here so ``plugins/`` and third-party plugins
 #: import one namespace (``steercmp.api``) besides ``steercmp.hookspecs``; a meta-test keeps
 #: them to it. They load on first use (PEP 562): the core imports the types above from this

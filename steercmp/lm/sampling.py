@@ -41,9 +41,8 @@ def sample_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator], t
     b = torch.searchsorted(block_cum, target[:, None], right=True).squeeze(1).clamp_max(block_cum.shape[1] - 1)
     before = torch.where(b > 0, block_cum.gather(1, (b - 1).clamp_min(0)[:, None]).squeeze(1),
                          torch.zeros(n, dtype=torch.float64))
-    starts = b * SAMPLE_BLOCK
-    cols = (starts[:, None] + torch.arange(SAMPLE_BLOCK)).clamp_max(vocab - 1)
-    entries = probs.gather(1, cols).masked_fill(starts[:, None] + torch.arange(SAMPLE_BLOCK) >= vocab, 0.0)
+    cols = b[:, None] * SAMPLE_BLOCK + torch.arange(SAMPLE_BLOCK)  # the chosen block's token ids
+    entries = probs.gather(1, cols.clamp_max(vocab - 1)).masked_fill(cols >= vocab, 0.0)
     inner = torch.cumsum(entries.to(torch.float64), -1)
     k = torch.searchsorted(inner, (target - before)[:, None], right=True).squeeze(1).clamp_max(SAMPLE_BLOCK - 1)
     tok = (b * SAMPLE_BLOCK + k).clamp_max(vocab - 1)

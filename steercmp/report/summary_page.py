@@ -16,8 +16,7 @@ import altair as alt
 import polars as pl
 
 from steercmp.report.text_tables import fmt, fmt_ci
-from steercmp.stats.analysis import injects
-from steercmp.stats.analysis import matched_banner as banner  # the page's first line
+from steercmp.stats.analysis import injects, matched_banner
 
 MAX_LINES = 60
 Table = tuple[list[str], list[list[str]]]
@@ -87,7 +86,7 @@ def survival_warning(cells: pl.DataFrame, threshold: float = 0.99) -> str | None
 
 def summary_markdown(title: str, verdicts: Sequence[Mapping[str, Any]], decision: Mapping[str, Any],
                      preregistered: bool, warnings: Sequence[str] = ()) -> str:
-    lines = [f"# steercmp report: {title}", "", f"> **{banner(verdicts)}**", "",
+    lines = [f"# steercmp report: {title}", "", f"> **{matched_banner(verdicts)}**", "",
              *[f"> {w}" if w.startswith("PARTIAL") else f"> Warning: {w}" for w in warnings], *([""] if warnings else []),
              "## Verdicts at matched side effects", "", decision_paragraph(decision, preregistered), "",
              *_md(verdict_table(verdicts)), ""]

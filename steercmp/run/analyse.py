@@ -100,8 +100,7 @@ def _read_config(run: RunDir) -> dict[str, Any]:
 def _decision_alphas(arg: Sequence[float] | None, config: dict, run: RunDir) -> list[float]:
     if arg:
         return [float(a) for a in arg]
-    decision = config.get("decision") or {}
-    raw = decision.get("alphas") if isinstance(decision, dict) else None
+    raw = _section(config, "decision").get("alphas")
     if raw is not None and not isinstance(raw, list | tuple):
         raw = [raw]
     if raw:

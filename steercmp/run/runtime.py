@@ -16,7 +16,7 @@ from typing import Any
 import polars as pl
 import torch
 
-from steercmp.api import MethodRuntime, Resource
+from steercmp.api import MethodRuntime, Resource, progress_bar
 from steercmp.config import Experiment
 from steercmp.hashing import make_generator, stable_hash
 from steercmp.lm.capture import capture_at
@@ -29,10 +29,8 @@ Progress = Callable[..., Any]
 
 def tqdm_progress(enabled: bool) -> Progress:
     """``progress(iterable, desc, total)``: a tqdm bar on stderr, or the bare iterable."""
-    from tqdm.auto import tqdm
-
     def progress(iterable: Any, desc: str, total: int | None = None) -> Any:
-        return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False, file=sys.stderr)
+        return progress_bar(iterable, enabled=enabled, desc=desc, total=total, leave=False, file=sys.stderr)
 
     return progress
 

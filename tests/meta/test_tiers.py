@@ -3,9 +3,8 @@ update tests/conftest.py), and the tiers are registered markers."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from tests.conftest import INTEGRATION_MODULES
 

@@ -2,7 +2,8 @@
 
 import polars as pl
 
-from steercmp.report.summary_page import banner, survival_warning, verdict_table
+from steercmp.report.summary_page import survival_warning, verdict_table
+from steercmp.stats.analysis import matched_banner as banner
 
 
 def test_survival_warning_names_the_cells_that_lost_their_delta():

@@ -25,7 +25,6 @@ naming rate, build time) and the AR's learning curves. Every random choice is se
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from steercmp.api import cache_root
@@ -63,8 +62,6 @@ def ensure_mini_pair(progress: bool = True, *, force: bool = False, position: st
 
         from .build import build_mini_pair
 
-        # `steercmp run --no-progress` sets TQDM_DISABLE: the build's bars and its summary stay quiet
-        progress = progress and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true")
         with build_lock(root, "the mini NLA pair"):
             if force or not is_built(root, position):  # another process may have built it meanwhile
                 build_mini_pair(root, progress=progress, position=position)

@@ -26,6 +26,7 @@ from steercmp.api import (
     capture_embeds,
     load_base_model,
     pad_batch,
+    progress_bar,
     resolve_dtype_name,
     top_blocks_only,
     truncate_blocks,
@@ -101,9 +102,7 @@ class _Build:
         self.stage_seconds[stage], self.t_last = round(now - self.t_last, 1), now
 
     def bar(self, total: int, desc: str) -> Any:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=f"nla mini: {desc}", disable=not self.progress)
+        return progress_bar(enabled=self.progress, total=total, desc=f"nla mini: {desc}")
 
 
 def build_mini_pair(root: Path, *, progress: bool = True, seed: int = SEED,

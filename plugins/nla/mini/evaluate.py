@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from steercmp.api import progress_bar
+
 from ..ar import ActivationReconstructor
 from ..av import ActivationVerbalizer
 from ..editing import mentions
@@ -20,11 +22,10 @@ from .data import SEED
 def evaluate(av_dir: Path, ar_dir: Path, items: Sequence[dict[str, Any]], gold: torch.Tensor,
              *, progress: bool = True, seed: int = SEED, n: int = 2) -> dict[str, Any]:
     """Held-out quality: AV naming rate and AR fve_nrm from the AV's own explanations."""
-    from tqdm.auto import tqdm
 
     av = ActivationVerbalizer.load(av_dir)
     rows = []
-    bar = tqdm(total=len(items) * n, desc="nla mini: held-out explanations", disable=not progress)
+    bar = progress_bar(enabled=progress, total=len(items) * n, desc="nla mini: held-out explanations")
     flat = [(i, s) for i in range(len(items)) for s in range(n)]
     for start in range(0, len(flat), 16):
         chunk = flat[start:start + 16]

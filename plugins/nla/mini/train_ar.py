@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from steercmp.api import LoadedModel, capture_residuals, top_blocks_only
+from steercmp.api import LoadedModel, capture_residuals, progress_bar, top_blocks_only
 
 from ..fidelity import baseline_variance, normalise
 
@@ -94,7 +94,6 @@ def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], train: tup
     only (a pass over the whole training set each epoch cost a third of the training)."""
     (texts, gold), (eval_texts, eval_gold) = train, held_out
     blocks, epochs, batch, lr, seed = schedule.blocks, schedule.epochs, schedule.batch, schedule.lr, schedule.seed
-    from tqdm.auto import tqdm
 
     model = lm.model
     n_layers = len(model.get_decoder().layers)
@@ -128,7 +127,7 @@ def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], train: tup
         curves["pred_norm_mean"] = float(preds.norm(dim=-1).mean())
         return 1.0 - float(nmse(preds, target)) / base
 
-    bar = tqdm(total=steps_total, desc="nla mini: train AR", disable=not progress)
+    bar = progress_bar(enabled=progress, total=steps_total, desc="nla mini: train AR")
     with raw_residual(model):
         curves["epoch"].append(0)
         curves["heldout_fve_nrm"].append(evaluate(eval_cached, eval_gold, base_eval))
