@@ -23,11 +23,11 @@ from steercmp.api import (
     PromptContext,
     Proposal,
 )
-from steercmp.config import Experiment
 from steercmp.errors import NumericalError
 from steercmp.hashing import make_generator
 from steercmp.lm.load import LoadedModel
 from steercmp.lm.prompts import tokenize_prompt
+from steercmp.run.sweep_settings import SweepSettings
 from steercmp.schemas import (
     CELL_SCHEMA as CELL_SCHEMA,  # the columns of cells.parquet (re-exported)
 )
@@ -61,7 +61,17 @@ class Cell:
     baseline: bool = False
 
 
-def method_cells(exp: Experiment, key: str, method: Method, controls: Mapping[str, Control],
+@attrs.frozen
+class Condition:
+    """One condition of a prompt's cells: its name, the proposal it injects (None when nothing is
+    scored) and the status its cells carry."""
+
+    name: str
+    proposal: Proposal | None
+    status: str
+
+
+def method_cells(sweep: SweepSettings, key: str, method: Method, controls: Mapping[str, Control],
                  contexts: Sequence[PromptContext], proposals: Sequence[Proposal], tokenizer: Any,
                  forms_cache: dict[str, FamilyForms]) -> list[Cell]:
     """All cells of one method: target, unrelated and every control, for each scaling and alpha."""
@@ -71,43 +81,45 @@ def method_cells(exp: Experiment, key: str, method: Method, controls: Mapping[st
         pid = ctx.prompt.id
         target = by_key[(pid, "edited")]
         unrelated = by_key[(pid, "unrelated")]
-        conditions: list[tuple[str, Proposal | None, str]] = [
-            (TARGET_CONDITION, target, target.status), (UNRELATED_CONDITION, unrelated, unrelated.status)]
+        conditions = [Condition(TARGET_CONDITION, target, target.status),
+                      Condition(UNRELATED_CONDITION, unrelated, unrelated.status)]
         for cname, control in controls.items():
             if target.status == "dropped":
-                conditions.append((cname, None, "dropped"))
+                conditions.append(Condition(cname, None, "dropped"))
             elif not control.applies_to(method):
-                conditions.append((cname, None, "not_applicable"))
+                conditions.append(Condition(cname, None, "not_applicable"))
             elif control.companion is not None and (
                     (pid, control.companion) not in by_key or by_key[(pid, control.companion)].status == "dropped"):
                 # the method proposed no companion here (e.g. no paraphrase rule applied): visible, unscored
-                conditions.append((cname, None, "dropped"))
+                conditions.append(Condition(cname, None, "dropped"))
             else:
                 source = target if control.companion is None else by_key[(pid, control.companion)]
-                derived = control.derive(source, ctx, make_generator(exp.seed, key, pid, cname))
+                derived = control.derive(source, ctx, make_generator(sweep.seed, key, pid, cname))
                 if derived.delta is not None and not torch.isfinite(derived.delta).all():
                     raise NumericalError(f"control {cname!r} derived a NaN or inf delta from method "
                                          f"{key!r}'s proposal for {pid!r}", fix="check the method's delta norms")
-                conditions.append((cname, derived, target.status))
-        for cond, prop, status in conditions:
-            for scaling in exp.scalings:
-                for alpha in exp.alphas:
-                    if prop is None or status == "dropped":
-                        cells.append(Cell(pid, key, cond, alpha, scaling, status, ctx.inject_pos,
+                conditions.append(Condition(cname, derived, target.status))
+        for cond in conditions:
+            for scaling in sweep.scalings:
+                for alpha in sweep.alphas:
+                    if cond.proposal is None or cond.status == "dropped":
+                        cells.append(Cell(pid, key, cond.name, alpha, scaling, cond.status, ctx.inject_pos,
                                           ctx.inject_pos, ctx.score_pos, 0.0, {}))
                         continue
                     if pid not in forms_cache:
                         forms_cache[pid] = family_forms(tokenizer, ctx.prompt.families)
-                    cells.append(_cell(exp, ctx, key, cond, prop, status, alpha, scaling, forms_cache[pid],
+                    cells.append(_cell(sweep.chat_template, ctx, key, cond, alpha, scaling, forms_cache[pid],
                                        tokenizer))
     return cells
 
 
-def _cell(exp: Experiment, ctx: PromptContext, method: str, cond: str, prop: Proposal, status: str,
-          alpha: float, scaling: str, forms: FamilyForms, tokenizer: Any) -> Cell:
+def _cell(chat_template: bool, ctx: PromptContext, method: str, condition: Condition, alpha: float,
+          scaling: str, forms: FamilyForms, tokenizer: Any) -> Cell:
+    prop, cond, status = condition.proposal, condition.name, condition.status
+    assert prop is not None
     meta = dict(prop.meta)
     if prop.prompt_text is not None:  # a prompting baseline: its own text, nothing injected
-        tok = tokenize_prompt(tokenizer, ctx.prompt, exp.model.chat_template, text=prop.prompt_text)
+        tok = tokenize_prompt(tokenizer, ctx.prompt, chat_template, text=prop.prompt_text)
         row = ScoreRow(tok.ids, tok.score_pos, forms, torch.zeros(ctx.d_model), 0.0, tok.inject_pos, "raw",
                        kl_context=tuple(ctx.input_ids[: ctx.score_pos + 1]))
         meta["alpha_applies"] = False

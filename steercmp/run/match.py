@@ -36,10 +36,10 @@ from steercmp.api import (
     PromptContext,
     Proposal,
 )
-from steercmp.config import Experiment
 from steercmp.hashing import make_generator
 from steercmp.lm.load import LoadedModel
 from steercmp.run.cells import Cell
+from steercmp.run.sweep_settings import SweepSettings
 from steercmp.schemas import COMPLETIONS, read_table
 from steercmp.score.dose import DEFAULT_MAX_KL, Arm, match_doses
 from steercmp.score.forms import FamilyForms, family_forms
@@ -70,6 +70,16 @@ class Direction:
         return self.proposal.delta.float()
 
 
+@attrs.frozen
+class Contenders:
+    """Everything a prompt's directions are drawn from: the run's methods (by key), its controls and
+    the key of its positive control (``None`` without one)."""
+
+    methods: Mapping[str, Method]
+    controls: Mapping[str, Control]
+    positive_control: str | None
+
+
 def positive_control(methods: Mapping[str, Method], proposals: Mapping[str, Sequence[Proposal]]) -> str | None:
     """The key of the run's positive control: the method whose proposals say ``meta.role``."""
     for key in methods:
@@ -78,20 +88,20 @@ def positive_control(methods: Mapping[str, Method], proposals: Mapping[str, Sequ
     return None
 
 
-def _derive(control: Control, source: Proposal, ctx: PromptContext, exp: Experiment, key: str) -> Proposal:
-    return control.derive(source, ctx, make_generator(exp.seed, key, ctx.prompt.id, control.name))
+def _derive(control: Control, source: Proposal, ctx: PromptContext, seed: int, key: str) -> Proposal:
+    return control.derive(source, ctx, make_generator(seed, key, ctx.prompt.id, control.name))
 
 
-def directions(exp: Experiment, ctx: PromptContext, others: Sequence[PromptContext], methods: Mapping[str, Method],
-               controls: Mapping[str, Control], proposals: Mapping[str, Mapping[str, Proposal]],
-               pc: str | None, parts: Sequence[str]) -> tuple[list[Direction], list[dict[str, Any]]]:
+def directions(sweep: SweepSettings, field: Contenders, ctx: PromptContext, others: Sequence[PromptContext],
+               proposals: Mapping[str, Mapping[str, Proposal]],
+               parts: Sequence[str]) -> tuple[list[Direction], list[dict[str, Any]]]:
     """The directions of some parts of the prompt (methods' keys, and :data:`SHARED` for the
     shared controls), and the rows that need no matching (dropped, gated, not applicable) as
     ``(method, condition, status)`` records."""
     out: list[Direction] = []
     skipped: list[dict[str, Any]] = []
-    pid = ctx.prompt.id
-    for key, method in methods.items():
+    pid, controls, pc = ctx.prompt.id, field.controls, field.positive_control
+    for key, method in field.methods.items():
         if key not in parts or method.intervention != "activation" or key not in proposals:
             continue
         props = proposals[key]
@@ -116,7 +126,7 @@ def directions(exp: Experiment, ctx: PromptContext, others: Sequence[PromptConte
             if source is None or source.status == "dropped" or source.delta is None:
                 skipped.append({"method": key, "condition": cname, "status": "dropped"})
                 continue
-            derived = _derive(control, source, ctx, exp, key)
+            derived = _derive(control, source, ctx, sweep.seed, key)
             if derived.delta is None or derived.status == "dropped":
                 skipped.append({"method": key, "condition": cname, "status": "dropped"})
                 continue
@@ -124,11 +134,11 @@ def directions(exp: Experiment, ctx: PromptContext, others: Sequence[PromptConte
     for cname, control in controls.items():
         if SHARED not in parts or control.matching != "shared":
             continue
-        draws = exp.decision_random_draws
+        draws = sweep.random_draws
         if cname == "random_donor":  # distinct donors only
             draws = min(draws, max(len(others) - 1, 0))
         for k in range(draws):
-            derived = control.derive_shared(ctx, others, make_generator(exp.seed, "shared", cname, pid, k), k)
+            derived = control.derive_shared(ctx, others, make_generator(sweep.seed, "shared", cname, pid, k), k)
             if derived.delta is not None and derived.status != "dropped":
                 out.append(Direction(SHARED, cname, k, derived, _pos(derived, ctx)))
     return out, skipped
@@ -146,8 +156,8 @@ def _pos(p: Proposal, ctx: PromptContext) -> int:
 class _Scorer:
     """Scores (direction, multiplier) pairs of one prompt in batches and keeps every result."""
 
-    def __init__(self, lm: LoadedModel, exp: Experiment, ctx: PromptContext, forms: FamilyForms):
-        self.lm, self.exp, self.ctx, self.forms = lm, exp, ctx, forms
+    def __init__(self, lm: LoadedModel, sweep: SweepSettings, ctx: PromptContext, forms: FamilyForms):
+        self.lm, self.sweep, self.ctx, self.forms = lm, sweep, ctx, forms
         self.results: list[dict[str, float]] = []
         self.memo: dict = {}  # the prompt's prepared context, shared by every round of the search
 
@@ -156,15 +166,15 @@ class _Scorer:
         rows = [ScoreRow(ctx.input_ids, ctx.score_pos, self.forms,
                          d.delta if d is not None else torch.zeros(ctx.d_model), float(m),
                          d.position if d is not None else ctx.inject_pos, "raw") for d, m in items]
-        masses = score_rows_fast(self.lm, self.exp.layer, rows, batch_size=self.exp.batch_size, kl=True,
+        masses = score_rows_fast(self.lm, self.sweep.layer, rows, batch_size=self.sweep.batch_size, kl=True,
                                  memo=self.memo)
         out = [{k: float(v[i]) for k, v in masses.items()} for i in range(len(rows))]
         self.results.extend(out)
         return out
 
 
-def _budget(score: _Scorer, exp: Experiment, ctx: PromptContext, proposals: Mapping[str, Mapping[str, Proposal]],
-            pc: str | None) -> tuple[dict[str, float], dict[str, float] | None, float, str]:
+def _budget(score: _Scorer, max_kl: float | None, ctx: PromptContext,
+            proposals: Mapping[str, Mapping[str, Proposal]], pc: str | None) -> tuple[dict[str, float], dict[str, float] | None, float, str]:
     """The unsteered row, the positive control's patch row and the prompt's budget. Always
     scored as one batch of its own, so every part of the prompt reads the same numbers."""
     target = proposals.get(pc, {}).get("edited") if pc is not None else None
@@ -173,27 +183,28 @@ def _budget(score: _Scorer, exp: Experiment, ctx: PromptContext, proposals: Mapp
         patch = Direction(pc, TARGET_CONDITION, 0, target, _pos(target, ctx), _patch_alpha(target))
     res = score([(None, 0.0), *([(patch, patch.fixed)] if patch is not None else [])])
     noop, patch_res = res[0], (res[1] if patch is not None else None)
-    if exp.decision_max_kl is not None:
-        return noop, patch_res, exp.decision_max_kl, "max_kl"
+    if max_kl is not None:
+        return noop, patch_res, max_kl, "max_kl"
     if pc is not None:
         return noop, patch_res, (patch_res[KL_OFFTARGET] if patch_res is not None else float("nan")), \
             "positive_control"
     return noop, patch_res, DEFAULT_MAX_KL, "default_max_kl"
 
 
-def match_prompt(lm: LoadedModel, exp: Experiment, ctx: PromptContext, others: Sequence[PromptContext],
-                 methods: Mapping[str, Method], controls: Mapping[str, Control],
-                 proposals: Mapping[str, Mapping[str, Proposal]], prompt_rows: Sequence[Mapping[str, Any]],
-                 pc: str | None, parts: Sequence[str]) -> tuple[list[dict[str, Any]], list[Direction]]:
+def match_prompt(lm: LoadedModel, sweep: SweepSettings, field: Contenders, ctx: PromptContext,
+                 others: Sequence[PromptContext], proposals: Mapping[str, Mapping[str, Proposal]],
+                 prompt_rows: Sequence[Mapping[str, Any]],
+                 parts: Sequence[str]) -> tuple[list[dict[str, Any]], list[Direction]]:
     """``matched.parquet`` records of some parts of a prompt (see the module docstring), matched
     in one batch: each method's own rows (no-op, target, its controls) and, for :data:`SHARED`,
     the shared controls' draws under the method key ``*`` (:func:`expand_shared` copies them to
     every method). Also returns the directions they were matched for (the matched completions
     inject the same ones). Parts are independent, so adding a method reuses every other part."""
     forms = family_forms(lm.tokenizer, ctx.prompt.families)
-    score = _Scorer(lm, exp, ctx, forms)
-    noop, patch_res, budget, source = _budget(score, exp, ctx, proposals, pc)
-    dirs, skipped = directions(exp, ctx, others, methods, controls, proposals, pc, parts)
+    pc = field.positive_control
+    score = _Scorer(lm, sweep, ctx, forms)
+    noop, patch_res, budget, source = _budget(score, sweep.max_kl, ctx, proposals, pc)
+    dirs, skipped = directions(sweep, field, ctx, others, proposals, parts)
     fixed = [d for d in dirs if d.fixed is not None]
     # the patch was scored with the budget; every other fixed-alpha direction is scored here
     patch_dirs = [d for d in fixed if d.method == pc and d.condition == TARGET_CONDITION]
@@ -314,5 +325,5 @@ def matched_completions(lm: LoadedModel, sampling: Sampling, families: Mapping[s
     return sample_completions(lm, sampling, picked, families, baseline=baseline)
 
 
-__all__ = ["SHARED", "directions", "expand_shared", "match_prompt", "matched_completions", "positive_control",
+__all__ = ["SHARED", "Contenders", "directions", "expand_shared", "match_prompt", "matched_completions", "positive_control",
            "prompt_method_completions", "prompt_method_rows"]

@@ -40,6 +40,7 @@ from steercmp.run.rundir import (
     write_text,
 )
 from steercmp.run.runtime import ResourceManager, RunnerRuntime, tqdm_progress
+from steercmp.run.sweep_settings import SweepSettings
 from steercmp.run.validate import preflight, validate_experiment
 from steercmp.schemas import (
     BASELINE_SCHEMA,
@@ -83,7 +84,9 @@ class Runner:
         self.fresh = fresh
         self.progress = tqdm_progress(progress)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
-        self.resources = ResourceManager(experiment, progress, self.log)
+        #: what the score and match stages read of the experiment
+        self.sweep = SweepSettings.of(experiment)
+        self.resources = ResourceManager(experiment.model, progress, self.log)
         validated = validate_experiment(experiment, plugins)
         self.methods = validated.methods
         self.controls = validated.controls
@@ -205,7 +208,8 @@ class Runner:
                                   where=str(self.run_dir), fix="run `--step propose` first")
             self.log(f"[propose] {spec.key}")
             t_method = time.perf_counter()
-            runtime = RunnerRuntime(self.resources, self.rundir, spec.key, progress=self.progress, fresh=self.fresh)
+            runtime = RunnerRuntime(self.resources, self.rundir, self.experiment.run_settings(spec.key),
+                                    progress=self.progress, fresh=self.fresh)
             try:
                 proposals = check_proposals(spec.key, method.propose(contexts, runtime), contexts,
                                             scalings=self.experiment.scalings, intervention=method.intervention,
@@ -224,7 +228,7 @@ class Runner:
 
     def _cell_book(self, contexts: list[PromptContext], proposals: dict[str, list[Proposal]]) -> CellBook:
         def build(key: str, forms: dict[str, FamilyForms]) -> list:  # type: ignore[type-arg]
-            return method_cells(self.experiment, key, self.methods[key], self.controls, contexts, proposals[key],
+            return method_cells(self.sweep, key, self.methods[key], self.controls, contexts, proposals[key],
                                 self.resources.base().tokenizer, forms)
 
         keys = [s.key for s in self.experiment.methods if s.key in proposals]
@@ -386,6 +390,7 @@ class Runner:
         rows, or the shared controls'."""
         from steercmp.run.match import (
             SHARED,
+            Contenders,
             expand_shared,
             match_prompt,
             matched_completions,
@@ -398,6 +403,7 @@ class Runner:
         keys = [s.key for s in exp.methods if s.key in proposals]
         methods = {k: self.methods[k] for k in keys}
         pc = positive_control(methods, proposals)
+        field = Contenders(methods, self.controls, pc)
         parts = [*keys, SHARED]
         units = [(ctx, part, self.keys.match_unit(ctx.prompt.id, part, pc)) for ctx in contexts for part in parts]
         key = self.keys.stage("match", [u for _, _, u in units])
@@ -425,9 +431,8 @@ class Runner:
         for pid, (ctx, group) in self.progress(pending.items(), "match prompts", len(pending)):
             lm = self.resources.base()
             t_unit = time.perf_counter()
-            rows, dirs = match_prompt(lm, exp, ctx, contexts, methods, self.controls,
-                                      {k: by_key[k].get(pid, {}) for k in keys}, prompt_method_rows(cells, methods, pid),
-                                      pc, [part for part, _ in group])
+            rows, dirs = match_prompt(lm, self.sweep, field, ctx, contexts, {k: by_key[k].get(pid, {}) for k in keys},
+                                      prompt_method_rows(cells, methods, pid), [part for part, _ in group])
             for part, ukey in group:
                 write_parquet(self.rundir.unit("match", ukey),
                               pl.DataFrame([r for r in rows if r["method"] == part], schema=MATCHED_SCHEMA))

@@ -16,8 +16,8 @@ from typing import Any
 import polars as pl
 import torch
 
-from steercmp.api import MethodRuntime, Resource, progress_bar
-from steercmp.config import Experiment
+from steercmp.api import MethodRuntime, Resource, RunSettings, progress_bar
+from steercmp.config import ModelSpec
 from steercmp.hashing import make_generator, stable_hash
 from steercmp.lm.capture import capture_at
 from steercmp.lm.load import LoadedModel, load_base_model, parse_dtype, release
@@ -54,8 +54,8 @@ def _object_bytes(obj: Any) -> int:
 class ResourceManager:
     """Keeps ONE heavy object resident; loading another releases it first. Logs memory per stage."""
 
-    def __init__(self, experiment: Experiment, progress: bool, log: Callable[[str], None]):
-        self.experiment = experiment
+    def __init__(self, model: ModelSpec, progress: bool, log: Callable[[str], None]):
+        self.model = model
         self.progress = progress
         self.log = log
         self.resident: tuple[str, Any] | None = None
@@ -100,7 +100,7 @@ class ResourceManager:
         release(None)
 
     def base(self) -> LoadedModel:
-        spec = self.experiment.model
+        spec = self.model
         return self.acquire("base", lambda: load_base_model(
             spec.id, dtype=spec.dtype, device=spec.device, device_map=spec.device_map,
             trust_remote_code=spec.trust_remote_code, revision=spec.revision, progress=self.progress))
@@ -109,19 +109,18 @@ class ResourceManager:
 class RunnerRuntime(MethodRuntime):
     """The runtime a method sees: staged loading through the shared :class:`ResourceManager`."""
 
-    def __init__(self, resources: ResourceManager, run: RunDir, method_key: str, *,
+    def __init__(self, resources: ResourceManager, run: RunDir, settings: RunSettings, *,
                  progress: Progress, fresh: bool = False):
-        exp = resources.experiment
         self._resources = resources
         self._run = run
-        self._key = method_key
+        self._key = settings.label
         self._progress = progress
         self._fresh = fresh
-        self._chat = exp.model.chat_template
-        self.seed = exp.seed
-        self.layer = exp.layer
-        self.device = exp.model.device
-        self.dtype = parse_dtype(exp.model.dtype, exp.model.device)
+        self._chat = settings.chat_template
+        self.seed = settings.seed
+        self.layer = settings.layer
+        self.device = settings.model_device
+        self.dtype = parse_dtype(settings.model_dtype, settings.model_device)
         self.run_dir = run.root
 
     @contextmanager
