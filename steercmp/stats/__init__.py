@@ -17,7 +17,14 @@ from steercmp.stats.decision import (
 )
 from steercmp.stats.format import format_summary_table
 from steercmp.stats.matched import expected_hits, matched_verdicts, planned_power
-from steercmp.stats.paired import CONTROLS, TARGET, paired, paired_hits, relative_to_noop
+from steercmp.stats.paired import (
+    CONTROLS,
+    TARGET,
+    PairedTest,
+    paired,
+    paired_hits,
+    relative_to_noop,
+)
 from steercmp.stats.positive_control import (
     CEILING,
     POSITIVE_CONTROL,
@@ -52,7 +59,7 @@ __all__ = [
     "SECONDARY_STATUSES", "SHIFT_ONLY", "SUPPORTED", "TARGET", "UNDERPOWERED", "absolute_logmass",
     "bootstrap_mean_ci",
     "dose_response", "effects_vs_noop", "format_summary_table", "fractions", "heterogeneity", "heterogeneity_table", "hit_rates", "holm",
-    "mde_in_sd", "method_roles", "min_p_value", "minimum_detectable_effect", "paired", "paired_hits", "peaks",
+    "mde_in_sd", "method_roles", "min_p_value", "minimum_detectable_effect", "paired", "PairedTest", "paired_hits", "peaks",
     "per_prompt_hits", "prompts_for_power", "prompts_to_reach", "relative_to_noop", "sign_flip_pvalue",
     "summarize", "verdict", "expected_hits", "matched_verdicts", "planned_power",
 ]

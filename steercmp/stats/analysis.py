@@ -15,7 +15,14 @@ import polars as pl
 
 from steercmp.stats import matched as mv
 from steercmp.stats.decision import verdict
-from steercmp.stats.paired import CONTROLS, TARGET, paired, paired_hits, relative_to_noop
+from steercmp.stats.paired import (
+    CONTROLS,
+    TARGET,
+    PairedTest,
+    paired,
+    paired_hits,
+    relative_to_noop,
+)
 from steercmp.stats.positive_control import (
     POSITIVE_CONTROL,
     Reference,
@@ -114,11 +121,12 @@ def analyse(cells: pl.DataFrame, completions: pl.DataFrame | None, settings: Ana
     controls = present_controls(cells)
     summary = summarize(cells, n_boot=n_boot, seed=seed)
     secondary = summarize(cells, n_boot=n_boot, seed=seed, subset=SECONDARY).filter(pl.col("n") > 0)
-    paired_score = paired(cells, controls=controls, n_boot=n_boot, seed=seed, level=s.level)
+    test = PairedTest(n_boot=n_boot, seed=seed, level=s.level)
+    paired_score = paired(cells, controls=controls, test=test)
     hits = p_hits = None
     if completions is not None:
         hits = hit_rates(completions, n_boot=n_boot, seed=seed)
-        p_hits = paired_hits(completions, controls=controls, n_boot=n_boot, seed=seed, level=s.level)
+        p_hits = paired_hits(completions, controls=controls, test=test)
     roles, _, ceilings = roles_of(cells)
     method_pairs = sorted({(r["method"], r["scaling"]) for r in cells.select("method", "scaling").unique().to_dicts()
                            if r["method"] not in ceilings})  # a ceiling is a reference row, not a method
@@ -139,7 +147,7 @@ def analyse(cells: pl.DataFrame, completions: pl.DataFrame | None, settings: Ana
                 v["expected_edited_hits"] = mv.expected_hits(matched, v["method"], s.completion_seeds)
     return Analysis(settings=s, cells=cells, completions=completions, controls=controls, summary=summary,
                     secondary=secondary, paired_score=paired_score,
-                    relative=relative_to_noop(cells, n_boot=n_boot, seed=seed), peaks=peaks(summary),
+                    relative=relative_to_noop(cells, test=PairedTest(n_boot=n_boot, seed=seed)), peaks=peaks(summary),
                     heterogeneity=heterogeneity(cells), hits=hits, paired_hits=p_hits, method_pairs=method_pairs,
                     verdicts=verdicts, reference=reference, site=site_banner(verdicts, reference),
                     matched_verdicts=matched_verdicts, pending=pending)

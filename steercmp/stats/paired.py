@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import attrs
 import polars as pl
 
 from steercmp.stats._core import EXACT_MAX_N, bootstrap_mean_ci, sign_flip_pvalue
@@ -34,20 +35,30 @@ PAIRED_SCHEMA = {
 }
 
 
+@attrs.frozen
+class PairedTest:
+    """How a paired difference is tested: ``n_boot`` bootstrap resamples for the CI, ``n_perm``
+    Monte Carlo sign flips past :data:`EXACT_MAX_N` prompts, the ``seed`` of both, and the
+    ``level`` the power columns are computed at."""
+
+    n_boot: int = 10_000
+    seed: int = 0
+    n_perm: int = 10_000
+    level: float = 0.05
+
+
 def _paired_values(
     frame: pl.DataFrame,
     *,
     target: str,
     controls: Sequence[str],
     value: str,
-    n_boot: int,
-    seed: int,
-    n_perm: int,
+    subset: str,
+    test: PairedTest,
     alternative: str,
     power: bool,
-    level: float,
-    subset: str,
 ) -> pl.DataFrame:
+    n_boot, seed, n_perm, level = test.n_boot, test.seed, test.n_perm, test.level
     keys = ["method", "scaling", "alpha"]
     data = frame.filter(usable(frame, value, subset)).select(*keys, "prompt_id", "condition", value)
     rows: list[dict] = []
@@ -91,28 +102,25 @@ def paired(
     controls: Sequence[str] = CONTROLS,
     *,
     value: str = "score",
-    n_boot: int = 10_000,
-    seed: int = 0,
-    n_perm: int = 10_000,
-    level: float = 0.05,
     subset: str = PRIMARY,
+    test: PairedTest = PairedTest(),
 ) -> pl.DataFrame:
     """Target minus each control, per prompt, for every method, scaling and alpha.
 
     Only prompts of ``subset`` (``primary``: usable rows that are not fallback or gated;
     ``secondary``: the fallback and gated rows) with a usable value in both conditions enter
     (``n``). ``mean_diff`` is the mean per-prompt difference; ``ci_low``/``ci_high`` a
-    percentile bootstrap 95% CI over prompts; ``p_value`` the ONE-SIDED sign-flip p for
-    "target > control" (exact over all 2**n sign patterns, zero differences kept, up to
-    ``EXACT_MAX_N`` = 20 prompts; otherwise ``n_perm`` seeded Monte Carlo draws). Power at
+    percentile bootstrap 95% CI over prompts (``test.n_boot`` resamples); ``p_value`` the
+    ONE-SIDED sign-flip p for "target > control" (exact over all 2**n sign patterns, zero
+    differences kept, up to ``EXACT_MAX_N`` = 20 prompts; otherwise ``test.n_perm`` seeded Monte
+    Carlo draws). Power at
     this n (:mod:`steercmp.stats.power`): ``min_p`` the smallest achievable p, ``mde`` the
     mean difference detected with 80% power at the observed spread (null when no outcome can
     pass), ``n_for_power`` the prompts the observed effect needs for 80% power (null when it
     is not positive or needs more than 4,096).
     """
-    return _paired_values(cells, target=target, controls=controls, value=value, n_boot=n_boot,
-                          seed=seed, n_perm=n_perm, alternative="greater", power=True, level=level,
-                          subset=subset)
+    return _paired_values(cells, target=target, controls=controls, value=value, subset=subset, test=test,
+                          alternative="greater", power=True)
 
 
 def paired_hits(
@@ -121,11 +129,8 @@ def paired_hits(
     controls: Sequence[str] = CONTROLS,
     *,
     family: str = "edited",
-    n_boot: int = 10_000,
-    seed: int = 0,
-    n_perm: int = 10_000,
-    level: float = 0.05,
     subset: str = PRIMARY,
+    test: PairedTest = PairedTest(),
 ) -> pl.DataFrame:
     """The :func:`paired` analysis on completions, prompts as the unit: per prompt, the
     seed-averaged ``hit_<family>`` fraction of the target minus that of each control (seeds are
@@ -136,19 +141,16 @@ def paired_hits(
         return pl.DataFrame(schema=PAIRED_SCHEMA)
     frame = pp.select("method", "scaling", "condition", "alpha", "prompt_id",
                       pl.col(col).alias("score"))
-    return _paired_values(frame, target=target, controls=controls, value="score", n_boot=n_boot,
-                          seed=seed, n_perm=n_perm, alternative="greater", power=True, level=level,
-                          subset="all")
+    return _paired_values(frame, target=target, controls=controls, value="score", subset="all", test=test,
+                          alternative="greater", power=True)
 
 
 def relative_to_noop(
     cells: pl.DataFrame,
     *,
     baseline: str = "noop",
-    n_boot: int = 10_000,
-    seed: int = 0,
-    n_perm: int = 10_000,
     subset: str = PRIMARY,
+    test: PairedTest = PairedTest(),
 ) -> pl.DataFrame:
     """Every condition's effect relative to the unsteered ``baseline``: per method, scaling,
     alpha and condition, the mean per-prompt (condition - baseline) difference with a
@@ -158,9 +160,8 @@ def relative_to_noop(
     conditions = [c for c in cells["condition"].unique().sort().to_list() if c != baseline]
     parts = []
     for cond in conditions:
-        res = _paired_values(cells, target=cond, controls=[baseline], value="score",
-                             n_boot=n_boot, seed=seed, n_perm=n_perm, alternative="two-sided",
-                             power=False, level=0.05, subset=subset)
+        res = _paired_values(cells, target=cond, controls=[baseline], value="score", subset=subset,
+                             test=test, alternative="two-sided", power=False)
         parts.append(res.with_columns(pl.lit(cond).alias("condition")))
     cols = ["method", "scaling", "alpha", "condition", "n", "mean_diff", "ci_low", "ci_high",
             "p_value"]
@@ -169,4 +170,4 @@ def relative_to_noop(
     return pl.concat(parts).select(cols).sort(["method", "scaling", "condition", "alpha"])
 
 
-__all__ = ["CONTROLS", "EXACT_MAX_N", "TARGET", "paired", "paired_hits", "relative_to_noop"]
+__all__ = ["CONTROLS", "EXACT_MAX_N", "TARGET", "PairedTest", "paired", "paired_hits", "relative_to_noop"]

@@ -105,11 +105,11 @@ def computed():
     summary = stats.summarize(cells, n_boot=N_BOOT)
     return dict(
         cells=cells, summary=summary,
-        paired=stats.paired(cells, n_boot=N_BOOT),
-        paired_hits=stats.paired_hits(comps, n_boot=N_BOOT),
+        paired=stats.paired(cells, test=stats.PairedTest(n_boot=N_BOOT)),
+        paired_hits=stats.paired_hits(comps, test=stats.PairedTest(n_boot=N_BOOT)),
         hits=stats.hit_rates(comps, n_boot=N_BOOT),
         het=stats.heterogeneity(cells),
-        rel=stats.relative_to_noop(cells, n_boot=N_BOOT),
+        rel=stats.relative_to_noop(cells, test=stats.PairedTest(n_boot=N_BOOT)),
     )
 
 

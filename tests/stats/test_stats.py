@@ -71,8 +71,11 @@ def test_summarize_ci_is_scipy_bootstrap_and_default_is_10000():
     ref = sps.bootstrap((x,), _mean, n_resamples=N_BOOT, method="percentile",
                         rng=np.random.default_rng(3)).confidence_interval
     assert (row["ci_low"], row["ci_high"]) == pytest.approx((ref.low, ref.high), rel=1e-12)
-    for fn in (stats.summarize, stats.paired, stats.hit_rates, stats.paired_hits):
+    for fn in (stats.summarize, stats.hit_rates):
         assert inspect.signature(fn).parameters["n_boot"].default == 10_000
+    for fn in (stats.paired, stats.paired_hits, stats.relative_to_noop):
+        assert inspect.signature(fn).parameters["test"].default == stats.PairedTest()
+    assert stats.PairedTest().n_boot == 10_000
     # the default actually runs at 10,000 resamples and is seeded (same call, same CI)
     a = stats.summarize(cells)
     assert a.equals(stats.summarize(cells))
@@ -157,7 +160,7 @@ def _paired_cells(n: int = 8, seed: int = 0) -> tuple[pl.DataFrame, dict[str, np
 
 def test_paired_matches_components():
     cells, diffs = _paired_cells()
-    out = stats.paired(cells, n_boot=N_BOOT, seed=4)
+    out = stats.paired(cells, test=stats.PairedTest(n_boot=N_BOOT, seed=4))
     assert out.columns[:12] == ["method", "scaling", "alpha", "control", "n", "mean_diff",
                                 "ci_low", "ci_high", "p_value", "exact", "min_p", "mde"]
     assert out.height == 4
@@ -177,9 +180,9 @@ def test_paired_matches_components():
 def test_paired_uses_prompts_present_in_both():
     cells = cells_from({("target_edit", "p", 1.0): [1.0, 2.0, 3.0, None],
                         ("noop", "p", 1.0): [0.0, None, 1.0, 5.0]})
-    row = stats.paired(cells, controls=("noop",), n_boot=200).row(0, named=True)
+    row = stats.paired(cells, controls=("noop",), test=stats.PairedTest(n_boot=200)).row(0, named=True)
     assert row["n"] == 2 and row["mean_diff"] == pytest.approx(1.5)
-    missing = stats.paired(cells, controls=("noop", "random_delta"), n_boot=200)
+    missing = stats.paired(cells, controls=("noop", "random_delta"), test=stats.PairedTest(n_boot=200))
     rd = missing.filter(pl.col("control") == "random_delta").row(0, named=True)
     assert rd["n"] == 0 and rd["p_value"] is None and rd["min_p"] == 1.0
 
@@ -207,7 +210,7 @@ def test_hit_rates_average_seeds_within_prompt_first():
 def test_paired_hits():
     comp = _completions({"target_edit": [[1, 1], [1, 0], [1, 1]],
                          "noop": [[0, 0], [0, 0], [1, 1]]})
-    row = stats.paired_hits(comp, controls=("noop",), n_boot=200).row(0, named=True)
+    row = stats.paired_hits(comp, controls=("noop",), test=stats.PairedTest(n_boot=200)).row(0, named=True)
     assert row["n"] == 3 and row["mean_diff"] == pytest.approx((1 + 0.5 + 0) / 3)
 
 
@@ -217,7 +220,7 @@ def test_relative_to_noop_dose_response_and_peaks():
         vals[("target_edit", "p", a)] = [eff + i * 0.1 for i in range(6)]
         vals[("noop", "p", a)] = [i * 0.1 for i in range(6)]
     cells = cells_from(vals)
-    rel = stats.relative_to_noop(cells, n_boot=200)
+    rel = stats.relative_to_noop(cells, test=stats.PairedTest(n_boot=200))
     assert set(rel["condition"].unique()) == {"target_edit"}
     assert rel.filter(pl.col("alpha") == 4.0)["mean_diff"][0] == pytest.approx(5.0)
     s = stats.summarize(cells, n_boot=200)
@@ -254,7 +257,7 @@ def _verdict_inputs(target_effect: float, hit_effect: float, *, weak: str | None
         for c in stats.CONTROLS:
             rows[a][c] = [[0, 0, 0]] * n
     comp = pl.concat([_completions(r, alpha=a) for a, r in rows.items()])
-    return stats.paired(cells, n_boot=500), stats.paired_hits(comp, n_boot=500)
+    return stats.paired(cells, test=stats.PairedTest(n_boot=500)), stats.paired_hits(comp, test=stats.PairedTest(n_boot=500))
 
 
 def test_verdict_supported():
