@@ -98,7 +98,10 @@ def method_cells(sweep: SweepSettings, key: str, method: Method, controls: Mappi
                 if derived.delta is not None and not torch.isfinite(derived.delta).all():
                     raise NumericalError(f"control {cname!r} derived a NaN or inf delta from method "
                                          f"{key!r}'s proposal for {pid!r}", fix="check the method's delta norms")
-                conditions.append(Condition(cname, derived, target.status))
+                if derived.status == "dropped" or (derived.delta is None and derived.prompt_text is None):
+                    conditions.append(Condition(cname, None, "dropped"))  # the control declined: visible, unscored
+                else:
+                    conditions.append(Condition(cname, derived, target.status))
         for cond in conditions:
             for scaling in sweep.scalings:
                 for alpha in sweep.alphas:

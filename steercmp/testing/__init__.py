@@ -14,7 +14,7 @@ The tiny builders (:func:`tiny_model`, :func:`tiny_tokenizer`, :func:`tiny_lm`, 
 test that needs a model in milliseconds.
 """
 
-from steercmp.testing.checks import MethodReport, check_control, check_method
+from steercmp.testing.checks import KitSetup, MethodReport, check_control, check_method
 from steercmp.testing.memory_runtime import ConformanceError, TestRuntime
 from steercmp.testing.models import (
     COUPLET_BATTERY,
@@ -39,6 +39,7 @@ __all__ = [
     "COUPLET_BATTERY",
     "COUPLET_WORDS",
     "ConformanceError",
+    "KitSetup",
     "MethodReport",
     "TINY_BATTERY",
     "TestRuntime",

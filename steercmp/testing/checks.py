@@ -66,6 +66,29 @@ def _fail(check: str, message: str) -> ConformanceError:
     return ConformanceError(check, message)
 
 
+# ---------------------------------------------------------------------------- setup
+@attrs.frozen
+class KitSetup:
+    """What a check runs on: the ``battery`` (default: the kit's :data:`TINY_BATTERY`; a mapping
+    is validated like a battery YAML), the model ``lm`` (default: :func:`tiny_lm` over that
+    battery), the injection ``layer``, the run ``seed`` and whether prompts are read through the
+    chat template (the instruction-model form)."""
+
+    battery: Battery | Mapping[str, Any] | None = None
+    lm: LoadedModel | None = None
+    layer: int = 2
+    seed: int = 0
+    chat_template: bool = False
+
+    def resolve(self) -> tuple[Battery, LoadedModel]:
+        """The battery and the model, defaults filled in."""
+        battery = self.battery
+        if isinstance(battery, Mapping):
+            battery = tiny_battery(battery)
+        battery = battery or tiny_battery()
+        return battery, self.lm or tiny_lm(battery)
+
+
 # ---------------------------------------------------------------------------- reports
 @attrs.define
 class MethodReport:
@@ -221,11 +244,7 @@ def check_method(
     options: Mapping[str, Any] | None = None,
     families: Sequence[str] = PROPOSAL_FAMILIES,
     plugin: Any | None = None,
-    battery: Battery | Mapping[str, Any] | None = None,
-    lm: LoadedModel | None = None,
-    layer: int = 2,
-    seed: int = 0,
-    chat_template: bool = False,
+    setup: KitSetup = KitSetup(),
     scalings: Sequence[str] = SCALINGS,
     allow_zero: bool = False,
     distinct_families: bool = True,
@@ -234,8 +253,8 @@ def check_method(
 
     ``options`` are the method's options (as under ``methods[].options`` in an experiment);
     ``plugin`` is the module whose ``register_methods`` registers the class (default: the nearest
-    module up the class's package path that implements it); ``battery`` and ``lm`` replace the
-    kit's three-prompt battery and tiny model; ``chat_template`` checks the instruction-model form.
+    module up the class's package path that implements it); ``setup`` (:class:`KitSetup`) replaces
+    the kit's battery, tiny model, layer or seed, or checks the instruction-model form.
     ``allow_zero`` accepts zero-norm deltas (only sensible for ``scalings=("raw",)``);
     ``distinct_families=False`` skips the check that ``edited`` and ``unrelated`` proposals differ.
     A method's :attr:`~steercmp.api.Method.companion_families` are checked like the others.
@@ -246,10 +265,8 @@ def check_method(
     if method_cls.intervention not in ("activation", "prompt"):
         raise _fail("registers", f"intervention {method_cls.intervention!r} must be 'activation' or 'prompt'")
 
-    if isinstance(battery, Mapping):
-        battery = tiny_battery(battery)
-    battery = battery or tiny_battery()
-    lm = lm or tiny_lm(battery)
+    battery, lm = setup.resolve()
+    layer, seed, chat_template = setup.layer, setup.seed, setup.chat_template
     experiment = tiny_experiment(method_cls.name, options, layer=layer, seed=seed,
                                  chat_template=chat_template, battery=battery)
     contexts = tiny_contexts(lm, battery, layer, chat_template)
@@ -344,8 +361,7 @@ def check_control(
     *,
     options: Mapping[str, Any] | None = None,
     plugin: Any | None = None,
-    seed: int = 0,
-    layer: int = 2,
+    setup: KitSetup = KitSetup(),
     scalings: Sequence[str] = SCALINGS,
 ) -> list[Proposal]:
     """Run the conformance checks on a control; return the proposals it derived.
@@ -360,9 +376,9 @@ def check_control(
         raise _fail("registers", f"{control_cls!r} is not a steercmp.api.Control subclass")
     _check_registration(control_cls, "control", plugin)
     control = control_cls(dict(options or {}))
-    battery = tiny_battery()
-    lm = tiny_lm(battery)
-    exp = tiny_experiment(layer=layer, seed=seed)
+    battery, lm = setup.resolve()
+    layer, seed = setup.layer, setup.seed
+    exp = tiny_experiment(layer=layer, seed=seed, battery=battery)
     act = type("ActivationFake", (_FakeMethod,), {"intervention": "activation"})({}, exp.run_settings("fake"))
     prm = type("PromptFake", (_FakeMethod,), {"intervention": "prompt"})({}, exp.run_settings("fake"))
     for m in (act, prm):

@@ -92,7 +92,7 @@ def test_builtin_control_conforms(name):
 def test_prompting_instruction_form_conforms():
     from steercmp_plugins.prompting import Prompting
 
-    report = steercmp.testing.check_method(Prompting, chat_template=True)
+    report = steercmp.testing.check_method(Prompting, setup=steercmp.testing.KitSetup(chat_template=True))
     text = report.proposal("stream_dream", "edited").prompt_text
     assert text.startswith("Here is a couplet") and '"gleam"' in text
     assert report.proposal("stream_dream", "unrelated").prompt_text.count('"stone"') == 1

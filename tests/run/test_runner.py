@@ -123,3 +123,33 @@ def test_completions_share_the_unsteered_baseline_and_sample_prompting_texts(tmp
     joined = prompting.filter(pl.col("condition") == "target_edit").join(
         prompting.filter(pl.col("condition") == "noop"), on=["prompt_id", "alpha", "seed"])
     assert (joined["text"] != joined["text_right"]).any()
+
+
+def test_a_control_that_declines_leaves_its_cells_dropped(tmp_path, tiny_ckpt):
+    """A control whose derive returns a dropped proposal (no delta) on some prompt: that prompt's
+    cells of the control are written ``dropped`` with no score; the other prompts score."""
+    import attrs
+
+    from steercmp.api import Control
+    from steercmp.hookspecs import hookimpl
+
+    class Declines(Control):
+        name = "declines_on_night"
+
+        def derive(self, target, context, generator):
+            if context.prompt.id == "night_light":
+                return attrs.evolve(target, delta=None, status="dropped")
+            return attrs.evolve(target, delta=-target.delta)
+
+    class Plugin:
+        @hookimpl
+        def register_controls(self, register):
+            register(Declines)
+
+    exp = write_experiment(tmp_path, tiny_ckpt, controls=["noop", "declines_on_night"])
+    _, cells = run(exp, tmp_path / "r", steps=("extract", "propose", "score"), extra=[Plugin()])
+    mine = cells.filter(pl.col("condition") == "declines_on_night")
+    night = mine.filter(pl.col("prompt_id") == "night_light")
+    assert night.height > 0 and set(night["status"]) == {"dropped"} and night["score"].null_count() == night.height
+    rest = mine.filter(pl.col("prompt_id") != "night_light")
+    assert rest.height > 0 and rest["score"].null_count() == 0
