@@ -19,6 +19,7 @@ from steercmp.testing.memory_runtime import ConformanceError, TestRuntime
 from steercmp.testing.models import (
     COUPLET_BATTERY,
     COUPLET_WORDS,
+    KIT_SPLITS,
     TINY_BATTERY,
     battery_vocabulary,
     couplet_tokenizer,
@@ -39,6 +40,7 @@ __all__ = [
     "COUPLET_BATTERY",
     "COUPLET_WORDS",
     "ConformanceError",
+    "KIT_SPLITS",
     "KitSetup",
     "MethodReport",
     "TINY_BATTERY",

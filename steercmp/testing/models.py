@@ -1,5 +1,5 @@
 """Tiny, seeded stand-ins for tests: a Gemma 3 model built from a config (vocabulary 512), a
-word-level Gemma-style tokenizer, the kit's three-prompt battery, an experiment and contexts.
+Gemma-style tokenizer (one token per word, a few words in two), the kit's three-prompt battery, an experiment and contexts.
 
 Nothing here downloads anything; a tiny model forwards in milliseconds.
 """
@@ -7,7 +7,7 @@ Nothing here downloads anything; a tiny model forwards in milliseconds.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,12 @@ COUPLET_BATTERY: dict[str, Any] = {
          "edits": {"edited": {"still": "hill"}, "unrelated": {"still": "fire"}}},
     ],
 }
+#: Words the kit's tokenizer spells with several tokens (as Gemma's does many words), so a method
+#: that assumes one token per word, or counts positions in words, fails the kit: an edited and an
+#: original family word (scored as multi-token branches), and a word before the injection site.
+#: No first line ends on one: the counterfactual positive control needs a same-length rhyme there.
+KIT_SPLITS: dict[str, tuple[str, ...]] = {"gleam": ("gl", "eam"), "desire": ("des", "ire"),
+                                          "wandered": ("wander", "ed")}
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 #: Words a plugin's own text (prompt templates, explanations) may use; unknown words map to <unk>.
 EXTRA_WORDS = ("a couplet rhyming poem line lines second first last word words ends ending end "
@@ -94,20 +100,27 @@ def _battery_words(battery: Battery) -> list[str]:
     return words
 
 
-def tiny_tokenizer(words: Iterable[str], vocab_size: int = 512) -> Any:
-    """A word-level tokenizer in Gemma's style (``' dream'`` -> ``'▁dream'``) with a chat template."""
+def tiny_tokenizer(words: Iterable[str], vocab_size: int = 512,
+                   splits: Mapping[str, Sequence[str]] | None = None) -> Any:
+    """A word-level tokenizer in Gemma's style (``' dream'`` -> ``'▁dream'``) with a chat template.
+
+    Every word is one token, except the words of ``splits``, spelled by their pieces (``gleam``
+    -> ``▁gl`` ``eam``: greedy longest-match, as WordPiece without a continuation prefix)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
+    splits = {w.lower(): tuple(p.lower() for p in parts) for w, parts in (splits or {}).items()}
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     pieces = ["\n", ",", ".", "!", "?", "'", '"', ":", ";", "(", ")", "-"]
     for w in dict.fromkeys(w.lower() for w in (*EXTRA_WORDS, *words)):
-        pieces += [w, w.capitalize(), "▁" + w, "▁" + w.capitalize()]
+        head, *tail = splits.get(w, (w,))
+        pieces += [head, head.capitalize(), "▁" + head, "▁" + head.capitalize(), *tail]
     for piece in pieces:
         if piece not in vocab and len(vocab) < vocab_size:
             vocab[piece] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="<unk>", continuing_subword_prefix="",
+                                     max_input_chars_per_word=64))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\n|[,.!?'\":;()\-]"), behavior="isolated"),
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
@@ -146,10 +159,13 @@ def tiny_model(seed: int = 0, **overrides: Any) -> torch.nn.Module:
     return model
 
 
-def tiny_lm(battery: Battery | None = None, seed: int = 0) -> LoadedModel:
-    """The tiny model and a tokenizer that knows every word of ``battery`` (default: the kit's)."""
+def tiny_lm(battery: Battery | None = None, seed: int = 0,
+            splits: Mapping[str, Sequence[str]] | None = KIT_SPLITS) -> LoadedModel:
+    """The tiny model and a tokenizer that knows every word of ``battery`` (default: the kit's),
+    the words of ``splits`` spelled by several tokens (default :data:`KIT_SPLITS`; ``None``: one
+    token per word)."""
     battery = battery or tiny_battery()
-    return LoadedModel(model=tiny_model(seed), tokenizer=tiny_tokenizer(_battery_words(battery)),
+    return LoadedModel(model=tiny_model(seed), tokenizer=tiny_tokenizer(_battery_words(battery), splits=splits),
                        source="steercmp.testing", path="", dtype=torch.float32, device="cpu")
 
 

@@ -182,3 +182,18 @@ def test_runtime_cached_and_tables():
     assert rt.tables["t"] == [{"a": 1}]
     g1, g2 = rt.generator("p"), steercmp.testing.TestRuntime(lm, seed=3).generator("p")
     assert torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2))
+
+
+def test_kit_spells_some_words_with_several_tokens():
+    """The kit's tokenizer is not one token per word: the KIT_SPLITS words take two tokens, so
+    a token position is not a word position (the stream_dream injection site is past the
+    multi-token 'wandered'), and families are scored as multi-token branches."""
+    lm = steercmp.testing.tiny_lm()
+    for word, pieces in steercmp.testing.KIT_SPLITS.items():
+        ids = lm.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        assert lm.tokenizer.convert_ids_to_tokens(ids) == ["▁" + pieces[0], *pieces[1:]]
+    ctx = next(c for c in steercmp.testing.tiny_contexts(lm) if c.prompt.id == "stream_dream")
+    line_one = ctx.prompt.text.split("\n")[0]
+    assert ctx.inject_pos == len(line_one.replace(",", " ,").split()) + 2  # BOS + words + 'ed' of wandered
+    assert lm.tokenizer.convert_ids_to_tokens(ctx.input_ids[ctx.inject_pos]) == "\n"
+    assert len(steercmp.testing.tiny_lm(splits=None).tokenizer(" gleam", add_special_tokens=False)["input_ids"]) == 1

@@ -29,8 +29,10 @@ def test_constructions_follow_the_family_rhyme():
     prompt = steercmp.testing.tiny_battery().by_id()["stream_dream"]
     assert same_rhyme(prompt, "edited") and not same_rhyme(prompt, "unrelated")
     swap = build_counterfactual(lm.tokenizer, prompt, "edited")
-    assert swap.construction == "swap" and swap.word == "gleam"
-    assert swap.text == swap_line_end(prompt.text, "gleam")
+    # the kit spells "gleam" with two tokens (KIT_SPLITS): the swap keeps the prompt's length with "beam"
+    assert len(lm.tokenizer(" gleam", add_special_tokens=False)["input_ids"]) == 2
+    assert swap.construction == "swap" and swap.word == "beam"
+    assert swap.text == swap_line_end(prompt.text, "beam")
     block = build_counterfactual(lm.tokenizer, prompt, "edited", "block")
     assert block.word == "dream"
     cue = build_counterfactual(lm.tokenizer, prompt, "unrelated")
@@ -42,4 +44,4 @@ def test_constructions_follow_the_family_rhyme():
 def test_ceiling_scores_the_counterfactual_text():
     report = steercmp.testing.check_method(CounterfactualText)
     p = report.proposal("stream_dream", "edited")
-    assert p.meta["role"] == "ceiling" and p.prompt_text.startswith("I wandered slowly down beside the gleam,")
+    assert p.meta["role"] == "ceiling" and p.prompt_text.startswith("I wandered slowly down beside the beam,")
