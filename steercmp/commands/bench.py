@@ -56,7 +56,7 @@ from steercmp.lm.readout import readout_directions
 from steercmp.paths import writable_file
 from steercmp.score.forms import branch_sequences, family_forms, logmass_from_logits
 from steercmp.score.full_forward import ScoreRow, group_rows, score_rows
-from steercmp.score.sample import _newline_ids, generate_rows
+from steercmp.score.sample import Decoding, _newline_ids, generate_rows
 from steercmp.score.sweep import (
     auto_batch_size,
     branch_pass,
@@ -249,7 +249,7 @@ def completion_bench(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], cell
         inj = Injection.build([rows[i].delta for i, _ in items], [rows[i].alpha for i, _ in items],
                               [rows[i].position for i, _ in items], [rows[i].scaling for i, _ in items])
         new = generate_rows(lm, layer, context, inj, [gen_for(i, s) for i, s in items],
-                            max_new_tokens=max_new_tokens, temperature=1.0)
+                            Decoding(max_new_tokens, 1.0))
         n_tokens += sum(len(x) for x in new)
     batched_s = time.perf_counter() - t
 

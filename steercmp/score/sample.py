@@ -45,10 +45,24 @@ def family_hits(line: str, words: Sequence[str]) -> tuple[bool, bool]:
     return contains, last in {w.lower() for w in words}
 
 
+@attrs.frozen
+class Decoding:
+    """How each continuation is drawn: at most ``max_new_tokens`` tokens at ``temperature``
+    (nucleus ``top_p``), stopping at EOS and, with ``stop_on_newline``, at a line break."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float = 1.0
+    stop_on_newline: bool = True
+
+    @classmethod
+    def of(cls, spec: CompletionSpec) -> Decoding:
+        return cls(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p)
+
+
 @torch.no_grad()
 def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Injection,
-                  generators: Sequence[torch.Generator], *, max_new_tokens: int, temperature: float,
-                  top_p: float = 1.0, stop_on_newline: bool = True, share_prefix: bool = True
+                  generators: Sequence[torch.Generator], decoding: Decoding, *, share_prefix: bool = True
                   ) -> list[list[int]]:
     """Sample one continuation per row of ``inj`` from the same context; returns new token ids.
 
@@ -58,6 +72,7 @@ def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Inje
     model = lm.model
     n = len(inj)
     device = lm.input_device
+    max_new_tokens, temperature, top_p, stop_on_newline = attrs.astuple(decoding)
     newline_ids = _newline_ids(lm.tokenizer)
     eos = lm.tokenizer.eos_token_id
     out: list[list[int]] = [[] for _ in range(n)]
@@ -95,8 +110,7 @@ def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Inje
 
 @torch.no_grad()
 def generate_unsteered(lm: LoadedModel, contexts: Sequence[Sequence[int]], generators: Sequence[torch.Generator],
-                       *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-                       stop_on_newline: bool = True) -> list[list[int]]:
+                       decoding: Decoding) -> list[list[int]]:
     """One continuation per row, each row its OWN context and nothing injected: the rows are
     left-padded into one batch (attention mask and position ids per row), so the many small
     contexts of a prompt (prompting texts, counterfactual couplets) cost one generation, not one
@@ -105,6 +119,7 @@ def generate_unsteered(lm: LoadedModel, contexts: Sequence[Sequence[int]], gener
     model = lm.model
     n = len(contexts)
     device = lm.input_device
+    max_new_tokens, temperature, top_p, stop_on_newline = attrs.astuple(decoding)
     newline_ids = _newline_ids(lm.tokenizer)
     eos = lm.tokenizer.eos_token_id
     pad = lm.tokenizer.pad_token_id or 0
@@ -195,8 +210,7 @@ def sample_baseline(lm: LoadedModel, sampling: Sampling, prompt_id: str, context
     d = int(lm.d_model)
     inj = Injection.build(torch.zeros(spec.seeds, d), [0.0] * spec.seeds, [len(context) - 1] * spec.seeds, "raw")
     gens = [sample_generator(sampling.seed, prompt_id, s) for s in range(spec.seeds)]
-    new = generate_rows(lm, sampling.layer, context, inj, gens, max_new_tokens=spec.max_new_tokens,
-                        temperature=spec.temperature, top_p=spec.top_p)
+    new = generate_rows(lm, sampling.layer, context, inj, gens, Decoding.of(spec))
     return [lm.tokenizer.decode(toks, skip_special_tokens=True) for toks in new]
 
 
@@ -244,8 +258,7 @@ def sample_completions(lm: LoadedModel, sampling: Sampling, cells: Sequence[Any]
     for s in range(0, len(plain), batch_rows):
         chunk = plain[s:s + batch_rows]
         gens = [sample_generator(sampling.seed, c.prompt_id, seed) for _, _, (c, seed) in chunk]
-        new = generate_unsteered(lm, [ctx for ctx, _, _ in chunk], gens, max_new_tokens=spec.max_new_tokens,
-                                 temperature=spec.temperature, top_p=spec.top_p)
+        new = generate_unsteered(lm, [ctx for ctx, _, _ in chunk], gens, Decoding.of(spec))
         for (_, key, _), toks in zip(chunk, new, strict=True):
             texts[key] = lm.tokenizer.decode(toks, skip_special_tokens=True)
     steered = {ctx: items for ctx, items in work.items() if any(k[1] != UNSTEERED for k in items)}
@@ -257,8 +270,7 @@ def sample_completions(lm: LoadedModel, sampling: Sampling, cells: Sequence[Any]
         inj = Injection.build([c.row.delta for _, (c, _) in items], [c.row.alpha for _, (c, _) in items],
                               [c.row.position for _, (c, _) in items], [c.row.scaling for _, (c, _) in items])
         gens = [sample_generator(sampling.seed, c.prompt_id, seed) for _, (c, seed) in items]
-        new = generate_rows(lm, sampling.layer, context, inj, gens, max_new_tokens=spec.max_new_tokens,
-                            temperature=spec.temperature, top_p=spec.top_p)
+        new = generate_rows(lm, sampling.layer, context, inj, gens, Decoding.of(spec))
         for (key, _), toks in zip(items, new, strict=True):
             texts[key] = lm.tokenizer.decode(toks, skip_special_tokens=True)
     for c, seed, key in wanted:

@@ -10,7 +10,7 @@ from steercmp.battery import Battery
 from steercmp.commands import bench
 from steercmp.lm.hooks import Injection
 from steercmp.lm.load import LoadedModel
-from steercmp.score.sample import generate_rows
+from steercmp.score.sample import Decoding, generate_rows
 from steercmp.testing import couplet_tokenizer as tiny_tokenizer
 from steercmp.testing import tiny_model, words_of
 
@@ -98,12 +98,12 @@ def test_generate_rows_shared_prefix_equals_full_prefill(tiny_battery_lm):
     runs = []
     for share in (True, False):
         gens = [torch.Generator().manual_seed(i) for i in range(4)]
-        runs.append(generate_rows(lm, 2, context, inj, gens, max_new_tokens=6, temperature=1.0,
-                                  stop_on_newline=False, share_prefix=share))
+        runs.append(generate_rows(lm, 2, context, inj, gens, Decoding(6, 1.0, stop_on_newline=False),
+                                  share_prefix=share))
     assert runs[0] == runs[1]
     # a row's text does not depend on the rows batched with it
     alone = generate_rows(lm, 2, context, inj.select([2]), [torch.Generator().manual_seed(2)],
-                          max_new_tokens=6, temperature=1.0, stop_on_newline=False)
+                          Decoding(6, 1.0, stop_on_newline=False))
     assert alone[0] == runs[0][2]
 
 
@@ -116,20 +116,19 @@ def test_left_padded_unsteered_batch_equals_one_context_at_a_time(tiny_battery_l
     contexts = [[2] + list(range(10, 24)), [2, 30, 31, 32], [2] + list(range(40, 49))]
     seeds = [0, 1, 2]
     batched = generate_unsteered(lm, contexts, [torch.Generator().manual_seed(s) for s in seeds],
-                                 max_new_tokens=6, temperature=1.0, stop_on_newline=False)
+                                 Decoding(6, 1.0, stop_on_newline=False))
     for ctx, seed, toks in zip(contexts, seeds, batched, strict=True):
         zero = Injection.build(torch.zeros(1, 64), [0.0], [len(ctx) - 1])
-        alone = generate_rows(lm, 2, ctx, zero, [torch.Generator().manual_seed(seed)], max_new_tokens=6,
-                              temperature=1.0, stop_on_newline=False)
+        alone = generate_rows(lm, 2, ctx, zero, [torch.Generator().manual_seed(seed)],
+                              Decoding(6, 1.0, stop_on_newline=False))
         assert toks == alone[0] and len(toks) == 6
     # with stopping on: rows that finish leave the batch, the others go on unchanged
     many = [contexts[i % 3] for i in range(12)]
     batched = generate_unsteered(lm, many, [torch.Generator().manual_seed(s) for s in range(12)],
-                                 max_new_tokens=8, temperature=2.0)
+                                 Decoding(8, 2.0))
     for s, (ctx, toks) in enumerate(zip(many, batched, strict=True)):
         zero = Injection.build(torch.zeros(1, 64), [0.0], [len(ctx) - 1])
-        assert toks == generate_rows(lm, 2, ctx, zero, [torch.Generator().manual_seed(s)], max_new_tokens=8,
-                                     temperature=2.0)[0]
+        assert toks == generate_rows(lm, 2, ctx, zero, [torch.Generator().manual_seed(s)], Decoding(8, 2.0))[0]
 
 
 @pytest.mark.slow
@@ -160,13 +159,13 @@ def test_generate_rows_drops_finished_rows_without_changing_the_others(tiny_batt
         with torch.no_grad():
             lm.model.get_output_embeddings().weight[nl] = row * scale
         gens = [torch.Generator().manual_seed(10 + i) for i in range(6)]
-        batched = generate_rows(lm, 2, context, inj, gens, max_new_tokens=8, temperature=1.0)
+        batched = generate_rows(lm, 2, context, inj, gens, Decoding(8, 1.0))
         lengths = {len(t) for t in batched}
         if len(lengths) > 1:
             break
     assert len(lengths) > 1 and all(len(t) <= 8 for t in batched)
     for i in range(6):
         alone = generate_rows(lm, 2, context, inj.select([i]), [torch.Generator().manual_seed(10 + i)],
-                              max_new_tokens=8, temperature=1.0)
+                              Decoding(8, 1.0))
         assert alone[0] == batched[i]
         assert batched[i][-1] == nl or len(batched[i]) == 8

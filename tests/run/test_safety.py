@@ -178,7 +178,7 @@ def test_exception_mid_generation_and_sweep_leaves_no_hook(tiny_lm, monkeypatch)
     inj = Injection.build(torch.ones(2, 64), [1.0, 2.0], [2, 2], "raw")
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     with pytest.raises(Boom):
-        completions.generate_rows(tiny_lm, 1, [2, 10, 11, 12], inj, gens, max_new_tokens=5, temperature=1.0)
+        completions.generate_rows(tiny_lm, 1, [2, 10, 11, 12], inj, gens, completions.Decoding(5, 1.0))
     assert attached_hooks(tiny_lm.model) == 0
 
     layers_before = list(decoder_layers(tiny_lm.model))
@@ -207,6 +207,5 @@ def test_embedded_model_exception_mid_generation_leaves_no_hook(embedded_lm, mon
     inj = Injection.build(torch.ones(1, d), [1.0], [2], "norm_relative")
     ids = embedded_lm.tokenizer("Roses are red,\nviolets")["input_ids"]
     with pytest.raises(Boom):
-        completions.generate_rows(embedded_lm, 6, ids, inj, [torch.Generator()], max_new_tokens=3,
-                                  temperature=1.0)
+        completions.generate_rows(embedded_lm, 6, ids, inj, [torch.Generator()], completions.Decoding(3, 1.0))
     assert attached_hooks(embedded_lm.model) == before
