@@ -254,8 +254,7 @@ def hub_cache(mini: Miniature, cache: str | Path, widths: Widths = Widths()) -> 
             shutil.copytree(src, snap)
         (base / "refs").mkdir(exist_ok=True)
         (base / "refs" / "main").write_text(commit)
-    write_gemma_scope_cache(cache, SAE_REPO, SAE_FOLDER, d_in=widths.hidden, d_sae=widths.sae_width, layer=LAYER,
-                            tensors=_sae_tensors(widths), revision=commit)
+    write_gemma_scope_cache(cache, SAE_REPO, SAE_FOLDER, _sae_tensors(widths), layer=LAYER, revision=commit)
     return cache
 
 

@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 import torch
 
 from steercmp.battery import Battery
@@ -73,9 +74,33 @@ TARGETS = {"d/a": 20.0, "d/b": 20.0, "d/c": 2.0, "d/bound": 1.15, "completions":
 #: ``--quick``: the full grid for (d) and the bounds, the slow baselines on sampled cells, so the
 #: bench ends in minutes on a 2-core CPU while every ratio is still printed (rates are per cell)
 QUICK = {"loop_cells": 35, "nnsight_cells": 35, "batched_cells": 245}
-QUICK_COMPLETIONS = {"n_prompts": 8, "seeds": 5, "max_new_tokens": 8, "loop_samples": 12}
-SMOKE_COMPLETIONS = {"n_prompts": 1, "seeds": 2, "max_new_tokens": 4, "loop_samples": 4}
-FULL_COMPLETIONS = {"n_prompts": 8, "seeds": 5, "max_new_tokens": 8, "loop_samples": 24}
+
+
+@attrs.frozen
+class PathSizes:
+    """How many grid cells each slow path times (None: every cell): (a) the per-cell loop,
+    (b) nnsight, (c) AxBench-style batching."""
+
+    loop_cells: int | None = 70
+    nnsight_cells: int | None = 70
+    batched_cells: int | None = None
+
+
+@attrs.frozen
+class CompletionBench:
+    """The completions benchmark's size: prompts, seeds per cell, tokens per sample, samples the
+    per-sample loop times, and the seed of the generators."""
+
+    n_prompts: int
+    seeds: int
+    max_new_tokens: int
+    loop_samples: int
+    seed: int = 0
+
+
+QUICK_COMPLETIONS = CompletionBench(n_prompts=8, seeds=5, max_new_tokens=8, loop_samples=12)
+SMOKE_COMPLETIONS = CompletionBench(n_prompts=1, seeds=2, max_new_tokens=4, loop_samples=4)
+FULL_COMPLETIONS = CompletionBench(n_prompts=8, seeds=5, max_new_tokens=8, loop_samples=24)
 DEFAULT_BATTERY = experiments_dir() / "batteries" / "expanded.yaml"
 
 
@@ -225,11 +250,10 @@ def max_abs_diff(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], ind
 
 # ----------------------------------------------------------------------------- completions
 @torch.no_grad()
-def completion_bench(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], cells: Sequence[dict[str, Any]], *,
-                     n_prompts: int, seeds: int, max_new_tokens: int, loop_samples: int,
-                     seed: int = 0) -> dict[str, Any]:
+def completion_bench(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], cells: Sequence[dict[str, Any]],
+                     size: CompletionBench) -> dict[str, Any]:
     """Batched sampling (one :func:`generate_rows` call per prompt) vs one ``generate`` per sample."""
-
+    n_prompts, seeds, max_new_tokens, loop_samples, seed = attrs.astuple(size)
     prompt_ids = list(dict.fromkeys(c["prompt_id"] for c in cells))[:n_prompts]
     chosen = [i for i, c in enumerate(cells) if c["prompt_id"] in prompt_ids
               and c["condition"] in ("target_edit", "noop") and c["alpha"] in (0.0, 2.0)]
@@ -281,9 +305,8 @@ def completion_bench(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], cell
 
 
 # ----------------------------------------------------------------------------- driver
-def run_bench(lm: LoadedModel, layer: int, prompts: Sequence[Any], *, loop_cells: int | None = 70,
-              nnsight_cells: int | None = 70, batched_cells: int | None = None,
-              completions: dict[str, Any] | None = None, log: Callable[[str], None] = print,
+def run_bench(lm: LoadedModel, layer: int, prompts: Sequence[Any], *, sizes: PathSizes = PathSizes(),
+              completions: CompletionBench | None = None, log: Callable[[str], None] = print,
               alphas: Sequence[float] = ALPHAS) -> dict[str, Any]:
     """Time every path on one grid, check agreement, and return the numbers (see module doc)."""
 
@@ -310,7 +333,7 @@ def run_bench(lm: LoadedModel, layer: int, prompts: Sequence[Any], *, loop_cells
                                       "seconds": with_br}
     log(f"[bench] bound: {bare:.1f} s, with branches {with_br:.1f} s")
 
-    agreement = _compare_paths(lm, layer, rows, fast, timings, (loop_cells, nnsight_cells, batched_cells), block, log)
+    agreement = _compare_paths(lm, layer, rows, fast, timings, attrs.astuple(sizes), block, log)
     for v in timings.values():
         v["cells_per_s"] = v["cells"] / v["seconds"] if v["seconds"] > 0 else float("inf")
     rate = {k: v["cells_per_s"] for k, v in timings.items()}
@@ -329,7 +352,7 @@ def run_bench(lm: LoadedModel, layer: int, prompts: Sequence[Any], *, loop_cells
         "timings": timings, "ratios": ratios, "agreement": agreement, "tolerance": TOLERANCE,
     }
     if completions:
-        comp = completion_bench(lm, layer, rows, cells, **completions)
+        comp = completion_bench(lm, layer, rows, cells, completions)
         result["completions"] = comp
         ratios["completions"] = comp["ratio"]
         log(f"[bench] completions: batched {comp['completions_per_s_batched']:.2f}/s, "
@@ -450,9 +473,10 @@ def main(args: argparse.Namespace, lm: LoadedModel | None = None) -> int:
 
     completions = None if getattr(args, "no_completions", False) else (
         SMOKE_COMPLETIONS if smoke else QUICK_COMPLETIONS if quick else FULL_COMPLETIONS)
-    result = run_bench(lm, layer, prompts, loop_cells=sample("loop_cells", 70),
-                       nnsight_cells=sample("nnsight_cells", 70), batched_cells=sample("batched_cells", None),
-                       completions=completions, log=lambda m: print(m, file=sys.stderr))
+    sizes = PathSizes(loop_cells=sample("loop_cells", 70), nnsight_cells=sample("nnsight_cells", 70),
+                      batched_cells=sample("batched_cells", None))
+    result = run_bench(lm, layer, prompts, sizes=sizes, completions=completions,
+                       log=lambda m: print(m, file=sys.stderr))
     result["environment"] = environment(lm)
     result["model"] = lm.source
     result["mode"] = "smoke" if smoke else "quick" if quick else "full"

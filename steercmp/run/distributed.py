@@ -120,11 +120,20 @@ def prepare_shard(experiment: Experiment, run_dir: str | Path, k: int, prompt_id
         write_json(shard.proposal_records(spec.key), records)
 
 
-def run_shard(experiment: Experiment, plugins: PluginSpec, run_dir: str | Path, k: int,
-              prompt_ids: Sequence[str], steps: Sequence[str] = SHARD_STAGES, *, fresh: bool = False,
+@attrs.frozen
+class Shard:
+    """Shard ``k`` of a run: its index and the ids of its prompts."""
+
+    k: int
+    prompt_ids: tuple[str, ...]
+
+
+def run_shard(experiment: Experiment, plugins: PluginSpec, run_dir: str | Path, shard: Shard,
+              steps: Sequence[str] = SHARD_STAGES, *, fresh: bool = False,
               threads: int | None = None, device: str | None = None) -> list[str]:
     """Score and sample one shard's prompts (a worker's whole job) from the proposals the
     whole-battery step wrote; returns the one-line failures of its methods."""
+    k, prompt_ids = shard.k, shard.prompt_ids
     if threads:
         torch.set_num_threads(threads)
     if device is not None:
@@ -139,7 +148,8 @@ def run_shard(experiment: Experiment, plugins: PluginSpec, run_dir: str | Path, 
 
 def _worker(payload: tuple[Any, ...]) -> list[str]:
     experiment, plugins, run_dir, k, ids, steps, fresh, threads, device = payload
-    return run_shard(experiment, plugins, run_dir, k, ids, steps, fresh=fresh, threads=threads, device=device)
+    return run_shard(experiment, plugins, run_dir, Shard(k, tuple(ids)), steps, fresh=fresh, threads=threads,
+                     device=device)
 
 
 def _worker_device(experiment: Experiment, k: int) -> str | None:
@@ -214,8 +224,8 @@ def run_rank(experiment: Experiment, run_dir: str | Path, *, plugins: PluginSpec
     state.wait_for_everyone()
     shards = shard_prompt_ids([p.id for p in experiment.battery.prompts], state.num_processes)
     if state.process_index < len(shards) and any(s in steps for s in SHARD_STAGES):
-        run_shard(experiment, plugins, run_dir, state.process_index, shards[state.process_index], steps,
-                  fresh=fresh, device=device)
+        run_shard(experiment, plugins, run_dir, Shard(state.process_index, tuple(shards[state.process_index])),
+                  steps, fresh=fresh, device=device)
     state.wait_for_everyone()
     cells = None
     if state.is_main_process:

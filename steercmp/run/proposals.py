@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import attrs
 import torch
 
 from steercmp.api import PROPOSAL_FAMILIES, PROPOSAL_STATUSES, PromptContext, Proposal
@@ -30,11 +31,23 @@ class ProposalError(PluginError):
         super().__init__(message, fix=fix)
 
 
-def check_proposals(method: str, proposals: Any, contexts: Sequence[PromptContext], *,
-                    scalings: Sequence[str], intervention: str = "activation",
-                    families: Sequence[str] = PROPOSAL_FAMILIES, tokenizer: Any = None,
-                    chat_template: bool = False, zero_ok: bool | None = None) -> list[Proposal]:
-    """Check a method's proposals and return them as a list.
+@attrs.frozen
+class ProposalContract:
+    """What one method's proposals must be: of its ``intervention`` (``activation`` or
+    ``prompt``), one per prompt and family of ``families``, scored under ``scalings`` (a
+    ``norm_relative`` scaling divides by the delta's norm, so deltas must be non-zero unless
+    ``zero_ok`` says otherwise), prompt texts read with or without the ``chat_template``."""
+
+    scalings: tuple[str, ...]
+    intervention: str = "activation"
+    families: tuple[str, ...] = PROPOSAL_FAMILIES
+    chat_template: bool = False
+    zero_ok: bool | None = None
+
+
+def check_proposals(method: str, proposals: Any, contexts: Sequence[PromptContext], contract: ProposalContract,
+                    *, tokenizer: Any = None) -> list[Proposal]:
+    """Check a method's proposals against its ``contract`` and return them as a list.
 
     One :class:`Proposal` per prompt and family in ``families``, no duplicates or strangers, a
     known status and JSON meta. A non-dropped activation proposal carries a finite float32 CPU
@@ -47,6 +60,7 @@ def check_proposals(method: str, proposals: Any, contexts: Sequence[PromptContex
         raise ProposalError("proposals", f"method {method!r} returned {type(proposals).__name__}, "
                                          "not a list of proposals", fix="return a list of Proposal objects")
     proposals = list(proposals)
+    families, zero_ok = contract.families, contract.zero_ok
     allowed = list(dict.fromkeys([*PROPOSAL_FAMILIES, *families]))
     have: dict[tuple[str, str], Proposal] = {}
     known = {c.prompt.id for c in contexts}
@@ -67,7 +81,7 @@ def check_proposals(method: str, proposals: Any, contexts: Sequence[PromptContex
                                 fix="return one Proposal per prompt and family")
         have[(p.prompt_id, p.family)] = p
     if zero_ok is None:
-        zero_ok = "norm_relative" not in scalings
+        zero_ok = "norm_relative" not in contract.scalings
     for ctx in contexts:
         for fam in families:
             p = have.get((ctx.prompt.id, fam))
@@ -75,12 +89,12 @@ def check_proposals(method: str, proposals: Any, contexts: Sequence[PromptContex
                 raise ProposalError("families", f"method {method!r} returned no proposal for prompt "
                                                 f"{ctx.prompt.id!r}, family {fam!r}",
                                     fix="return one Proposal per prompt and family")
-            _check_one(method, p, ctx, intervention, tokenizer, chat_template, zero_ok)
+            _check_one(method, p, ctx, contract, tokenizer, zero_ok)
     return proposals
 
 
-def _check_one(method: str, p: Proposal, ctx: PromptContext, intervention: str, tokenizer: Any,
-               chat_template: bool, zero_ok: bool) -> None:
+def _check_one(method: str, p: Proposal, ctx: PromptContext, contract: ProposalContract, tokenizer: Any,
+               zero_ok: bool) -> None:
     where = f"method {method!r}, {ctx.prompt.id}/{p.family}"
     if p.status not in PROPOSAL_STATUSES:
         raise ProposalError("proposals", f"{where}: status {p.status!r} is not one of {PROPOSAL_STATUSES}",
@@ -96,8 +110,8 @@ def _check_one(method: str, p: Proposal, ctx: PromptContext, intervention: str, 
                             fix="leave fixed_alpha None (swept) or give e.g. 1.0")
     if p.status == "dropped":
         return
-    if intervention == "prompt":
-        _check_prompt_text(where, p, ctx, tokenizer, chat_template)
+    if contract.intervention == "prompt":
+        _check_prompt_text(where, p, ctx, tokenizer, contract.chat_template)
         return
     if p.delta is None:
         raise ProposalError("shape", f"{where}: an activation method must set delta (got prompt_text)",

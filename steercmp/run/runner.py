@@ -28,7 +28,7 @@ from steercmp.paths import sole_writer
 from steercmp.plugin_manager import PluginSet
 from steercmp.run.cells import CELL_SCHEMA, Cell, CellBook, FamilyForms, method_cells, score_unit
 from steercmp.run.keys import STAGES, RunKeys
-from steercmp.run.proposals import check_proposals, load_proposals, save_proposals
+from steercmp.run.proposals import ProposalContract, check_proposals, load_proposals, save_proposals
 from steercmp.run.rundir import (
     RunDir,
     ensure_writable_dir,
@@ -211,9 +211,9 @@ class Runner:
             runtime = RunnerRuntime(self.resources, self.rundir, self.experiment.run_settings(spec.key),
                                     progress=self.progress, fresh=self.fresh)
             try:
-                proposals = check_proposals(spec.key, method.propose(contexts, runtime), contexts,
-                                            scalings=self.experiment.scalings, intervention=method.intervention,
+                contract = ProposalContract(scalings=tuple(self.experiment.scalings), intervention=method.intervention,
                                             families=(*PROPOSAL_FAMILIES, *method.companion_families))
+                proposals = check_proposals(spec.key, method.propose(contexts, runtime), contexts, contract)
             except Exception as exc:
                 # one failing method must not cost the others' results: record it and go on
                 self._fail(spec.key, "proposing", exc)

@@ -29,6 +29,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 import numpy as np
 import polars as pl
 
@@ -242,8 +243,19 @@ def matched_verdicts(matched: pl.DataFrame, completions: pl.DataFrame | None, *,
     prompts = matched["prompt_id"].unique(maintain_order=True).to_list()
     methods = list(methods) if methods is not None else [
         m for m in matched["method"].unique(maintain_order=True).to_list() if roles.get(m) != "ceiling"]
-    return [_verdict(matched, completions, m, prompts, level=level, min_effect=min_effect, n_boot=n_boot,
-                     seed=seed, role=roles.get(m)) for m in methods]
+    rule = DecisionRule(level=level, min_effect=min_effect, n_boot=n_boot, seed=seed)
+    return [_verdict(matched, completions, m, prompts, rule=rule, role=roles.get(m)) for m in methods]
+
+
+@attrs.frozen
+class DecisionRule:
+    """The settings every check of one verdict shares: the test ``level``, the smallest effect of
+    interest, and the bootstrap's resamples and seed."""
+
+    level: float
+    min_effect: float
+    n_boot: int
+    seed: int
 
 
 def _summaries(frame: pl.DataFrame, *, n_boot: int, seed: int) -> dict[str, Any]:
@@ -257,7 +269,8 @@ def _summaries(frame: pl.DataFrame, *, n_boot: int, seed: int) -> dict[str, Any]
 
 
 def _verdict(matched: pl.DataFrame, completions: pl.DataFrame | None, method: str, prompts: Sequence[str], *,
-             level: float, min_effect: float, n_boot: int, seed: int, role: str | None) -> dict[str, Any]:
+             rule: DecisionRule, role: str | None) -> dict[str, Any]:
+    level, min_effect, n_boot, seed = rule.level, rule.min_effect, rule.n_boot, rule.seed
     frame, controls = per_prompt(matched, method, prompts, itt=True)
     selected, _ = per_prompt(matched, method, prompts, itt=False)
     if frame.is_empty():

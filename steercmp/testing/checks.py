@@ -55,7 +55,7 @@ from steercmp.lm.hooks import attached_hooks
 from steercmp.lm.load import LoadedModel
 from steercmp.lm.prompts import tokenize_prompt
 from steercmp.plugin_manager import DEFAULT_PLUGINS, build_plugin_manager
-from steercmp.run.proposals import ProposalError, check_proposals
+from steercmp.run.proposals import ProposalContract, ProposalError, check_proposals
 from steercmp.score.forms import family_forms
 from steercmp.score.full_forward import ScoreRow, score_rows
 from steercmp.testing.memory_runtime import ConformanceError, TestRuntime
@@ -187,9 +187,9 @@ def _check_proposals(method: Method, contexts: Sequence[PromptContext], proposal
                      allow_zero: bool) -> list[Proposal]:
     """The runner's own :func:`steercmp.run.proposals.check_proposals`, reported as a kit check."""
     try:
-        return check_proposals(method.name, proposals, contexts, scalings=SCALINGS,
-                               intervention=method.intervention, families=families,
-                               tokenizer=lm.tokenizer, chat_template=chat_template, zero_ok=allow_zero)
+        contract = ProposalContract(scalings=SCALINGS, intervention=method.intervention, families=tuple(families),
+                                    chat_template=chat_template, zero_ok=allow_zero)
+        return check_proposals(method.name, proposals, contexts, contract, tokenizer=lm.tokenizer)
     except ProposalError as exc:
         raise _fail(exc.check, exc.one_line()) from None
 

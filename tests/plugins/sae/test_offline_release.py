@@ -11,7 +11,7 @@ from sae_lens.loading import pretrained_sae_loaders as loaders
 
 from steercmp.errors import ConfigError
 from steercmp_plugins.sae.sources import SaeSource, load_sae, origin
-from steercmp_plugins.sae.tiny_sae import write_gemma_scope_cache
+from steercmp_plugins.sae.tiny_sae import random_jumprelu, write_gemma_scope_cache
 
 RELEASE, SAE_ID = "gemma-scope-2-12b-it-res-all", "layer_32_width_16k_l0_small"
 REPO, FOLDER = "google/gemma-scope-2-12b-it", "resid_post_all/layer_32_width_16k_l0_small"
@@ -30,7 +30,7 @@ def offline_cache(tmp_path, monkeypatch):
 
 
 def test_release_loads_from_the_cache_offline(offline_cache):
-    tensors = write_gemma_scope_cache(offline_cache, REPO, FOLDER, d_in=64, d_sae=96, layer=32)
+    tensors = write_gemma_scope_cache(offline_cache, REPO, FOLDER, random_jumprelu(d_in=64, d_sae=96), layer=32)
     source = SaeSource("release", release=RELEASE, sae_id=SAE_ID)
     assert origin(source).startswith("Hugging Face cache")
     sae = load_sae(source, layer=32, d_model=None)
