@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from steercmp.battery import Battery
+from steercmp.bench import grid, paths, suite
 from steercmp.commands import bench
 from steercmp.lm.hooks import Injection
 from steercmp.lm.load import LoadedModel
@@ -35,7 +36,7 @@ def tiny_battery_lm():
 
 
 def test_subsample_covers_every_condition_and_alpha():
-    idx = bench.subsample(560, 70, 35)
+    idx = grid.subsample(560, 70, 35)
     assert len(idx) <= 70 and idx[0] == 0
     assert {i % 35 for i in idx} == set(range(35)) or len(idx) < 35
 
@@ -63,10 +64,10 @@ def test_quick_bench_samples_the_slow_baselines_only(tmp_path, tiny_battery_lm, 
     args = argparse.Namespace(out=str(out), battery=NOTE8, quick=True, layer=2)
     assert bench.main(args, lm=lm) == 0
     data = json.loads(out.read_text())
-    n = len(battery.prompts) * len(bench.CONDITIONS) * len(bench.ALPHAS)
+    n = len(battery.prompts) * len(grid.CONDITIONS) * len(grid.ALPHAS)
     assert data["mode"] == "quick" and data["all_agree"]
     assert data["timings"]["d"]["cells"] == data["timings"]["bound"]["cells"] == n
-    for key, cells in bench.QUICK.items():
+    for key, cells in suite.QUICK.items():
         path = {"loop_cells": "a", "nnsight_cells": "b", "batched_cells": "c"}[key]
         assert data["timings"][path]["cells"] <= min(cells, n) and data["timings"][path]["sampled"]
     printed = capsys.readouterr().out
@@ -76,14 +77,14 @@ def test_quick_bench_samples_the_slow_baselines_only(tmp_path, tiny_battery_lm, 
 
 def test_bench_fails_loudly_on_disagreement(tmp_path, tiny_battery_lm, monkeypatch):
     battery, lm = tiny_battery_lm
-    real = bench.loop_scores
+    real = suite.loop_scores
 
     def broken(*a, **k):
         out = real(*a, **k)
         out["edited"] = out["edited"] + 1e-2
         return out
 
-    monkeypatch.setattr(bench, "loop_scores", broken)
+    monkeypatch.setattr(suite, "loop_scores", broken)
     args = argparse.Namespace(out=str(tmp_path / "b.json"), battery=NOTE8, smoke=True, layer=2,
                               no_completions=True)
     assert bench.main(args, lm=lm) == 1
@@ -144,7 +145,7 @@ def test_nnsight_path_leaves_the_model_untouched(tiny_battery_lm):
 
     _battery, lm = tiny_battery_lm
     forward = lm.model.forward
-    bench.wrap_nnsight(lm)
+    paths.wrap_nnsight(lm)
     assert lm.model.forward == forward and attached_hooks(lm.model) == 0
 
 
