@@ -196,24 +196,67 @@ def check_model_source(model_id: str, where: str = "model.id") -> None:
 
 
 _TOKENIZERS: dict[tuple[Any, ...], Any] = {}
+_DIGESTS: dict[tuple[Any, ...], str] = {}
+#: a tokenizer folder's files that say how text becomes tokens (a chat template does not: it is
+#: applied to the copy, so folders that differ only in it share one parsed tokenizer)
+TOKENIZER_FILES = (".json", ".model", ".txt")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def _tokenizer_digest(folder: Path) -> str:
+    """The content hash of a folder's tokenizer files (weights' config and the chat template
+    aside), memoised by file name, size and mtime."""
+    import hashlib
+
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in TOKENIZER_FILES
+                   and f.name not in ("config.json", "generation_config.json") and not f.name.startswith("steercmp_"))
+    stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    if (folder, stamp) not in _DIGESTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        _DIGESTS[(folder, stamp)] = h.hexdigest()
+    return _DIGESTS[(folder, stamp)]
 
 
 def cached_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """A tokenizer, parsed once per process and handed out as a shallow copy.
 
     A staged run loads the base model several times (extract, after the NLA and SAE stages, score,
-    completions) and Gemma's 262k-entry tokenizer takes ~2.5 s to parse each time. The copy keeps
-    attribute changes (e.g. a ``chat_template`` set by the mini-NLA build) private to its owner.
+    completions) and Gemma's 262k-entry tokenizer takes ~2.5 s and ~0.34 GiB to parse. Local
+    folders are keyed by their tokenizer files' CONTENT, so the base model, the NLA AV and the AR
+    (copies of one tokenizer) share one parsed object; a folder's ``chat_template.jinja`` is set
+    on its copy. The copy keeps attribute changes (e.g. a ``chat_template``) private to its owner.
     """
     from transformers import AutoTokenizer
 
     folder = Path(path)
-    stamp = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in folder.iterdir()
-                         if f.is_file() and f.suffix in (".json", ".model", ".txt", ".jinja"))) if folder.is_dir() else ()
-    key = (path, revision, trust_remote_code, stamp)  # a rewritten tokenizer file is a new key
+    local = folder.is_dir()
+    key = (_tokenizer_digest(folder) if local else path, revision, trust_remote_code)
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    return copy.copy(_TOKENIZERS[key])
+    tok = copy.copy(_TOKENIZERS[key])
+    if local:
+        tok.chat_template = folder_chat_template(folder)
+        tok.name_or_path = path
+    return tok
+
+
+def folder_chat_template(folder: Path) -> Any:
+    """The chat template a tokenizer folder gives, where transformers looks for it:
+    ``chat_template.jinja``, else ``chat_template.json``, else ``tokenizer_config.json``."""
+    import json
+
+    jinja = folder / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        config = folder / name
+        if config.is_file():
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+            if template is not None:
+                return template
+    return None
 
 
 def load_tokenizer(model_id: str, *, revision: str | None = None, trust_remote_code: bool = False,
