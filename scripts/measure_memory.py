@@ -2,8 +2,9 @@
 
 The runner records memory at every model load and at the end of every stage in
 ``<run>/manifest.json`` under ``memory`` (RSS and its high-water mark since the last load, the
-bytes of the resident model, CUDA peaks on GPU). This script prints that per stage and checks the
-staged pipeline's promise: peak resident memory <= 1.25 x the largest single model.
+bytes of the resident model, CUDA peaks on GPU). This script prints that per stage and checks
+issue 20's target: peak resident memory, net of the process baseline, <= 2 x the largest single
+model (an earlier target was 1.25x).
 
 Usage:
     python scripts/measure_memory.py artifacts/embedded          # read an existing run
@@ -25,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-LIMIT = 1.25
+LIMIT = 2.0
 
 
 def gib(n: float | int | None) -> str:

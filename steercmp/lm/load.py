@@ -18,6 +18,7 @@ from steercmp.errors import ConfigError
 from steercmp.lm.embedded import ensure_embedded_model
 from steercmp.lm.hooks import contiguous_readout
 from steercmp.lm.layout import decoder_layers, text_config
+from steercmp.lm.memory import trim_heap
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -160,12 +161,7 @@ def release(obj: Any) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    try:  # return freed heap pages to the OS so resident memory really drops on CPU
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()  # return freed heap pages to the OS so resident memory really drops on CPU
 
 
 def check_model_source(model_id: str, where: str = "model.id") -> None:

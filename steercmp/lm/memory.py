@@ -39,6 +39,20 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def trim_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A stage's transient buffers (a batch's 262k-vocabulary logits, sampling state) are freed into
+    the allocator's arenas, which keep them resident: trimmed at every stage's end, the next stage
+    starts from what is live, not from the last stage's high-water mark."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def cuda_peak_bytes() -> int:
     return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else 0
 

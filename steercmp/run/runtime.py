@@ -7,6 +7,7 @@ another releases it first and logs memory per stage. :class:`RunnerRuntime` is t
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,7 +22,7 @@ from steercmp.config import ModelSpec
 from steercmp.hashing import make_generator, stable_hash
 from steercmp.lm.capture import capture_at
 from steercmp.lm.load import LoadedModel, load_base_model, parse_dtype, release
-from steercmp.lm.memory import gib, model_bytes, peak_rss_bytes, reset_peak, rss_bytes
+from steercmp.lm.memory import gib, model_bytes, peak_rss_bytes, reset_peak, rss_bytes, trim_heap
 from steercmp.run.rundir import RunDir, read_json, write_json, write_parquet
 
 Progress = Callable[..., Any]
@@ -74,7 +75,10 @@ class ResourceManager:
         return obj
 
     def note(self, stage: str) -> None:
-        """Record memory at the end of a stage (peak since the last model load)."""
+        """Record memory at the end of a stage: its peak (since the last model load or stage
+        end), and the resident memory after returning the stage's freed buffers to the OS."""
+        gc.collect()
+        trim_heap()
         name = self.resident[0] if self.resident else None
         held = _object_bytes(self.resident[1]) if self.resident else 0
         entry = {"stage": stage, "resident": name, "model_bytes": held, "rss_bytes": rss_bytes(),
@@ -84,6 +88,7 @@ class ResourceManager:
         self.memory.append(entry)
         self.log(f"  memory after {stage}: resident={name} model={gib(held)} rss={gib(entry['rss_bytes'])} "
                  f"peak={gib(entry['peak_rss_bytes'])}")
+        reset_peak()  # the next stage's peak is its own
 
     def release(self) -> None:
         if self.resident is None:
