@@ -255,25 +255,18 @@ class NlaTextEdit(Method):
         from .ar import ActivationReconstructor
         from .av import ActivationVerbalizer
 
-        o = self.opts
         dtype, device, position = self._dtype(), self._device(), self._position()
-        bpp = torch.finfo(dtype).bits / 8
-        return (
-            Resource(name="nla_av", kind="nla_av", source=o.av,
-                     loader=lambda: ActivationVerbalizer.load(checkpoint_source(o.av, "av", position=position),
-                                                              dtype=dtype,
-                                                              device=device),
-                     params=estimate_params(o.av, "av"), bytes_per_param=bpp,
-                     note="activation verbalizer (explain)",
-                     origin=lambda: checkpoint_origin(o.av, "av", position)),
-            Resource(name="nla_ar", kind="nla_ar", source=o.ar,
-                     loader=lambda: ActivationReconstructor.load(checkpoint_source(o.ar, "ar", position=position),
-                                                                 dtype=dtype,
-                                                                 device=device),
-                     params=estimate_params(o.ar, "ar"), bytes_per_param=bpp,
-                     note="activation reconstructor (truncated backbone + value head)",
-                     origin=lambda: checkpoint_origin(o.ar, "ar", position)),
-        )
+
+        def checkpoint(role: str, source: str, cls: Any, note: str) -> Resource:
+            return Resource(name=f"nla_{role}", kind=f"nla_{role}", source=source,
+                            loader=lambda: cls.load(checkpoint_source(source, role, position=position),
+                                                    dtype=dtype, device=device),
+                            params=estimate_params(source, role), bytes_per_param=torch.finfo(dtype).bits / 8,
+                            note=note, origin=lambda: checkpoint_origin(source, role, position))
+
+        return (checkpoint("av", self.opts.av, ActivationVerbalizer, "activation verbalizer (explain)"),
+                checkpoint("ar", self.opts.ar, ActivationReconstructor,
+                           "activation reconstructor (truncated backbone + value head)"))
 
     # -- the method
     def propose(self, contexts: Sequence[PromptContext], runtime: MethodRuntime

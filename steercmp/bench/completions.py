@@ -38,7 +38,8 @@ FULL_COMPLETIONS = CompletionBench(n_prompts=8, seeds=5, max_new_tokens=8, loop_
 def completion_bench(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], cells: Sequence[dict[str, Any]],
                      size: CompletionBench) -> dict[str, Any]:
     """Batched sampling (one :func:`generate_rows` call per prompt) vs one ``generate`` per sample."""
-    n_prompts, seeds, max_new_tokens, loop_samples, seed = attrs.astuple(size)
+    n_prompts, seeds, max_new_tokens = size.n_prompts, size.seeds, size.max_new_tokens
+    loop_samples, seed = size.loop_samples, size.seed
     prompt_ids = list(dict.fromkeys(c["prompt_id"] for c in cells))[:n_prompts]
     chosen = [i for i, c in enumerate(cells) if c["prompt_id"] in prompt_ids
               and c["condition"] in ("target_edit", "noop") and c["alpha"] in (0.0, 2.0)]

@@ -71,7 +71,7 @@ def run_bench(lm: LoadedModel, layer: int, prompts: Sequence[Any], *, sizes: Pat
                                       "seconds": with_br}
     log(f"[bench] bound: {bare:.1f} s, with branches {with_br:.1f} s")
 
-    agreement = _compare_paths(lm, layer, rows, fast, timings, attrs.astuple(sizes), block, log)
+    agreement = _compare_paths(lm, layer, rows, fast, timings, sizes, block, log)
     for v in timings.values():
         v["cells_per_s"] = v["cells"] / v["seconds"] if v["seconds"] > 0 else float("inf")
     rate = {k: v["cells_per_s"] for k, v in timings.items()}
@@ -105,12 +105,12 @@ def run_bench(lm: LoadedModel, layer: int, prompts: Sequence[Any], *, sizes: Pat
 
 
 def _compare_paths(lm: LoadedModel, layer: int, rows: Sequence[Any], fast: dict[str, torch.Tensor],
-                   timings: dict[str, dict[str, Any]], cells: tuple[int | None, int | None, int | None],
+                   timings: dict[str, dict[str, Any]], sizes: PathSizes,
                    block: int, log: Callable[[str], None]) -> dict[str, Any]:
     """Time the other paths (a: per-cell loop, b: nnsight, c: batched full forward) on
-    ``cells = (a, b, c)`` cells each (None: all), whole blocks of ``block`` grid cells evenly spaced,
+    ``sizes`` cells each (None: all), whole blocks of ``block`` grid cells evenly spaced,
     into ``timings``; return their agreement with the fast sweep (d)."""
-    loop_cells, nnsight_cells, batched_cells = cells
+    loop_cells, nnsight_cells, batched_cells = sizes.loop_cells, sizes.nnsight_cells, sizes.batched_cells
     n = len(rows)
     agreement: dict[str, Any] = {}
     paths = [("c", "AxBench-style batched full forward (engine.score_rows)", batched_cells,

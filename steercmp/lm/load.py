@@ -193,9 +193,10 @@ def check_model_source(model_id: str, where: str = "model.id") -> None:
 
 _TOKENIZERS: dict[tuple[Any, ...], Any] = {}
 _DIGESTS: dict[tuple[Any, ...], str] = {}
-#: a tokenizer folder's files that say how text becomes tokens (a chat template does not: it is
-#: applied to the copy, so folders that differ only in it share one parsed tokenizer)
-TOKENIZER_FILES = (".json", ".model", ".txt")
+#: a tokenizer folder's files that say how text becomes tokens, remote tokenizer code included (a
+#: chat template does not: it is applied to the copy, so folders that differ only in it share one
+#: parsed tokenizer)
+TOKENIZER_FILES = (".json", ".model", ".txt", ".py")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 

@@ -211,7 +211,7 @@ class Runner:
             runtime = RunnerRuntime(self.resources, self.rundir, self.experiment.run_settings(spec.key),
                                     progress=self.progress, fresh=self.fresh)
             try:
-                contract = ProposalContract(scalings=tuple(self.experiment.scalings), intervention=method.intervention,
+                contract = ProposalContract(scalings=self.sweep.scalings, intervention=method.intervention,
                                             families=(*PROPOSAL_FAMILIES, *method.companion_families))
                 proposals = check_proposals(spec.key, method.propose(contexts, runtime), contexts, contract)
             except Exception as exc:

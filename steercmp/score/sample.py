@@ -72,7 +72,8 @@ def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Inje
     model = lm.model
     n = len(inj)
     device = lm.input_device
-    max_new_tokens, temperature, top_p, stop_on_newline = attrs.astuple(decoding)
+    max_new_tokens, temperature, top_p = decoding.max_new_tokens, decoding.temperature, decoding.top_p
+    stop_on_newline = decoding.stop_on_newline
     newline_ids = _newline_ids(lm.tokenizer)
     eos = lm.tokenizer.eos_token_id
     out: list[list[int]] = [[] for _ in range(n)]
@@ -119,7 +120,8 @@ def generate_unsteered(lm: LoadedModel, contexts: Sequence[Sequence[int]], gener
     model = lm.model
     n = len(contexts)
     device = lm.input_device
-    max_new_tokens, temperature, top_p, stop_on_newline = attrs.astuple(decoding)
+    max_new_tokens, temperature, top_p = decoding.max_new_tokens, decoding.temperature, decoding.top_p
+    stop_on_newline = decoding.stop_on_newline
     newline_ids = _newline_ids(lm.tokenizer)
     eos = lm.tokenizer.eos_token_id
     pad = lm.tokenizer.pad_token_id or 0
@@ -228,6 +230,7 @@ def sample_completions(lm: LoadedModel, sampling: Sampling, cells: Sequence[Any]
     :func:`sample_baseline`) when given. Every sample of a prompt and seed draws from the same
     generator stream (:func:`sample_generator`)."""
     spec = sampling.spec
+    decoding = Decoding.of(spec)
     baseline = baseline or {}
     work: dict[tuple[int, ...], dict[tuple[Any, ...], tuple[Any, int]]] = {}
     wanted: list[tuple[Any, int, tuple[Any, ...]]] = []
@@ -258,7 +261,7 @@ def sample_completions(lm: LoadedModel, sampling: Sampling, cells: Sequence[Any]
     for s in range(0, len(plain), batch_rows):
         chunk = plain[s:s + batch_rows]
         gens = [sample_generator(sampling.seed, c.prompt_id, seed) for _, _, (c, seed) in chunk]
-        new = generate_unsteered(lm, [ctx for ctx, _, _ in chunk], gens, Decoding.of(spec))
+        new = generate_unsteered(lm, [ctx for ctx, _, _ in chunk], gens, decoding)
         for (_, key, _), toks in zip(chunk, new, strict=True):
             texts[key] = lm.tokenizer.decode(toks, skip_special_tokens=True)
     steered = {ctx: items for ctx, items in work.items() if any(k[1] != UNSTEERED for k in items)}
@@ -270,7 +273,7 @@ def sample_completions(lm: LoadedModel, sampling: Sampling, cells: Sequence[Any]
         inj = Injection.build([c.row.delta for _, (c, _) in items], [c.row.alpha for _, (c, _) in items],
                               [c.row.position for _, (c, _) in items], [c.row.scaling for _, (c, _) in items])
         gens = [sample_generator(sampling.seed, c.prompt_id, seed) for _, (c, seed) in items]
-        new = generate_rows(lm, sampling.layer, context, inj, gens, Decoding.of(spec))
+        new = generate_rows(lm, sampling.layer, context, inj, gens, decoding)
         for (key, _), toks in zip(items, new, strict=True):
             texts[key] = lm.tokenizer.decode(toks, skip_special_tokens=True)
     for c, seed, key in wanted:
