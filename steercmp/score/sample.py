@@ -21,7 +21,7 @@ import torch
 from steercmp.config_sections import CompletionSpec
 from steercmp.hashing import derive_seed
 from steercmp.lm.compat import cache_kwargs, output_cache
-from steercmp.lm.hooks import Injection, injecting
+from steercmp.lm.hooks import Injection, injecting, readout_skipped
 from steercmp.lm.load import LoadedModel
 from steercmp.lm.prompts import pad_batch
 from steercmp.lm.sampling import sample_tokens
@@ -82,8 +82,9 @@ def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Inje
     p_min = min(int(inj.positions.min()), len(context) - 1)
     cache = None
     if share_prefix and p_min > 0:
-        pre = model(input_ids=torch.as_tensor([list(context[:p_min])], device=device), use_cache=True,
-                    logits_to_keep=1)
+        with readout_skipped(model):
+            pre = model(input_ids=torch.as_tensor([list(context[:p_min])], device=device), use_cache=True,
+                        logits_to_keep=1)
         cache = output_cache(pre)
         cache.batch_repeat_interleave(n)
     else:
