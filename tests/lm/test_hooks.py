@@ -9,6 +9,7 @@ from steercmp.lm.hooks import (
     attached_hooks,
     capturing,
     injecting,
+    readout_skipped,
 )
 from steercmp.lm.load import decoder_layers
 from steercmp.lm.prompts import pad_batch
@@ -130,6 +131,26 @@ def test_hooks_removed_after_exception(tiny):
             tiny.generate(input_ids=torch.tensor([[2, 3]]), max_new_tokens=2,
                           logits_processor=[lambda *_: explode()])
     assert attached_hooks(tiny) == before
+
+
+def test_readout_skipped_keeps_the_cache_and_restores_the_head(tiny):
+    """A prefix pass without the vocabulary projection fills the same KV cache, returns hidden
+    states (d wide) instead of logits, and the head comes back even when the pass raises."""
+    from steercmp.lm.compat import output_cache
+
+    ids = torch.randint(5, 400, (1, 7))
+    head = tiny.get_output_embeddings()
+    full = tiny(input_ids=ids, use_cache=True, logits_to_keep=1)
+    with readout_skipped(tiny):
+        bare = tiny(input_ids=ids, use_cache=True, logits_to_keep=1)
+    assert bare.logits.shape[-1] == tiny.config.hidden_size != full.logits.shape[-1]
+    for a, b in zip(output_cache(full).layers, output_cache(bare).layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert tiny.get_output_embeddings() is head
+    with pytest.raises(RuntimeError), readout_skipped(tiny):
+        raise RuntimeError("boom")
+    assert tiny.get_output_embeddings() is head
+    assert torch.equal(tiny(input_ids=ids, logits_to_keep=1).logits, full.logits)
 
 
 def test_multimodal_wrapper_blocks_are_found():

@@ -219,3 +219,23 @@ def test_kl_offtarget_equals_a_float64_reference_without_the_family_tokens():
         want = float((base.exp() * (base - lp)).sum())
     assert want > 1e-4 and float(fast["kl_offtarget"][-1]) == pytest.approx(want, rel=1e-4)
     assert fast["kl_offtarget"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("where", ["step0", "branch"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_logits_are_refused_wherever_they_are(where, bad):
+    """The scorer's finiteness check (from the rows' float32 sums) refuses one bad logit anywhere:
+    at the scoring slot or at a branch token, NaN or either infinity, in bf16 as in fp32."""
+    from steercmp.errors import NumericalError
+    from steercmp.score.sweep import masses_from_steps
+
+    plan = family_forms(FakeTokenizer(TABLE), FAMILIES)
+    assert plan.branches[1:], "the test needs a multi-token form"
+    nb, mb = len(plan.branches) - 1, plan.max_branch
+    for dtype in (torch.bfloat16, torch.float32):
+        step0 = torch.randn(3, 400).to(dtype)
+        branch = torch.randn(3, nb, mb, 400).to(dtype)
+        assert all(torch.isfinite(v).all() for v in masses_from_steps(step0, branch, plan).values())
+        (step0 if where == "step0" else branch).view(-1)[777] = bad
+        with pytest.raises(NumericalError):
+            masses_from_steps(step0, branch, plan)
