@@ -2,8 +2,8 @@
 
 A battery is a tuple of :class:`steercmp.api.Prompt`. Structural checks (ids, families, edit
 maps, position-rule syntax) run on load; tokenizer checks (family words known to the vocabulary,
-position rules that resolve) run in :func:`steercmp.lm.prompts.check_against_tokenizer` once a
-tokenizer exists.
+position rules that resolve) run in :func:`steercmp.lm.prompts.tokenize_battery` once a
+tokenizer exists; it tokenizes each prompt once, for every stage of the run.
 
 Position rules are strings so batteries stay plain YAML: ``first_line_end`` (the first token of
 the last word of line 1), ``first_line_break`` (the token holding

@@ -20,12 +20,12 @@ import polars as pl
 
 from steercmp import __version__
 from steercmp.config import Experiment
+from steercmp.couplets import CONSTRUCTIONS, same_rhyme
 from steercmp.errors import ConfigError
 from steercmp.hashing import stable_hash
-from steercmp.lm.couplet_counterfactual import CONSTRUCTIONS, build_counterfactual, same_rhyme
+from steercmp.lm.couplet_counterfactual import build_counterfactual
 from steercmp.lm.device import resolve_dtype_name
 from steercmp.lm.load import load_base_model
-from steercmp.lm.prompts import check_against_tokenizer, tokenize_prompt
 from steercmp.paths import writable_dir
 from steercmp.report.locate_heatmap import write_locate
 from steercmp.run.keys import module_code_hash
@@ -93,16 +93,15 @@ def locate_command(args: argparse.Namespace, experiment: Experiment) -> int:
         raise ConfigError(f"unknown construction in {args.constructions!r}", where="--constructions",
                           fix=f"use auto or a comma list of {', '.join(CONSTRUCTIONS)}")
     offsets = _offsets(args.offsets)
-    preflight(experiment)
+    tokens = preflight(experiment)
     spec = experiment.model
     lm = load_base_model(spec.id, dtype=spec.dtype, device=spec.device, device_map=spec.device_map,
                          revision=spec.revision, trust_remote_code=spec.trust_remote_code, progress=not args.no_progress)
     layers = _int_list(args.layers, lm.num_layers, "--layers") if args.layers else list(range(lm.num_layers))
-    check_against_tokenizer(experiment.battery, lm.tokenizer, require_single_token=experiment.single_token_families)
     pairs = []
     chat = spec.chat_template
     for prompt in experiment.battery.prompts:
-        tok = tokenize_prompt(lm.tokenizer, prompt, chat)
+        tok = tokens[prompt.id]
         if offsets is not None and offsets[1] > tok.score_pos - tok.inject_pos:
             raise ConfigError(f"offset {offsets[1]:+d} is past prompt {prompt.id!r}'s last token "
                               f"({tok.score_pos - tok.inject_pos:+d})", where="--offsets",

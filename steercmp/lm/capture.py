@@ -7,7 +7,7 @@ through :func:`capture_residuals`, which stops the forward after block K.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,7 +15,13 @@ import torch
 from steercmp.api import Prompt, PromptContext
 from steercmp.lm.hooks import capturing_layers, layer_outputs
 from steercmp.lm.load import LoadedModel
-from steercmp.lm.prompts import pad_batch, resolve_rule, tokenize_prompt, tokenize_text
+from steercmp.lm.prompts import (
+    TokenizedPrompt,
+    pad_batch,
+    resolve_rule,
+    tokenize_prompt,
+    tokenize_text,
+)
 
 
 @torch.no_grad()
@@ -72,9 +78,13 @@ def capture_layers(lm: LoadedModel, sequences: Sequence[Sequence[int]], layers: 
 
 @torch.no_grad()
 def extract(lm: LoadedModel, layer: int, prompts: Sequence[Prompt], *, chat_template: bool = False,
-            batch_size: int = 8, progress: Any = None) -> list[PromptContext]:
-    """One :class:`PromptContext` per battery prompt: its tokens, positions and residual stream."""
-    tokenized = [tokenize_prompt(lm.tokenizer, p, chat_template) for p in prompts]
+            batch_size: int = 8, progress: Any = None,
+            tokens: Mapping[str, TokenizedPrompt] | None = None) -> list[PromptContext]:
+    """One :class:`PromptContext` per battery prompt: its tokens, positions and residual stream.
+    ``tokens`` (prompt id -> :class:`TokenizedPrompt`, from the preflight) saves tokenizing the
+    prompts again."""
+    tokenized = [tokens[p.id] if tokens is not None else tokenize_prompt(lm.tokenizer, p, chat_template)
+                 for p in prompts]
     resids = capture_residuals(lm, layer, [t.ids for t in tokenized], batch_size=batch_size,
                                progress=progress)
     return [PromptContext(prompt=p, input_ids=t.ids, inject_pos=t.inject_pos, score_pos=t.score_pos,

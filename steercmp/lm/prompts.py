@@ -92,9 +92,14 @@ def encode_form(tokenizer, form: str) -> tuple[int, ...]:
     return tuple(tokenizer(form, add_special_tokens=False)["input_ids"])
 
 
-def check_against_tokenizer(battery: Battery, tokenizer, *, require_single_token: bool = True) -> None:
-    """Tokenizer checks: family words known to the vocabulary and position rules that resolve."""
+def tokenize_battery(battery: Battery, tokenizer, *, chat_template: bool = False,
+                     require_single_token: bool = True) -> dict[str, TokenizedPrompt]:
+    """Every prompt of ``battery`` tokenized once, as the run reads it (chat prefix, BOS), keyed by
+    prompt id, after the tokenizer checks: family words known to the vocabulary (one token each
+    unless ``require_single_token`` is off) and position rules that resolve. The preflight does
+    this with the tokenizer alone; extraction and ``locate`` reuse the result."""
     unk = getattr(tokenizer, "unk_token_id", None)
+    out: dict[str, TokenizedPrompt] = {}
     for p in battery.prompts:
         where = f"{battery.source}: prompt {p.id}"
         for fam, words in p.families.items():
@@ -108,12 +113,8 @@ def check_against_tokenizer(battery: Battery, tokenizer, *, require_single_token
                         f"family word {w!r} is not one token (' {w}' -> {len(ids)} tokens)",
                         where=f"{where}.families.{fam}",
                         fix="choose a single-token word or set single_token_families: false in the experiment")
-        ids = tokenizer(p.text)["input_ids"]
-        for field, rule in (("inject", p.inject), ("score", p.score)):
-            try:
-                find_position(tokenizer, ids, p.text, rule)
-            except ConfigError as exc:
-                raise ConfigError(exc.message, where=f"{where}.{field}", fix=exc.fix) from None
+        out[p.id] = tokenize_prompt(tokenizer, p, chat_template, where=where)
+    return out
 
 
 #: the user turn that asks an instruction model for the couplet (``model.chat_template: true``)
@@ -156,14 +157,21 @@ def resolve_rule(tokenizer: Any, ids: Sequence[int], text: str, rule: str, *, pr
 
 
 def tokenize_prompt(tokenizer: Any, prompt: Prompt, chat_template: bool = False,
-                    text: str | None = None) -> TokenizedPrompt:
+                    text: str | None = None, *, where: str | None = None) -> TokenizedPrompt:
     """Token ids, injection position and scoring position for a prompt (or an override text
-    scored under the prompt's own position rules)."""
+    scored under the prompt's own position rules). With ``where`` (the prompt's place in its
+    battery) a rule that does not resolve is reported at ``<where>.inject`` or ``<where>.score``."""
     body = text if text is not None else prompt.text
     ids, prefix = tokenize_text(tokenizer, body, chat_template)
-    inject = resolve_rule(tokenizer, ids, body, prompt.inject, prefix=prefix, chat_template=chat_template)
-    score = resolve_rule(tokenizer, ids, body, prompt.score, prefix=prefix, chat_template=chat_template)
-    return TokenizedPrompt(ids, inject, score)
+    found = []
+    for field, rule in (("inject", prompt.inject), ("score", prompt.score)):
+        try:
+            found.append(resolve_rule(tokenizer, ids, body, rule, prefix=prefix, chat_template=chat_template))
+        except ConfigError as exc:
+            if where is None:
+                raise
+            raise ConfigError(exc.message, where=f"{where}.{field}", fix=exc.fix) from None
+    return TokenizedPrompt(ids, found[0], found[1])
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right"

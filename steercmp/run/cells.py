@@ -26,7 +26,7 @@ from steercmp.api import (
 from steercmp.errors import NumericalError
 from steercmp.hashing import make_generator
 from steercmp.lm.load import LoadedModel
-from steercmp.lm.prompts import tokenize_prompt
+from steercmp.lm.prompts import TokenizedPrompt, tokenize_prompt
 from steercmp.run.sweep_settings import SweepSettings
 from steercmp.schemas import (
     CELL_SCHEMA as CELL_SCHEMA,  # the columns of cells.parquet (re-exported)
@@ -103,6 +103,9 @@ def method_cells(sweep: SweepSettings, key: str, method: Method, controls: Mappi
                 else:
                     conditions.append(Condition(cname, derived, target.status))
         for cond in conditions:
+            text = cond.proposal.prompt_text if cond.proposal is not None and cond.status != "dropped" else None
+            # a prompting text is tokenized once, not once per cell
+            tok = None if text is None else tokenize_prompt(tokenizer, ctx.prompt, sweep.chat_template, text=text)
             for scaling in sweep.scalings:
                 for alpha in sweep.alphas:
                     if cond.proposal is None or cond.status == "dropped":
@@ -111,18 +114,18 @@ def method_cells(sweep: SweepSettings, key: str, method: Method, controls: Mappi
                         continue
                     if pid not in forms_cache:
                         forms_cache[pid] = family_forms(tokenizer, ctx.prompt.families)
-                    cells.append(_cell(sweep.chat_template, ctx, key, cond, alpha, scaling, forms_cache[pid],
-                                       tokenizer))
+                    cells.append(_cell(ctx, key, cond, alpha, scaling, forms_cache[pid], tok))
     return cells
 
 
-def _cell(chat_template: bool, ctx: PromptContext, method: str, condition: Condition, alpha: float,
-          scaling: str, forms: FamilyForms, tokenizer: Any) -> Cell:
+def _cell(ctx: PromptContext, method: str, condition: Condition, alpha: float, scaling: str, forms: FamilyForms,
+          tok: TokenizedPrompt | None) -> Cell:
+    """One cell; ``tok``: the condition's own text tokenized (a prompting baseline), else None."""
     prop, cond, status = condition.proposal, condition.name, condition.status
     assert prop is not None
     meta = dict(prop.meta)
     if prop.prompt_text is not None:  # a prompting baseline: its own text, nothing injected
-        tok = tokenize_prompt(tokenizer, ctx.prompt, chat_template, text=prop.prompt_text)
+        assert tok is not None
         row = ScoreRow(tok.ids, tok.score_pos, forms, torch.zeros(ctx.d_model), 0.0, tok.inject_pos, "raw",
                        kl_context=tuple(ctx.input_ids[: ctx.score_pos + 1]))
         meta["alpha_applies"] = False

@@ -23,7 +23,7 @@ from steercmp.api import PROPOSAL_FAMILIES, PromptContext, Proposal
 from steercmp.config import Experiment
 from steercmp.errors import ConfigError, NumericalError, PluginError, SteercmpError
 from steercmp.lm.capture import extract
-from steercmp.lm.prompts import check_against_tokenizer
+from steercmp.lm.prompts import TokenizedPrompt, tokenize_battery
 from steercmp.paths import sole_writer
 from steercmp.plugin_manager import PluginSet
 from steercmp.run.cells import CELL_SCHEMA, Cell, CellBook, FamilyForms, method_cells, score_unit
@@ -96,6 +96,8 @@ class Runner:
         self.stage_keys: dict[str, str] = {}
         self.failures: list[SteercmpError] = []
         self._keys: RunKeys | None = None
+        #: each prompt tokenized once, by the preflight; extraction reads it
+        self._tokens: dict[str, TokenizedPrompt] | None = None
 
     @property
     def keys(self) -> RunKeys:
@@ -116,7 +118,7 @@ class Runner:
         """Run ``steps``; nothing is written before the battery passes the tokenizer checks."""
         if any(s in steps for s in STAGES) and not self._reusable(
                 "extract", self.keys.extract(), self.rundir.activations, self.rundir.contexts):
-            preflight(self.experiment)
+            self._tokens = preflight(self.experiment)
         ensure_writable_dir(self.run_dir)
         with sole_writer(self.run_dir, where=str(self.run_dir)):  # one writer per run directory
             write_text(self.rundir.config, self.experiment.snapshot())
@@ -166,9 +168,11 @@ class Runner:
         if not 0 <= exp.layer < lm.num_layers:
             raise ConfigError(f"layer {exp.layer} is out of range for {exp.model.id} ({lm.num_layers} blocks)",
                               where=f"{exp.source}: layer", fix=f"use 0..{lm.num_layers - 1}")
-        check_against_tokenizer(self.battery, lm.tokenizer, require_single_token=exp.single_token_families)
+        if self._tokens is None:  # a stage called without run(): no preflight yet
+            self._tokens = tokenize_battery(self.battery, lm.tokenizer, chat_template=exp.model.chat_template,
+                                            require_single_token=exp.single_token_families)
         contexts = extract(lm, exp.layer, self.battery.prompts, chat_template=exp.model.chat_template,
-                           progress=self.progress)
+                           progress=self.progress, tokens=self._tokens)
         for c in contexts:
             if not torch.isfinite(c.resid).all():
                 raise NumericalError(

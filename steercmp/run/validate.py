@@ -15,7 +15,7 @@ from steercmp.catalog import known_layer_count
 from steercmp.config import Experiment
 from steercmp.errors import ConfigError, PluginError, SteercmpError
 from steercmp.lm.load import check_model_source, load_tokenizer
-from steercmp.lm.prompts import check_against_tokenizer
+from steercmp.lm.prompts import TokenizedPrompt, tokenize_battery
 from steercmp.plugin_manager import PluginSet
 
 
@@ -80,10 +80,12 @@ def validate_experiment(exp: Experiment, plugins: PluginSet) -> Validated:
     return Validated(methods=methods, controls=controls)
 
 
-def preflight(exp: Experiment) -> None:
+def preflight(exp: Experiment) -> dict[str, TokenizedPrompt]:
     """Tokenizer checks (family words, position rules) with the tokenizer only: no model loads
-    and nothing is written until the battery passes."""
+    and nothing is written until the battery passes. Returns each prompt tokenized as the run
+    reads it, so later stages do not tokenize it again."""
     spec = exp.model
     tokenizer = load_tokenizer(spec.id, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
                                where=f"{exp.source}: model.id")
-    check_against_tokenizer(exp.battery, tokenizer, require_single_token=exp.single_token_families)
+    return tokenize_battery(exp.battery, tokenizer, chat_template=spec.chat_template,
+                            require_single_token=exp.single_token_families)

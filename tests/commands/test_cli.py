@@ -44,12 +44,12 @@ def test_position_rule_matching_nothing(tmp_path, capsys):
                             "families": {"original": ["dream"], "edited": ["beam"], "unrelated": ["stone"]}}]}
     from steercmp.battery import Battery
     from steercmp.errors import ConfigError
-    from steercmp.lm.prompts import check_against_tokenizer
+    from steercmp.lm.prompts import tokenize_battery
     from steercmp.testing import couplet_tokenizer as tiny_tokenizer
 
     bat = Battery.from_dict(battery, source="bat.yaml")
     with pytest.raises(ConfigError, match=r"prompt a\.inject: position rule 'regex:zzz' matches nothing"):
-        check_against_tokenizer(bat, tiny_tokenizer())
+        tokenize_battery(bat, tiny_tokenizer())
 
 
 def test_missing_experiment_file(capsys):

@@ -153,3 +153,32 @@ def test_a_control_that_declines_leaves_its_cells_dropped(tmp_path, tiny_ckpt):
     assert night.height > 0 and set(night["status"]) == {"dropped"} and night["score"].null_count() == night.height
     rest = mine.filter(pl.col("prompt_id") != "night_light")
     assert rest.height > 0 and rest["score"].null_count() == 0
+
+
+def test_each_prompt_is_tokenized_once_per_run(tmp_path, tiny_ckpt, monkeypatch):
+    """The preflight tokenizes every battery prompt once and extraction reuses it; a prompting
+    method's text is tokenized by the proposal check and once more for all its cells (not once
+    per alpha and scaling)."""
+    from collections import Counter
+
+    import steercmp.lm.capture
+    import steercmp.lm.prompts
+    import steercmp.run.cells
+    import steercmp.run.proposals
+
+    calls: Counter = Counter()
+    real = steercmp.lm.prompts.tokenize_prompt
+
+    def counting(tokenizer, prompt, chat_template=False, text=None, **kw):
+        calls[(prompt.id, text)] += 1
+        return real(tokenizer, prompt, chat_template, text, **kw)
+
+    for module in (steercmp.lm.prompts, steercmp.lm.capture, steercmp.run.cells, steercmp.run.proposals):
+        monkeypatch.setattr(module, "tokenize_prompt", counting)
+    exp = write_experiment(tmp_path, tiny_ckpt, methods=["unembed_direction", "prompting"])
+    run(exp, tmp_path / "r", builtins=(*TINY_BUILTINS, "steercmp_plugins.prompting"))
+    prompts = {pid for pid, _ in calls}
+    assert len(prompts) == 3 and all(calls[(pid, None)] == 1 for pid in prompts), calls
+    texts = [key for key in calls if key[1] is not None]
+    # each text: the proposal check, then once for its 3 alphas x 2 scalings of cells
+    assert len(texts) >= 3 and all(calls[key] <= 2 for key in texts), calls
