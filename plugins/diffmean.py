@@ -15,7 +15,6 @@ registers hooks itself).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
@@ -28,18 +27,9 @@ from steercmp.api import (
     Prompt,
     PromptContext,
     Proposal,
+    swap_line_end,
 )
 from steercmp.hookspecs import hookimpl
-
-
-def swap_line_end(text: str, word: str) -> str | None:
-    """``text`` with the last word of its first line replaced by ``word`` (None if none found)."""
-    first, sep, rest = text.partition("\n")
-    matches = list(re.finditer(r"[A-Za-z][A-Za-z'\-]*", first))
-    if not matches or not sep:
-        return None
-    m = matches[-1]
-    return first[: m.start()] + word + first[m.end():] + sep + rest
 
 
 def mean_difference(positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:

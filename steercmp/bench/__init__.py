@@ -31,14 +31,14 @@ Completions: steercmp's batched sampling (:func:`steercmp.score.sample.generate_
 per prompt, per-row deltas and generators) against a per-sample loop (one HF ``generate`` per
 sample with the injection hook), both stopping at the first line break.
 
-The package: :mod:`~steercmp.bench.grid` (cells and deltas), :mod:`~steercmp.bench.paths` (the
+The package: :mod:`~steercmp.bench.grid` (cells and deltas), :mod:`~steercmp.bench.scoring_paths` (the
 compared implementations and the bound), :mod:`~steercmp.bench.completions`, :mod:`~steercmp.bench.suite`
 (one run, the table); ``steercmp bench`` (:mod:`steercmp.commands.bench`) is its command.
 """
 
 from steercmp.bench.completions import CompletionBench, completion_bench
 from steercmp.bench.grid import ALPHAS, CONDITIONS, FAMILIES, bench_cells, subsample
-from steercmp.bench.paths import bound_times, loop_scores, nnsight_scores
+from steercmp.bench.scoring_paths import bound_times, loop_scores, nnsight_scores
 from steercmp.bench.suite import QUICK, TARGETS, TOLERANCE, PathSizes, format_table, run_bench
 
 __all__ = ["ALPHAS", "CONDITIONS", "FAMILIES", "QUICK", "TARGETS", "TOLERANCE", "CompletionBench", "PathSizes",

@@ -13,7 +13,7 @@ import torch
 
 from steercmp.bench.completions import CompletionBench, completion_bench
 from steercmp.bench.grid import ALPHAS, CONDITIONS, bench_cells, subsample
-from steercmp.bench.paths import (
+from steercmp.bench.scoring_paths import (
     bound_times,
     loop_scores,
     max_abs_diff,

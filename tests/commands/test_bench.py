@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from steercmp.battery import Battery
-from steercmp.bench import grid, paths, suite
+from steercmp.bench import grid, scoring_paths, suite
 from steercmp.commands import bench
 from steercmp.lm.hooks import Injection
 from steercmp.lm.load import LoadedModel
@@ -145,7 +145,7 @@ def test_nnsight_path_leaves_the_model_untouched(tiny_battery_lm):
 
     _battery, lm = tiny_battery_lm
     forward = lm.model.forward
-    paths.wrap_nnsight(lm)
+    scoring_paths.wrap_nnsight(lm)
     assert lm.model.forward == forward and attached_hooks(lm.model) == 0
 
 

@@ -4,7 +4,8 @@ counterfactual's residual there exactly; checked against HF's own hidden states.
 import torch
 
 import steercmp.testing
-from steercmp.lm.couplet_counterfactual import build_counterfactual, same_rhyme, swap_line_end
+from steercmp.couplets import same_rhyme, swap_line_end
+from steercmp.lm.couplet_counterfactual import build_counterfactual
 from steercmp.lm.prompts import tokenize_prompt
 from steercmp_plugins.counterfactual import CounterfactualPatch, CounterfactualText
 
