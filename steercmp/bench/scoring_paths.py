@@ -13,12 +13,14 @@ from steercmp.bench.grid import FAMILIES
 from steercmp.lm.hooks import Injection, injecting
 from steercmp.lm.load import LoadedModel
 from steercmp.lm.prompts import pad_batch
+from steercmp.lm.readout import project_to_vocab
 from steercmp.score.forms import branch_sequences, logmass_from_logits
 from steercmp.score.full_forward import ScoreRow, group_rows
 from steercmp.score.sweep import (
-    auto_batch_size,
+    block_batch_size,
     branch_pass,
     prepare_context,
+    readout_batch_rows,
     suffix_pass,
 )
 
@@ -91,29 +93,39 @@ def _nnsight_blocks(nn_model: Any) -> Any:
 def bound_times(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], batch_size: int | str = "auto"
                 ) -> tuple[float, float]:
     """Seconds of (1) the bare pass of blocks L+1..N over the injected positions with the scoring
-    slot's logits only, and (2) the same plus the branch-token pass, on the same rows and chunks
-    as :func:`steercmp.score.sweep.score_rows_fast` (the once-per-context preparation is not timed)."""
+    slot's logits only, and (2) the same plus the branch-token pass and its logits, on the same
+    rows, block batches and projection chunks as :func:`steercmp.score.sweep.score_rows_fast`
+    (the once-per-context preparation and the log-masses and KLs are not timed)."""
 
     pad = lm.tokenizer.pad_token_id or 0
+    per_call = readout_batch_rows(lm)
     bare = with_branches = 0.0
     for idx in group_rows(rows).values():
         first = rows[idx[0]]
         prep = prepare_context(lm, layer, first.context, first.forms, min(rows[i].position for i in idx), pad)
-        size = batch_size if isinstance(batch_size, int) else auto_batch_size(
-            lm, prep.h_ctx.shape[0], len(first.forms.branches), prep.max_branch + 1)
+        size = batch_size if isinstance(batch_size, int) else block_batch_size(lm, prep, len(first.forms.branches))
         for s in range(0, len(idx), size):
             chunk = idx[s:s + size]
             inj = Injection.build([rows[i].delta for i in chunk], [rows[i].alpha for i in chunk],
                                   [rows[i].position for i in chunk], [rows[i].scaling for i in chunk])
             t = time.perf_counter()
-            suffix_pass(lm.model, layer, prep, inj)
+            h0, _ = suffix_pass(lm.model, layer, prep, inj, project=False)
+            _project(lm.model, h0, per_call)
             bare += time.perf_counter() - t
             t = time.perf_counter()
-            _, cache = suffix_pass(lm.model, layer, prep, inj, keep_cache=prep.n_branches > 0)
+            h0, cache = suffix_pass(lm.model, layer, prep, inj, keep_cache=prep.n_branches > 0, project=False)
             if prep.n_branches:
-                branch_pass(lm.model, layer, prep, cache, len(chunk))
+                h_branch = branch_pass(lm.model, layer, prep, cache, len(chunk), project=False)
+                h0 = torch.cat([h0, h_branch.reshape(-1, h_branch.shape[-1])])
+            _project(lm.model, h0, per_call)
             with_branches += time.perf_counter() - t
     return bare, with_branches
+
+
+def _project(model: torch.nn.Module, hidden: torch.Tensor, per_call: int) -> None:
+    """The vocabulary projection of every row, in the sweep's chunk size (results dropped)."""
+    for s in range(0, hidden.shape[0], per_call):
+        project_to_vocab(model, hidden[s:s + per_call])
 
 
 def max_abs_diff(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], index: Sequence[int]) -> float:

@@ -238,27 +238,33 @@ def contiguous_readout(model: torch.nn.Module) -> None:
 
 
 class _NoReadout(torch.nn.Module):
-    """Stands in for the output layer when only the KV cache of a pass is wanted: returns its input
-    (d wide) instead of a vocabulary-wide projection."""
+    """Stands in for the output layer: keeps the hidden states it was given (after the final norm)
+    and returns them (d wide) instead of a vocabulary-wide projection."""
+
+    def __init__(self, store: list[torch.Tensor]):
+        super().__init__()
+        self.store = store
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self.store.append(hidden_states)
         return hidden_states
 
 
 @contextmanager
-def readout_skipped(model: torch.nn.Module) -> Iterator[None]:
-    """Run the model's own forward without its vocabulary projection, for passes whose logits are
-    thrown away (a prefix that only fills a KV cache). On CPU the 262k-row projection of Gemma 3
-    costs a full read of its weights per call (~22 ms for one row of the 270M in bf16), more than
-    the blocks of a short prefix; the cache is the same with or without it. The ``logits`` of such
-    a pass hold hidden states: never read them."""
+def readout_skipped(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Run the model's own forward without its vocabulary projection; yields a list that receives
+    the hidden states the projection would have read (one entry per forward, after the final
+    norm, at the kept positions). For passes whose logits are thrown away (a prefix that only
+    fills a KV cache) or projected later in chunks (:func:`steercmp.lm.readout.project_to_vocab`).
+    On CPU the 262k-row projection of Gemma 3 costs a full read of its weights per call (~22 ms
+    even for one row of the 270M in bf16). The pass's ``logits`` are not logits: never read them."""
+    store: list[torch.Tensor] = []
     readout = model.get_output_embeddings()
     if readout is None:
-        yield
-        return
-    model.set_output_embeddings(_NoReadout())
+        raise ValueError(f"{type(model).__name__} has no output layer to skip")
+    model.set_output_embeddings(_NoReadout(store))
     try:
-        yield
+        yield store
     finally:
         model.set_output_embeddings(readout)
 

@@ -48,4 +48,17 @@ def readout_directions(lm: Any, words: Sequence[str]) -> torch.Tensor:
     return rows * gain if gain is not None else rows
 
 
-__all__ = ["final_norm", "final_norm_gain", "readout_directions"]
+def project_to_vocab(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states (after the final norm), as the model's own forward computes
+    them: its output layer, then the final-logit soft cap where the model's own config sets one
+    (Gemma 2; transformers' multimodal Gemma 3 wrapper applies none, and its top-level config has
+    none). With :func:`steercmp.lm.hooks.readout_skipped`, a caller projects many passes' rows in
+    one call."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+__all__ = ["final_norm", "final_norm_gain", "project_to_vocab", "readout_directions"]

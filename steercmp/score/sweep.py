@@ -16,7 +16,8 @@ fed as ``inputs_embeds``; :func:`steercmp.score.full_forward.score_rows` is the 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -34,6 +35,7 @@ from steercmp.lm.hooks import (
 )
 from steercmp.lm.load import LoadedModel, decoder_layers, text_config
 from steercmp.lm.prompts import pad_batch
+from steercmp.lm.readout import project_to_vocab
 from steercmp.score.forms import FamilyForms
 from steercmp.score.full_forward import ScoreRow, group_rows
 
@@ -45,16 +47,35 @@ KL_OFFTARGET = "kl_offtarget"
 SURVIVAL = "delta_survival"
 
 
-def auto_batch_size(lm: LoadedModel, seq_len: int, n_branches: int, keep: int) -> int:
-    """Rows per batch from available memory: the logits (keep x vocab per sequence) dominate.
+def block_batch_size(lm: LoadedModel, prep: PreparedContext, n_branches: int) -> int:
+    """Rows per pass of blocks L+1..N: each row's copy of the KV cache (the whole context, once
+    per branch) and its activations; the logits are projected afterwards in chunks of
+    :func:`readout_batch_rows`."""
+    cfg = text_config(lm.model.config)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
+    per_row = n_branches * (prep.context_len * kv_per_token + prep.h_ctx.shape[0] * lm.d_model * 4 * 24)
+    return max(1, min(512, int(_batch_budget(lm) // max(per_row, 1))))
 
-    The budget is the smallest of: a fraction of free memory, :data:`BATCH_MEMORY_FRACTION` of
-    the model's weights, and 2 GiB (beyond that a CPU batch gains nothing)."""
+
+def readout_batch_rows(lm: LoadedModel) -> int:
+    """Hidden-state rows projected to the vocabulary per call: as many as the batch budget holds
+    (the bf16 logits and two float32 working copies per row). On CPU the projection's cost is
+    mostly reading its weights once per call, so fewer, fuller calls are faster (Gemma 3 270M,
+    bf16: 22 ms for 1 row, 43 ms for 64)."""
+    return max(1, min(512, int(_batch_budget(lm) // (_vocab(lm) * 4 * 3))))
+
+
+def _vocab(lm: LoadedModel) -> int:
+    return int(lm.model.get_output_embeddings().weight.shape[0])
+
+
+def _batch_budget(lm: LoadedModel) -> float:
+    """Working memory for one batch: the smallest of a fraction of free memory,
+    :data:`BATCH_MEMORY_FRACTION` of the model's weights, and 2 GiB (beyond that a CPU batch
+    gains nothing)."""
     from steercmp.lm.memory import model_bytes
 
-    vocab = lm.model.get_output_embeddings().weight.shape[0]
-    d = lm.d_model
-    per_row = n_branches * (keep * vocab * 4 * 3 + seq_len * d * 4 * 24)
     if torch.cuda.is_available() and lm.input_device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(lm.input_device)
         budget = min(free * 0.5, BATCH_MEMORY_FRACTION * model_bytes(lm.model))
@@ -66,7 +87,7 @@ def auto_batch_size(lm: LoadedModel, seq_len: int, n_branches: int, keep: int) -
         except (ValueError, OSError):
             avail = 4 * 2**30
         budget = min(avail * 0.25, BATCH_MEMORY_FRACTION * model_bytes(lm.model), 2 * 2**30)
-    return max(1, min(512, int(budget // max(per_row, 1))))
+    return budget
 
 
 @torch.no_grad()
@@ -80,7 +101,11 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
     ``< p_min``. Per chunk of rows: stage A runs blocks L+1..N over positions ``p_min..score_pos``
     of the context only (one sequence per row, logits at the scoring slot only); stage B, only
     when a family has multi-token forms, extends stage A's cache with each branch's tokens (their
-    layer-L output is shared by every row) and computes logits at the branch tokens only.
+    layer-L output is shared by every row) and computes logits at the branch tokens only. Both
+    stages stop before the vocabulary projection: a block batch's final hidden states (scoring
+    slot and branch tokens together) are projected in chunks of :func:`readout_batch_rows`, since
+    on CPU one projection call costs a full read of the 262k-row weights whatever its row count;
+    block batches are sized by their activations and KV cache alone (:func:`block_batch_size`).
 
     With ``kl`` the result adds ``kl_unsteered``: KL(unsteered || row) of the next-token
     distribution at the scoring slot, in nats, against one unsteered pass per context (how far a
@@ -107,32 +132,50 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
         p_min = min(rows[i].position for i in idx)
         known = _context_work(memo, lm, layer, first.context, forms, p_min, pad, kl)
         prep = known["prep"]
-        size = batch_size if isinstance(batch_size, int) else auto_batch_size(
-            lm, prep.h_ctx.shape[0], len(forms.branches), prep.max_branch + 1)
-        base = off = None
+        size = batch_size if isinstance(batch_size, int) else block_batch_size(lm, prep, len(forms.branches))
+        per_call = (size if isinstance(batch_size, int) else readout_batch_rows(lm)) // (
+            1 + prep.n_branches * prep.max_branch)
+        reference = (known["base"], known["off"]) if kl else None
         if kl:
             unsteered_of[tuple(first.context)] = (known["unsteered"], forms)
-            base, off = known["base"], known["off"]
         for s in range(0, len(idx), size):
             chunk = idx[s:s + size]
             inj = Injection.build([rows[i].delta for i in chunk], [rows[i].alpha for i in chunk],
                                   [rows[i].position for i in chunk], [rows[i].scaling for i in chunk])
-            step0, cache = suffix_pass(model, layer, prep, inj, keep_cache=prep.n_branches > 0)
-            branch_logits = branch_pass(model, layer, prep, cache, len(chunk)) if prep.n_branches else None
-            step0_f = step0.float()
-            lse0 = torch.logsumexp(step0_f, dim=-1)
-            masses = masses_from_steps(step0_f, branch_logits, forms, lse0=lse0)
-            if base is not None and off is not None:
-                masses[KL_UNSTEERED] = kl_from(base, step0_f, lse=lse0)
-                masses[KL_OFFTARGET] = offtarget_kl(off, step0)
-                masses[SURVIVAL] = delta_survival(prep.h_ctx.unsqueeze(0).expand(len(chunk), -1, -1), inj,
-                                                  offset=prep.p_min)
-            sel = torch.as_tensor(list(chunk))
-            for fam, vals in masses.items():
-                result[fam][sel] = vals
+            h0, cache = suffix_pass(model, layer, prep, inj, keep_cache=prep.n_branches > 0, project=False)
+            h_branch = branch_pass(model, layer, prep, cache, len(chunk), project=False) if prep.n_branches else None
+            for c in range(0, len(chunk), max(1, per_call)):
+                part = slice(c, c + max(1, per_call))
+                masses = read_masses(model, h0[part], None if h_branch is None else h_branch[part], forms, reference)
+                sel = torch.as_tensor(list(chunk[part]))
+                for fam, vals in masses.items():
+                    result[fam][sel] = vals
+            if kl:
+                result[SURVIVAL][torch.as_tensor(list(chunk))] = delta_survival(
+                    prep.h_ctx.unsqueeze(0).expand(len(chunk), -1, -1), inj, offset=prep.p_min)
     if kl:
         _kl_against_other_contexts(lm, rows, result, unsteered_of)
     return result
+
+
+def read_masses(model: torch.nn.Module, h0: torch.Tensor, h_branch: torch.Tensor | None, forms: FamilyForms,
+                reference: tuple[tuple[torch.Tensor, float], OffTarget] | None) -> dict[str, torch.Tensor]:
+    """Family log-masses (and, with the unsteered ``reference``, both KLs) of rows whose final
+    hidden states are ``h0 [R, d]`` at the scoring slot and ``h_branch [R, nb, J, d]`` at the
+    branch tokens: one projection to the vocabulary for all of them."""
+    n = h0.shape[0]
+    hidden = h0 if h_branch is None else torch.cat([h0, h_branch.reshape(-1, h_branch.shape[-1])])
+    logits = project_to_vocab(model, hidden)
+    step0 = logits[:n]
+    branch_logits = None if h_branch is None else logits[n:].reshape(*h_branch.shape[:3], -1)
+    step0_f = step0.float()
+    lse0 = torch.logsumexp(step0_f, dim=-1)
+    masses = masses_from_steps(step0_f, branch_logits, forms, lse0=lse0)
+    if reference is not None:
+        base, off = reference
+        masses[KL_UNSTEERED] = kl_from(base, step0_f, lse=lse0)
+        masses[KL_OFFTARGET] = offtarget_kl(off, step0)
+    return masses
 
 
 def _context_work(memo: dict[Any, dict[str, Any]] | None, lm: LoadedModel, layer: int, context: Sequence[int],
@@ -229,10 +272,11 @@ def prepare_context(lm: LoadedModel, layer: int, context: Sequence[int], forms: 
 
 
 def suffix_pass(model: torch.nn.Module, layer: int, prep: PreparedContext, inj: Injection, *,
-                keep_cache: bool = False) -> tuple[torch.Tensor, Any]:
+                keep_cache: bool = False, project: bool = True) -> tuple[torch.Tensor, Any]:
     """Blocks L+1..N over positions ``p_min..score_pos`` with each row's delta; logits at the
-    scoring slot only. Returns ``(logits [R, V], cache or None)``. This pass alone is the
-    minimal-recomputation bound the benchmark compares against."""
+    scoring slot only. Returns ``(logits [R, V], cache or None)``; with ``project=False`` the
+    final hidden states ``[R, d]`` instead, for :func:`steercmp.lm.readout.project_to_vocab`
+    later. This pass alone is the minimal-recomputation bound the benchmark compares against."""
     n = len(inj)
     hidden = prep.h_ctx.unsqueeze(0).expand(n, -1, -1)
     hidden = apply_injection(hidden, inj, offset=prep.p_min)
@@ -242,10 +286,10 @@ def suffix_pass(model: torch.nn.Module, layer: int, prep: PreparedContext, inj: 
     if prep.prefix_cache is not None:
         cache = copy.deepcopy(prep.prefix_cache)
         cache.batch_repeat_interleave(n)
-    with skipping_blocks(model, layer):
+    with skipping_blocks(model, layer), _readout(model, project) as store:
         out = model(inputs_embeds=hidden, **cache_kwargs(model, cache), use_cache=keep_cache or cache is not None,
                     logits_to_keep=1)
-    logits = out.logits[:, -1]
+    logits = (out.logits if project else store[0])[:, -1]
     if not keep_cache:
         return logits, None
     cache = output_cache(out)
@@ -275,19 +319,30 @@ def _pad_layers(cache: Any, which: Any, length: int, like: torch.Tensor, config:
             layers[i].update(zeros, zeros)
 
 
-def branch_pass(model: torch.nn.Module, layer: int, prep: PreparedContext, cache: Any, n_rows: int
-                ) -> torch.Tensor:
+def branch_pass(model: torch.nn.Module, layer: int, prep: PreparedContext, cache: Any, n_rows: int, *,
+                project: bool = True) -> torch.Tensor:
     """Each row's stage-A cache extended by every branch's tokens; logits at the branch tokens.
-    Returns ``[R, n_branches, max_branch, V]``."""
+    Returns ``[R, n_branches, max_branch, V]`` (with ``project=False`` the final hidden states,
+    ``[R, n_branches, max_branch, d]``)."""
     assert prep.h_branch is not None
     nb = prep.n_branches
     cache.batch_repeat_interleave(nb)
     hidden = prep.h_branch.repeat(n_rows, 1, 1)
-    with skipping_blocks(model, layer):
+    with skipping_blocks(model, layer), _readout(model, project) as store:
         out = model(inputs_embeds=hidden, **cache_kwargs(model, cache), use_cache=True,
                     logits_to_keep=prep.max_branch)
-    logits = out.logits
+    logits = out.logits if project else store[0]
     return logits.reshape(n_rows, nb, logits.shape[1], logits.shape[2])
+
+
+@contextmanager
+def _readout(model: torch.nn.Module, project: bool) -> Iterator[list[torch.Tensor]]:
+    """The model's own readout (``project``), or none: the final hidden states land in the list."""
+    if project:
+        yield []
+        return
+    with readout_skipped(model) as store:
+        yield store
 
 
 def unsteered_distribution(logits: torch.Tensor) -> tuple[torch.Tensor, float]:

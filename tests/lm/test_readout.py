@@ -44,3 +44,34 @@ def test_readout_directions_agree_across_layouts():
     assert torch.allclose(a, b)
     row = text.lm_head.weight[tok.encode(" dream", add_special_tokens=False)[0]]
     assert torch.allclose(a[0], row * (1.0 + text.model.norm.weight))
+
+
+def _models():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text = tiny_model(seed=3)
+    capped = tiny_model(seed=3, final_logit_softcapping=2.0)  # Gemma 2's cap, small enough to matter
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    return {"gemma3": text, "gemma3_softcapped": capped, "gemma3_multimodal": _wrapper(text), "llama": llama}
+
+
+def test_deferred_projection_equals_the_models_own_logits():
+    """The sweep projects final hidden states itself (readout_skipped, then project_to_vocab):
+    the logits must be the model's own, soft cap included where the model applies one and left
+    out where it does not (transformers' multimodal Gemma 3 wrapper)."""
+    from steercmp.lm.hooks import readout_skipped
+    from steercmp.lm.readout import project_to_vocab
+
+    ids = torch.randint(5, 400, (2, 7))
+    for name, model in _models().items():
+        with torch.no_grad():
+            want = model(input_ids=ids, logits_to_keep=3).logits
+            with readout_skipped(model) as store:
+                model(input_ids=ids, logits_to_keep=3)
+            got = project_to_vocab(model, store[0])
+        assert torch.equal(got, want), name
+    assert (want.abs() > 0).all()
+    capped = _models()["gemma3_softcapped"]
+    with torch.no_grad():
+        assert capped(input_ids=ids).logits.abs().max() <= 2.0
