@@ -105,7 +105,8 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
     stages stop before the vocabulary projection: a block batch's final hidden states (scoring
     slot and branch tokens together) are projected in chunks of :func:`readout_batch_rows`, since
     on CPU one projection call costs a full read of the 262k-row weights whatever its row count;
-    block batches are sized by their activations and KV cache alone (:func:`block_batch_size`).
+    block batches are sized by their activations and KV cache alone (:func:`block_batch_size`;
+    an integer ``batch_size`` fixes the rows per block pass instead).
 
     With ``kl`` the result adds ``kl_unsteered``: KL(unsteered || row) of the next-token
     distribution at the scoring slot, in nats, against one unsteered pass per context (how far a
@@ -133,8 +134,7 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
         known = _context_work(memo, lm, layer, first.context, forms, p_min, pad, kl)
         prep = known["prep"]
         size = batch_size if isinstance(batch_size, int) else block_batch_size(lm, prep, len(forms.branches))
-        per_call = (size if isinstance(batch_size, int) else readout_batch_rows(lm)) // (
-            1 + prep.n_branches * prep.max_branch)
+        per_call = max(1, readout_batch_rows(lm) // (1 + prep.n_branches * prep.max_branch))  # cells
         reference = (known["base"], known["off"]) if kl else None
         if kl:
             unsteered_of[tuple(first.context)] = (known["unsteered"], forms)
@@ -144,8 +144,8 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
                                   [rows[i].position for i in chunk], [rows[i].scaling for i in chunk])
             h0, cache = suffix_pass(model, layer, prep, inj, keep_cache=prep.n_branches > 0, project=False)
             h_branch = branch_pass(model, layer, prep, cache, len(chunk), project=False) if prep.n_branches else None
-            for c in range(0, len(chunk), max(1, per_call)):
-                part = slice(c, c + max(1, per_call))
+            for c in range(0, len(chunk), per_call):
+                part = slice(c, c + per_call)
                 masses = read_masses(model, h0[part], None if h_branch is None else h_branch[part], forms, reference)
                 sel = torch.as_tensor(list(chunk[part]))
                 for fam, vals in masses.items():
