@@ -16,8 +16,8 @@ fed as ``inputs_embeds``; :func:`steercmp.score.full_forward.score_rows` is the 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import attrs
@@ -286,7 +286,7 @@ def suffix_pass(model: torch.nn.Module, layer: int, prep: PreparedContext, inj: 
     if prep.prefix_cache is not None:
         cache = copy.deepcopy(prep.prefix_cache)
         cache.batch_repeat_interleave(n)
-    with skipping_blocks(model, layer), _readout(model, project) as store:
+    with skipping_blocks(model, layer), (nullcontext([]) if project else readout_skipped(model)) as store:
         out = model(inputs_embeds=hidden, **cache_kwargs(model, cache), use_cache=keep_cache or cache is not None,
                     logits_to_keep=1)
     logits = (out.logits if project else store[0])[:, -1]
@@ -328,21 +328,11 @@ def branch_pass(model: torch.nn.Module, layer: int, prep: PreparedContext, cache
     nb = prep.n_branches
     cache.batch_repeat_interleave(nb)
     hidden = prep.h_branch.repeat(n_rows, 1, 1)
-    with skipping_blocks(model, layer), _readout(model, project) as store:
+    with skipping_blocks(model, layer), (nullcontext([]) if project else readout_skipped(model)) as store:
         out = model(inputs_embeds=hidden, **cache_kwargs(model, cache), use_cache=True,
                     logits_to_keep=prep.max_branch)
     logits = out.logits if project else store[0]
     return logits.reshape(n_rows, nb, logits.shape[1], logits.shape[2])
-
-
-@contextmanager
-def _readout(model: torch.nn.Module, project: bool) -> Iterator[list[torch.Tensor]]:
-    """The model's own readout (``project``), or none: the final hidden states land in the list."""
-    if project:
-        yield []
-        return
-    with readout_skipped(model) as store:
-        yield store
 
 
 def unsteered_distribution(logits: torch.Tensor) -> tuple[torch.Tensor, float]:
