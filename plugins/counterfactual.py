@@ -8,6 +8,10 @@ plan lives at that site, the score moves; if even this does not move it, no meth
 there can be expected to. ``counterfactual_text`` (the ceiling) scores the counterfactual couplet
 itself: how far any intervention, at any site, could move the score.
 
+A prompt with no counterfactual of its own token length (no candidate word keeps the couplet's
+positions under this tokenizer) is dropped for that family by both, visibly, with the reason in
+``meta.reason``: the run goes on without a patch (and so without a budget) for that prompt.
+
 Both mark their proposals with ``meta.role`` (``positive_control`` / ``ceiling``): the report
 puts them on top and shows every method's effect as a fraction of the positive control's.
 """
@@ -22,6 +26,7 @@ from steercmp.api import (
     ConfigError,
     Method,
     MethodRuntime,
+    NoCounterfactual,
     PromptContext,
     Proposal,
     build_counterfactual,
@@ -45,18 +50,30 @@ class _Counterfactual(Method):
                               where=f"methods.{self.name}.options.construction", fix="use auto, cue, swap or block")
 
     def _counterfactuals(self, contexts: Sequence[PromptContext], runtime: MethodRuntime) -> list:
+        """``(context, family, counterfactual or the reason there is none)`` per prompt and family."""
         construction = self.options.get("construction", "auto")
         chat = self.settings.chat_template
         source = self.settings.battery_source
+        out = []
         with runtime.base() as lm:
-            return [(ctx, family, build_counterfactual(lm.tokenizer, ctx.prompt, family,
-                                                       None if construction == "auto" else construction,
-                                                       chat_template=chat, where=source))
-                    for ctx in contexts for family in PROPOSAL_FAMILIES]
+            for ctx in contexts:
+                for family in PROPOSAL_FAMILIES:
+                    try:
+                        cf = build_counterfactual(lm.tokenizer, ctx.prompt, family,
+                                                  None if construction == "auto" else construction,
+                                                  chat_template=chat, where=source)
+                    except NoCounterfactual as exc:
+                        cf = exc.message
+                    out.append((ctx, family, cf))
+        return out
 
     @staticmethod
     def _meta(role: str, cf) -> dict:  # noqa: ANN001
         return {"role": role, "construction": cf.construction, "word": cf.word, "counterfactual": cf.text}
+
+    @staticmethod
+    def _dropped(role: str, ctx: PromptContext, family: str, reason: str) -> Proposal:
+        return Proposal(prompt_id=ctx.prompt.id, family=family, status="dropped", meta={"role": role, "reason": reason})
 
 
 class CounterfactualPatch(_Counterfactual):
@@ -65,11 +82,14 @@ class CounterfactualPatch(_Counterfactual):
 
     def propose(self, contexts: Sequence[PromptContext], runtime: MethodRuntime) -> Sequence[Proposal]:
         cfs = self._counterfactuals(contexts, runtime)
-        acts = runtime.capture([cf.text for _c, _f, cf in cfs], [ctx.inject_pos for ctx, _f, _cf in cfs])
+        found = [(ctx, family, cf) for ctx, family, cf in cfs if not isinstance(cf, str)]
+        acts = iter(runtime.capture([cf.text for _c, _f, cf in found], [ctx.inject_pos for ctx, _f, _cf in found])
+                    if found else [])
         # a patch is one operation, not a dose: every alpha cell injects it once (alpha 1)
-        return [Proposal(prompt_id=ctx.prompt.id, family=family, delta=(h_cf - ctx.activation.float()).contiguous(),
+        return [self._dropped("positive_control", ctx, family, cf) if isinstance(cf, str) else
+                Proposal(prompt_id=ctx.prompt.id, family=family, delta=(next(acts) - ctx.activation.float()).contiguous(),
                          meta=self._meta("positive_control", cf), fixed_alpha=1.0)
-                for (ctx, family, cf), h_cf in zip(cfs, acts, strict=True)]
+                for ctx, family, cf in cfs]
 
 
 class CounterfactualText(_Counterfactual):
@@ -78,7 +98,8 @@ class CounterfactualText(_Counterfactual):
     description = "ceiling: the counterfactual couplet itself (how far any intervention could move the score)"
 
     def propose(self, contexts: Sequence[PromptContext], runtime: MethodRuntime) -> Sequence[Proposal]:
-        return [Proposal(prompt_id=ctx.prompt.id, family=family, prompt_text=cf.text, meta=self._meta("ceiling", cf))
+        return [self._dropped("ceiling", ctx, family, cf) if isinstance(cf, str) else
+                Proposal(prompt_id=ctx.prompt.id, family=family, prompt_text=cf.text, meta=self._meta("ceiling", cf))
                 for ctx, family, cf in self._counterfactuals(contexts, runtime)]
 
 

@@ -378,7 +378,7 @@ HELPERS: dict[str, str] = {
     "resolve_dtype_name": "steercmp.lm.device",
     **dict.fromkeys(("cache_kwargs", "output_cache"), "steercmp.lm.compat"),
     **dict.fromkeys(("CONSTRUCTIONS", "swap_line_end"), "steercmp.couplets"),
-    "build_counterfactual": "steercmp.lm.couplet_counterfactual",
+    **dict.fromkeys(("NoCounterfactual", "build_counterfactual"), "steercmp.lm.couplet_counterfactual"),
     **dict.fromkeys(("cache_root", "embedded_dir"), "steercmp.lm.embedded"),
     **dict.fromkeys(("cached_hub_file", "hub_offline", "hub_origin", "model_origin"), "steercmp.lm.origin"),
     **dict.fromkeys(("FIRST_LINE_TEMPLATES", "general_sentences", "make_couplets", "rhyme_group", "rhyme_part",

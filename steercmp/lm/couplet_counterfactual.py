@@ -6,7 +6,7 @@ positions (the planning line break and the scoring slot) stay where they are, an
 any position can be patched from one run into the other.
 
 Limits: a counterfactual must tokenize to the same length (a word of another length is skipped;
-if none fits the prompt is refused); ``swap`` can lower the target (a rhyme rarely repeats the
+if none fits, :class:`NoCounterfactual` says so, and the positive control drops that prompt); ``swap`` can lower the target (a rhyme rarely repeats the
 line's own word); ``cue`` and ``block`` move the plan away from the original, not only toward the
 target, so "the score moved" is evidence of a plan at that site, not of a specific word.
 """
@@ -21,6 +21,11 @@ from steercmp.api import Prompt
 from steercmp.couplets import CONSTRUCTIONS, candidate_words, default_construction, swap_line_end
 from steercmp.errors import ConfigError
 from steercmp.lm.prompts import TokenizedPrompt, tokenize_prompt
+
+
+class NoCounterfactual(ConfigError):
+    """No candidate couplet of a prompt keeps its token length and positions: a fact about one
+    prompt under this tokenizer, not a broken config, so a method may drop the prompt and go on."""
 
 
 @attrs.frozen
@@ -40,7 +45,8 @@ def build_counterfactual(tokenizer, prompt: Prompt, family: str, construction: s
                          chat_template: bool = False, where: str = "battery") -> Counterfactual:
     """The first candidate of ``construction`` that keeps the prompt's length and positions.
 
-    Raises :class:`ConfigError` naming the prompt's family when no candidate fits."""
+    Raises :class:`NoCounterfactual` (a :class:`ConfigError`) naming the prompt's family when no
+    candidate fits; an unknown construction is a plain :class:`ConfigError`."""
     construction = construction or default_construction(prompt, family)
     if construction not in CONSTRUCTIONS:
         raise ConfigError(f"unknown counterfactual construction {construction!r}", where=where,
@@ -61,7 +67,7 @@ def build_counterfactual(tokenizer, prompt: Prompt, family: str, construction: s
             return Counterfactual(prompt.id, family, construction, word, text, tok, diff)
         if len(tried) >= 40:
             break
-    raise ConfigError(
+    raise NoCounterfactual(
         f"no {construction} counterfactual of prompt {prompt.id!r} toward {family!r} tokenizes to the "
         f"prompt's length (tried {', '.join(tried[:6]) or 'no word'})",
         where=f"{where}: prompt {prompt.id}.families.{family}",
@@ -75,4 +81,4 @@ def counterfactuals(tokenizer, prompts: Sequence[Prompt], family: str, construct
             for p in prompts]
 
 
-__all__ = ["Counterfactual", "build_counterfactual", "counterfactuals"]
+__all__ = ["Counterfactual", "NoCounterfactual", "build_counterfactual", "counterfactuals"]

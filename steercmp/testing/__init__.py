@@ -8,7 +8,7 @@ One line in a plugin's own tests::
         steercmp.testing.check_method(MyMethod)
 
 :func:`check_method` builds a tiny random-weight Gemma 3 model from a config, the kit's
-three-prompt battery and a :class:`TestRuntime`, then runs the method through the runner's own
+four-prompt battery (one the positive control must drop) and a :class:`TestRuntime`, then runs the method through the runner's own
 proposal check and the shared scorer (see :mod:`steercmp.testing.checks` for the list of checks).
 The tiny builders (:func:`tiny_model`, :func:`tiny_tokenizer`, :func:`tiny_lm`, ...) serve any
 test that needs a model in milliseconds.

@@ -8,7 +8,7 @@ One line in a plugin's own tests::
         steercmp.testing.check_method(MyMethod)
 
 :func:`check_method` builds a tiny random-weight Gemma 3 model from a config (64-wide, 4 blocks,
-a 512-token vocabulary in which the words of :data:`KIT_SPLITS` take two tokens), a three-prompt in-memory battery and a :class:`TestRuntime`,
+a 512-token vocabulary in which the words of :data:`KIT_SPLITS` take two tokens), a four-prompt in-memory battery (one the positive control must drop) and a :class:`TestRuntime`,
 then checks that the method
 
 - registers under a unique name through a fresh plugin manager;

@@ -1,5 +1,5 @@
 """Tiny, seeded stand-ins for tests: a Gemma 3 model built from a config (vocabulary 512), a
-Gemma-style tokenizer (one token per word, a few words in two), the kit's three-prompt battery, an experiment and contexts.
+Gemma-style tokenizer (one token per word, a few words in two), the kit's four-prompt battery, an experiment and contexts.
 
 Nothing here downloads anything; a tiny model forwards in milliseconds.
 """
@@ -20,7 +20,8 @@ from steercmp.config import Experiment
 from steercmp.lm.capture import extract
 from steercmp.lm.load import LoadedModel
 
-#: The kit's battery: three couplets in the shape of the note8 battery.
+#: The kit's battery: four couplets in the shape of the note8 battery, the last one a prompt the
+#: positive control must drop (no same-length counterfactual), so a run of the kit meets a drop.
 TINY_BATTERY: dict[str, Any] = {
     "version": 1,
     "name": "conformance",
@@ -44,6 +45,14 @@ TINY_BATTERY: dict[str, Any] = {
                       "unrelated": ["love", "glove"]},
          "edits": {"edited": {"desire": "wire", "higher": "tire"},
                    "unrelated": {"desire": "love", "higher": "glove"}}},
+        # the first line ends on a word of two tokens (KIT_SPLITS) and every candidate rhyme is one
+        # token: no counterfactual keeps the prompt's positions, so the positive control must drop it
+        {"id": "lake_gleam",
+         "text": "The lake reflected every silver gleam,\nAnd all the night was quiet as a",
+         "families": {"original": ["dream", "stream"], "edited": ["light", "bright"],
+                      "unrelated": ["stone", "bone"]},
+         "edits": {"edited": {"dream": "light", "stream": "bright"},
+                   "unrelated": {"dream": "stone", "stream": "bone"}}},
     ],
 }
 
@@ -69,8 +78,8 @@ COUPLET_BATTERY: dict[str, Any] = {
 }
 #: Words the kit's tokenizer spells with several tokens (as Gemma's does many words), so a method
 #: that assumes one token per word, or counts positions in words, fails the kit: an edited and an
-#: original family word (scored as multi-token branches), and a word before the injection site.
-#: No first line ends on one: the counterfactual positive control needs a same-length rhyme there.
+#: original family word (scored as multi-token branches), a word before the injection site, and
+#: the last kit prompt's line-end word (the positive control finds no same-length rhyme for it).
 KIT_SPLITS: dict[str, tuple[str, ...]] = {"gleam": ("gl", "eam"), "desire": ("des", "ire"),
                                           "wandered": ("wander", "ed")}
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
@@ -176,22 +185,24 @@ def couplet_tokenizer(words: Iterable[str] = (), vocab_size: int = 512) -> Any:
 
 
 def save_tiny_checkpoint(path: str | Path, battery: Battery | None = None, seed: int = 0, *,
-                         words: Iterable[str] | None = None, **overrides: Any) -> Path:
+                         words: Iterable[str] | None = None, splits: Mapping[str, Sequence[str]] | None = None,
+                         **overrides: Any) -> Path:
     """Write the tiny model and its tokenizer to ``path``: a local model directory for
     ``model: {id: PATH}`` in an experiment (a whole-:class:`~steercmp.run.runner.Runner` test).
 
     The tokenizer knows ``battery``'s words, or, given ``words``, :data:`COUPLET_WORDS` plus
     ``words``; by default both the kit's battery and :data:`COUPLET_BATTERY` (what
     :func:`write_tiny_experiment` writes), so the whole-run helpers work together as they are.
-    ``overrides`` change the model config."""
+    ``splits`` spells words with several tokens (e.g. :data:`KIT_SPLITS`; default one token per
+    word). ``overrides`` change the model config."""
     path = Path(path)
     model = tiny_model(seed, **overrides)
     model.save_pretrained(path, safe_serialization=True)
     vocab = model.config.vocab_size
     if words is None and battery is None:
         words = [*battery_vocabulary(COUPLET_BATTERY), *_battery_words(tiny_battery())]
-    tok = (couplet_tokenizer(words, vocab_size=vocab) if words is not None
-           else tiny_tokenizer(_battery_words(battery or tiny_battery()), vocab_size=vocab))
+    tok = tiny_tokenizer([*COUPLET_WORDS, *words] if words is not None else _battery_words(battery or tiny_battery()),
+                         vocab_size=vocab, splits=splits)
     tok.save_pretrained(path)
     return path
 
