@@ -21,6 +21,8 @@ from steercmp.run.runner import Runner
 from steercmp.stats import format_summary_table, summarize
 
 STEPS = ("all", *STAGES, "report")
+#: stages the first (partial) report leaves to the full run
+DEFERRED = ("completions",)
 
 
 def run_command(args: argparse.Namespace, experiment: Experiment, plugins: PluginSet) -> int:
@@ -74,19 +76,23 @@ def _report(experiment: Experiment, plugins: PluginSet, out: Path) -> None:
 
 def _first_report(args: argparse.Namespace, experiment: Experiment, plugins: PluginSet, out: Path,
                   pending: dict[str, str]) -> tuple[list[str], dict[str, float]]:
-    """Run every stage for the methods with nothing to build and write their report, marked
-    partial (``pending.json``), before any build starts; the full run then reuses every unit of
-    theirs and rewrites the report. Returns the first pass's one-line failures and timings."""
+    """Run the methods with nothing to build through every stage the verdict needs and write
+    their report, marked partial (``pending.json``), before any build starts; the full run then
+    reuses every unit of theirs and rewrites the report. The alpha sweep's sampled completions
+    (:data:`DEFERRED`: descriptive, no matched verdict reads them; the matched completions are
+    sampled in the match stage) wait for the full run, so the first answer comes sooner.
+    Returns the first pass's one-line failures and timings."""
     ready = [s.key for s in experiment.methods if s.key not in pending]
     print(f"steercmp: first report without {', '.join(pending)} (still to build: "
           f"{'; '.join(sorted(set(pending.values())))})", file=sys.stderr)
     run = RunDir(out)
     ensure_writable_dir(run.root)
-    write_json(run.pending, {"pending": pending, "ready": ready})
+    deferred = [s for s in DEFERRED if s in STAGES and experiment.completions.enabled]
+    write_json(run.pending, {"pending": pending, "ready": ready, "deferred": deferred})
     if not ready:
         return [], {}
     first = Runner(experiment.with_methods(ready), plugins, out, progress=not args.no_progress)
-    first.run(STAGES)
+    first.run([s for s in STAGES if s not in deferred])
     if run.cells.exists():
         _report(experiment, plugins, out)
         _print_results(experiment, run)

@@ -136,12 +136,16 @@ def _partial_notice(run: RunDir) -> tuple[list[str], str] | None:
     if not run.pending.is_file():
         return None
     try:
-        pending = dict(json.loads(run.pending.read_text()).get("pending", {}))
+        data = json.loads(run.pending.read_text())
+        pending = dict(data.get("pending", {}))
+        deferred = [str(s) for s in data.get("deferred", [])]
     except (OSError, ValueError, TypeError, AttributeError):
         return None
     builds = "; ".join(sorted(set(map(str, pending.values()))))
-    return list(pending), (f"PARTIAL REPORT: {', '.join(pending)} not included yet (waiting for {builds}). The "
-                           "report is rewritten when they finish; if the run was stopped, the same `steercmp run` "
+    later = (" The alpha sweep's sampled completions (descriptive; the matched verdicts and their completions "
+             "are here) come with them." if "completions" in deferred else "")
+    return list(pending), (f"PARTIAL REPORT: {', '.join(pending)} not included yet (waiting for {builds}).{later} "
+                           "The report is rewritten when they finish; if the run was stopped, the same `steercmp run` "
                            "resumes it.")
 
 

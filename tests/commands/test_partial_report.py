@@ -1,5 +1,5 @@
 """The first report before the builds: methods with nothing to build are proposed, scored,
-matched and reported first (marked partial); a run killed during a slow build leaves that
+matched and reported first (marked partial; the alpha sweep's completions wait for the full run); a run killed during a slow build leaves that
 report readable, and the next ``steercmp run`` resumes, reuses their units and drops the mark."""
 
 from __future__ import annotations
@@ -71,6 +71,10 @@ def test_partial_report_before_a_slow_build_then_resume(tmp_path, tiny_ckpt):
         summary = (run / "report" / "summary.md").read_text()
         verdict = json.loads((run / "report" / "verdict.json").read_text())
         assert "PARTIAL REPORT: slow_build not included yet (waiting for a fake slow build)" in summary
+        # the first answer waits for no sampling it does not need: the alpha sweep's completions
+        # come with the full run, the matched completions (the verdict's behavioural check) are here
+        assert "The alpha sweep's sampled completions" in summary
+        assert not (run / "completions.parquet").exists() and (run / "matched_completions.parquet").exists()
         assert verdict["partial"]["pending"] == ["slow_build"]
         assert {v["method"] for v in verdict["verdicts"]} == {"unembed_direction"}
         assert (run / "report" / "report.html").read_text().count("PARTIAL REPORT") >= 1
@@ -91,4 +95,6 @@ def test_partial_report_before_a_slow_build_then_resume(tmp_path, tiny_ckpt):
     assert "partial" not in verdict and not (run / "pending.json").exists()
     assert {v["method"] for v in verdict["verdicts"]} == {"unembed_direction", "slow_build"}
     assert "PARTIAL" not in (run / "report" / "summary.md").read_text()
+    assert "[completions] 6 units (method x prompt): 0 reused, 6 to compute" in done.stderr
+    assert (run / "completions.parquet").exists()
     assert json.loads((run / "manifest.json").read_text())["timings_seconds"]["first_report"] > 0
