@@ -187,7 +187,7 @@ class ActivationVerbalizer:
             raise ValueError("temperature must be > 0 (or use greedy)")
         out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
         past = output_cache(out)
-        logits = out.logits[:, -1, :].float().cpu()
+        logits = out.logits[:, -1, :].cpu()  # the sampler upcasts row chunks
         produced: list[list[int]] = [[] for _ in range(n)]
         done = [False] * n
         stop = set(self.stop_ids)
@@ -205,7 +205,7 @@ class ActivationVerbalizer:
             out = model(input_ids=nxt[:, None].to(embeds.device), **cache_kwargs(model, past),
                         use_cache=True, logits_to_keep=1)
             past = output_cache(out)
-            logits = out.logits[:, -1, :].float().cpu()
+            logits = out.logits[:, -1, :].cpu()  # the sampler upcasts row chunks
         return [self.lm.tokenizer.decode(p, skip_special_tokens=True) for p in produced]
 
     def explain(self, vectors: torch.Tensor, **kwargs) -> list[tuple[str, str, bool]]:

@@ -14,6 +14,11 @@ import torch
 
 #: vocabulary block of the two-level inverse-CDF sampler (block sums, then one block's entries)
 SAMPLE_BLOCK = 512
+#: float32 working memory the sampler holds at once: rows are drawn in chunks sized from the
+#: vocabulary's bytes (32 rows of a 262k vocabulary), not all at once (256 rows of float32 logits
+#: and probabilities were ~0.5 GiB, the completions stage's peak). Every row is computed on its
+#: own, so the chunking changes no token.
+SAMPLE_CHUNK_BYTES = 64 * 2**20
 
 
 def sample_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator], temperature: float,
@@ -26,10 +31,16 @@ def sample_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator], t
     softmax and a multinomial per row: about 12x faster at 140 rows of a 262k vocabulary, the
     difference between minutes and seconds for the embedded default's completions.
     ``top_p < 1`` keeps the smallest set of most likely tokens whose mass reaches ``top_p``.
+    ``logits`` may be the model's own dtype: each chunk of rows is upcast to float32 on its own
+    (:data:`SAMPLE_CHUNK_BYTES`).
     """
     n, vocab = logits.shape
     if temperature <= 0:
         return logits.argmax(-1)
+    rows = max(1, SAMPLE_CHUNK_BYTES // (2 * 4 * vocab))  # float32 probabilities and one working copy
+    if n > rows:
+        return torch.cat([sample_tokens(logits[s:s + rows], generators[s:s + rows], temperature, top_p)
+                          for s in range(0, n, rows)])
     probs = torch.softmax(logits if temperature == 1.0 else logits.float() / temperature, dim=-1, dtype=torch.float32)
     order = None
     if top_p < 1.0:
@@ -60,4 +71,4 @@ def _block_sums(probs: torch.Tensor) -> torch.Tensor:
     return torch.cat([sums, probs[:, whole:].sum(-1, keepdim=True)], dim=-1) if whole < vocab else sums
 
 
-__all__ = ["SAMPLE_BLOCK", "sample_tokens"]
+__all__ = ["SAMPLE_BLOCK", "SAMPLE_CHUNK_BYTES", "sample_tokens"]

@@ -93,7 +93,7 @@ def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Inje
     with injecting(model, layer, inj, once=True, offset=p_min):
         res = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         cache = output_cache(res)
-        logits = res.logits[:, -1].float().cpu()
+        logits = res.logits[:, -1].cpu()  # the sampler upcasts row chunks
         active = torch.arange(n)  # rows still decoding; logits and cache rows follow this order
         for step in range(max_new_tokens):
             nxt, keep = _step(logits, active, generators, out, done, temperature, top_p,
@@ -106,7 +106,7 @@ def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Inje
                 active, nxt = active[sel], nxt[sel]
             res = model(input_ids=nxt.view(-1, 1).to(device), **cache_kwargs(model, cache), use_cache=True)
             cache = output_cache(res)
-            logits = res.logits[:, -1].float().cpu()
+            logits = res.logits[:, -1].cpu()  # the sampler upcasts row chunks
     return out
 
 
@@ -133,7 +133,7 @@ def generate_unsteered(lm: LoadedModel, contexts: Sequence[Sequence[int]], gener
     res = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                 use_cache=True, logits_to_keep=1)
     cache = output_cache(res)
-    logits = res.logits[:, -1].float().cpu()
+    logits = res.logits[:, -1].cpu()  # the sampler upcasts row chunks
     nxt_pos = positions[:, -1] + 1
     active = torch.arange(n)
     for step in range(max_new_tokens):
@@ -149,7 +149,7 @@ def generate_unsteered(lm: LoadedModel, contexts: Sequence[Sequence[int]], gener
         res = model(input_ids=nxt.view(-1, 1).to(device), attention_mask=mask.to(device),
                     position_ids=nxt_pos.view(-1, 1).to(device), **cache_kwargs(model, cache), use_cache=True)
         cache = output_cache(res)
-        logits = res.logits[:, -1].float().cpu()
+        logits = res.logits[:, -1].cpu()  # the sampler upcasts row chunks
         nxt_pos = nxt_pos + 1
     return out
 

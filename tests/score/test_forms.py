@@ -168,6 +168,24 @@ def test_batched_sampler_draws_from_the_softmax():
     assert torch.equal(sample_tokens(logits[None], [torch.Generator()], temperature=0.0), torch.tensor([700]))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_chunks_rows_and_reads_model_dtype_logits_without_changing_a_token(monkeypatch, temperature):
+    """Rows are drawn in chunks sized from the vocabulary's bytes, and bf16 logits are upcast a
+    chunk at a time: every token equals the one drawn from the whole float32 batch at once."""
+    from steercmp.lm import sampling
+
+    vocab, n = 4 * sampling.SAMPLE_BLOCK + 11, 37
+    logits = (torch.randn(n, vocab, generator=torch.Generator().manual_seed(3)) * 4).to(torch.bfloat16)
+
+    def draw(x):
+        return sampling.sample_tokens(x, [torch.Generator().manual_seed(100 + i) for i in range(n)], temperature)
+
+    whole = draw(logits.float())  # the default chunk holds every row of this small vocabulary
+    monkeypatch.setattr(sampling, "SAMPLE_CHUNK_BYTES", 5 * 2 * 4 * vocab)  # chunks of 5 rows (the last one 2)
+    assert torch.equal(draw(logits), whole) and torch.equal(draw(logits.float()), whole)
+    assert len(set(whole.tolist())) > 10
+
+
 def test_kl_unsteered_equals_plain_forward():
     """kl_unsteered is KL(unsteered || row) of the next-token distribution at the scoring slot,
     against a plain forward with and without the injection hook; zero for an unsteered row."""
