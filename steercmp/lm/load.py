@@ -15,6 +15,7 @@ import torch
 
 from steercmp.catalog import EMBEDDED_ID, is_embedded
 from steercmp.errors import ConfigError
+from steercmp.lm.dtype_copy import dtype_matched_checkpoint
 from steercmp.lm.embedded import ensure_embedded_model
 from steercmp.lm.hooks import contiguous_readout
 from steercmp.lm.layout import decoder_layers, text_config
@@ -130,7 +131,8 @@ def load_base_model(
             from transformers import Gemma3ForConditionalGeneration
 
             model_cls = Gemma3ForConditionalGeneration
-        model = model_cls.from_pretrained(path, **kwargs)
+        # a float32 checkpoint steercmp built loads into 16 bits from its 16-bit copy (same weights)
+        model = model_cls.from_pretrained(dtype_matched_checkpoint(path, torch_dtype), **kwargs)
         tokenizer = cached_tokenizer(str(path), revision, trust_remote_code)
     except OSError as exc:
         raise ConfigError(
