@@ -55,3 +55,21 @@ def test_non_finite_av_weights_are_refused(tmp_path, capsys, value):
     assert main(["nla", "explain", "--av", str(av), "--vector", _vector(tmp_path, capsys)]) == 2
     line = _one_line(capsys)
     assert str(av) in line and "AV weight" in line and "NaN or Inf" in line
+
+
+def test_the_finite_check_reads_every_slice_of_every_tensor(monkeypatch):
+    """Checked a slice at a time: a NaN in the last element of a tensor's last slice, and in a
+    tensor tied to another, is still found."""
+    import torch
+
+    from steercmp.api import ConfigError
+    from steercmp_plugins.nla import checkpoint
+
+    monkeypatch.setattr(checkpoint, "FINITE_CHECK_CHUNK", 7)
+    module = torch.nn.Sequential(torch.nn.Embedding(10, 5), torch.nn.Linear(5, 10, bias=False))
+    module[1].weight = module[0].weight  # tied
+    checkpoint.check_finite_weights(module, "AV", "here")
+    with torch.no_grad():
+        module[0].weight[-1, -1] = float("inf")
+    with pytest.raises(ConfigError, match="AV weight '0.weight' contains NaN or Inf"):
+        checkpoint.check_finite_weights(module, "AV", "here")
