@@ -79,9 +79,10 @@ def _first_report(args: argparse.Namespace, experiment: Experiment, plugins: Plu
     """Run the methods with nothing to build through every stage the verdict needs and write
     their report, marked partial (``pending.json``), before any build starts; the full run then
     reuses every unit of theirs and rewrites the report. The alpha sweep's sampled completions
-    (:data:`DEFERRED`: descriptive, no matched verdict reads them; the matched completions are
-    sampled in the match stage) wait for the full run, so the first answer comes sooner.
-    Returns the first pass's one-line failures and timings."""
+    of the methods that inject (:data:`DEFERRED`: descriptive, no matched verdict reads them; their
+    matched completions are sampled in the match stage) wait for the full run, so the first answer
+    comes sooner. A prompting method's are sampled first: a prompt has no dose, so the match stage
+    reads its completions as sampled. Returns the first pass's one-line failures and timings."""
     ready = [s.key for s in experiment.methods if s.key not in pending]
     print(f"steercmp: first report without {', '.join(pending)} (still to build: "
           f"{'; '.join(sorted(set(pending.values())))})", file=sys.stderr)
@@ -92,9 +93,24 @@ def _first_report(args: argparse.Namespace, experiment: Experiment, plugins: Plu
     if not ready:
         return [], {}
     first = Runner(experiment.with_methods(ready), plugins, out, progress=not args.no_progress)
-    first.run([s for s in STAGES if s not in deferred])
+    if not deferred:
+        first.run(STAGES)
+        return _first_pass_report(experiment, plugins, run, first)
+    first.run([s for s in STAGES if s not in ("completions", "match")])
+    prompting = [k for k in ready if k in first.methods and first.methods[k].intervention != "activation"]
+    if prompting:  # their texts, which the match stage reads (every unit is reused by the full run)
+        texts = Runner(experiment.with_methods(prompting), plugins, out, progress=not args.no_progress)
+        texts.run(["completions"])
+        first.failures.extend(texts.failures)
+        first.timings["completions"] = texts.timings.get("completions", 0.0)
+    first.run(["match"])
+    return _first_pass_report(experiment, plugins, run, first)
+
+
+def _first_pass_report(experiment: Experiment, plugins: PluginSet, run: RunDir,
+                       first: Runner) -> tuple[list[str], dict[str, float]]:
     if run.cells.exists():
-        _report(experiment, plugins, out)
+        _report(experiment, plugins, run.root)
         _print_results(experiment, run)
         print(f"steercmp: partial report written ({run.report / 'summary.md'}); building the rest now",
               file=sys.stderr)

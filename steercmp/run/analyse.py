@@ -142,8 +142,8 @@ def _partial_notice(run: RunDir) -> tuple[list[str], str] | None:
     except (OSError, ValueError, TypeError, AttributeError):
         return None
     builds = "; ".join(sorted(set(map(str, pending.values()))))
-    later = (" The alpha sweep's sampled completions (descriptive; the matched verdicts and their completions "
-             "are here) come with them." if "completions" in deferred else "")
+    later = (" The alpha sweep's sampled completions of the methods that inject (descriptive; the matched "
+             "verdicts and their completions are here) come with them." if "completions" in deferred else "")
     return list(pending), (f"PARTIAL REPORT: {', '.join(pending)} not included yet (waiting for {builds}).{later} "
                            "The report is rewritten when they finish; if the run was stopped, the same `steercmp run` "
                            "resumes it.")

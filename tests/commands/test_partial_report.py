@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import polars as pl
 import pytest
 
 from steercmp.testing import write_tiny_experiment
@@ -58,7 +59,7 @@ def test_partial_report_before_a_slow_build_then_resume(tmp_path, tiny_ckpt):
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "slow.py").write_text(SLOW_PLUGIN)
-    exp = write_tiny_experiment(tmp_path, tiny_ckpt, methods=["unembed_direction", "slow_build"],
+    exp = write_tiny_experiment(tmp_path, tiny_ckpt, methods=["unembed_direction", "prompting", "slow_build"],
                                 controls=["noop", "random_delta"], decision={"alphas": [2], "random_draws": 2})
     env = {**os.environ, "SLOW_BUILT": str(tmp_path / "built"), "SLOW_STARTED": str(tmp_path / "started"),
            "SLOW_RELEASE": str(tmp_path / "release")}
@@ -73,10 +74,15 @@ def test_partial_report_before_a_slow_build_then_resume(tmp_path, tiny_ckpt):
         assert "PARTIAL REPORT: slow_build not included yet (waiting for a fake slow build)" in summary
         # the first answer waits for no sampling it does not need: the alpha sweep's completions
         # come with the full run, the matched completions (the verdict's behavioural check) are here
-        assert "The alpha sweep's sampled completions" in summary
-        assert not (run / "completions.parquet").exists() and (run / "matched_completions.parquet").exists()
+        assert "The alpha sweep's sampled completions of the methods that inject" in summary
+        # a prompt has no dose: the match stage reads a prompting method's completions as sampled,
+        # so those are sampled first, and only those
+        sampled = pl.read_parquet(run / "completions.parquet")
+        assert set(sampled["method"]) == {"prompting"}
+        partial = pl.read_parquet(run / "matched_completions.parquet").filter(pl.col("method") == "prompting")
+        assert partial.filter(pl.col("condition") == "target_edit").height == 3 * 2 * 2  # prompts x seeds x scalings
         assert verdict["partial"]["pending"] == ["slow_build"]
-        assert {v["method"] for v in verdict["verdicts"]} == {"unembed_direction"}
+        assert {v["method"] for v in verdict["verdicts"]} == {"unembed_direction", "prompting"}
         assert (run / "report" / "report.html").read_text().count("PARTIAL REPORT") >= 1
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C during the build
@@ -89,12 +95,13 @@ def test_partial_report_before_a_slow_build_then_resume(tmp_path, tiny_ckpt):
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=300)
     assert done.returncode == 0, done.stderr
     # the resumed run recomputes nothing of unembed_direction's, nor the shared controls
-    assert "[score] 6 units (method x prompt): 3 reused, 3 to compute" in done.stderr
-    assert "[match] 9 units (prompt x method, and shared controls): 6 reused, 3 to dose-match" in done.stderr
+    assert "[score] 9 units (method x prompt): 6 reused, 3 to compute" in done.stderr
+    assert "[match] 12 units (prompt x method, and shared controls): 9 reused, 3 to dose-match" in done.stderr
     verdict = json.loads((run / "report" / "verdict.json").read_text())
     assert "partial" not in verdict and not (run / "pending.json").exists()
-    assert {v["method"] for v in verdict["verdicts"]} == {"unembed_direction", "slow_build"}
+    assert {v["method"] for v in verdict["verdicts"]} == {"unembed_direction", "prompting", "slow_build"}
     assert "PARTIAL" not in (run / "report" / "summary.md").read_text()
-    assert "[completions] 6 units (method x prompt): 0 reused, 6 to compute" in done.stderr
-    assert (run / "completions.parquet").exists()
+    assert "[completions] 9 units (method x prompt): 3 reused, 6 to compute" in done.stderr
+    final = pl.read_parquet(run / "matched_completions.parquet").filter(pl.col("method") == "prompting")
+    assert final.sort(final.columns).equals(partial.sort(partial.columns))
     assert json.loads((run / "manifest.json").read_text())["timings_seconds"]["first_report"] > 0
