@@ -29,12 +29,14 @@ STAGES = ("extract", "propose", "score", "completions", "match")
 STAGE_VERSIONS = {"extract": "2", "propose": "2", "score": "3", "completions": "2", "match": "1"}
 #: the packages and modules whose source determines each stage's outputs (a package = all its files)
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "extract": ("steercmp.lm", "steercmp.battery"),
-    "propose": ("steercmp.api", "steercmp.run.proposals", "steercmp.run.runtime"),
+    "extract": ("steercmp.lm", "steercmp.battery", "steercmp.run.stage_extract"),
+    "propose": ("steercmp.api", "steercmp.run.proposals", "steercmp.run.runtime", "steercmp.run.stage_propose"),
     "score": ("steercmp.lm", "steercmp.score", "steercmp.battery", "steercmp.run.cells",
-              "steercmp.run.proposals", "steercmp.schemas"),
-    "completions": ("steercmp.lm", "steercmp.score", "steercmp.run.cells", "steercmp.schemas"),
-    "match": ("steercmp.lm", "steercmp.score", "steercmp.run.match", "steercmp.run.cells", "steercmp.schemas"),
+              "steercmp.run.proposals", "steercmp.schemas", "steercmp.run.stage_score"),
+    "completions": ("steercmp.lm", "steercmp.score", "steercmp.run.cells", "steercmp.schemas",
+                    "steercmp.run.stage_completions"),
+    "match": ("steercmp.lm", "steercmp.score", "steercmp.run.match", "steercmp.run.cells", "steercmp.schemas",
+              "steercmp.run.stage_match"),
 }
 _FILE_DIGESTS: dict[str, str] = {}
 
