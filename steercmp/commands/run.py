@@ -97,13 +97,16 @@ def _first_report(args: argparse.Namespace, experiment: Experiment, plugins: Plu
         first.run(STAGES)
         return _first_pass_report(experiment, plugins, run, first)
     first.run([s for s in STAGES if s not in ("completions", "match")])
-    prompting = [k for k in ready if k in first.methods and first.methods[k].intervention != "activation"]
-    if prompting:  # their texts, which the match stage reads (every unit is reused by the full run)
-        texts = Runner(experiment.with_methods(prompting), plugins, out, progress=not args.no_progress)
-        texts.run(["completions"])
-        first.failures.extend(texts.failures)
-        first.timings["completions"] = texts.timings.get("completions", 0.0)
-    first.run(["match"])
+    # the later passes read the proposals back, so they take only the methods that have them
+    done = {*first.reused, *first.timings}  # "propose:<key>" of every method proposed or reused
+    have = [k for k in ready if f"propose:{k}" in done]
+    prompting = [k for k in have if first.methods[k].intervention != "activation"]
+    for keys, stage in ((prompting, "completions"), (have, "match")):  # prompting texts: the match stage reads them
+        if keys:
+            later = Runner(experiment.with_methods(keys), plugins, out, progress=not args.no_progress)
+            later.run([stage])
+            first.failures.extend(later.failures)
+            first.timings.update({k: v for k, v in later.timings.items() if k == stage or k.startswith(f"{stage}:")})
     return _first_pass_report(experiment, plugins, run, first)
 
 

@@ -105,3 +105,46 @@ def test_partial_report_before_a_slow_build_then_resume(tmp_path, tiny_ckpt):
     final = pl.read_parquet(run / "matched_completions.parquet").filter(pl.col("method") == "prompting")
     assert final.sort(final.columns).equals(partial.sort(partial.columns))
     assert json.loads((run / "manifest.json").read_text())["timings_seconds"]["first_report"] > 0
+
+
+BROKEN_PROMPT = '''
+from steercmp.api import Method
+from steercmp.hookspecs import hookimpl
+
+
+class BrokenPrompt(Method):
+    """A prompting method whose propose raises."""
+    name = "broken_prompt"
+    intervention = "prompt"
+    description = "raises while proposing"
+
+    def propose(self, contexts, runtime):
+        raise RuntimeError("boom")
+
+
+@hookimpl
+def register_methods(register):
+    register(BrokenPrompt)
+'''
+
+
+def test_a_prompting_method_that_fails_does_not_stop_the_first_report(tmp_path, tiny_ckpt):
+    """The first pass samples the prompting methods' texts before the match stage; one whose
+    proposals failed is recorded like any failed method, not looked up again."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "slow.py").write_text(SLOW_PLUGIN)
+    (plugins / "broken.py").write_text(BROKEN_PROMPT)
+    exp = write_tiny_experiment(tmp_path, tiny_ckpt, methods=["unembed_direction", "broken_prompt", "slow_build"],
+                                controls=["noop", "random_delta"], decision={"alphas": [2], "random_draws": 2})
+    (tmp_path / "release").write_text("go")  # the fake build finishes at once
+    env = {**os.environ, "SLOW_BUILT": str(tmp_path / "built"), "SLOW_STARTED": str(tmp_path / "started"),
+           "SLOW_RELEASE": str(tmp_path / "release")}
+    done = subprocess.run([sys.executable, "-m", "steercmp", "--plugins-dir", str(plugins), "run", str(exp),
+                           "--out", str(tmp_path / "run"), "--no-progress"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "partial report written" in done.stderr and "no proposals for method" not in done.stderr
+    assert "method 'broken_prompt' raised while proposing: RuntimeError: boom" in done.stderr
+    verdict = json.loads((tmp_path / "run" / "report" / "verdict.json").read_text())
+    assert {v["method"] for v in verdict["verdicts"]} == {"unembed_direction", "slow_build"}
