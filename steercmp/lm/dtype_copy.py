@@ -62,7 +62,7 @@ def _write_copy(source: Path, target: Path, weights: list[Path], dtype: torch.dt
     for item in source.iterdir():  # config, tokenizer, metadata: as they are
         if item.is_file() and item.suffix != ".safetensors" and item.name != MARKER:
             shutil.copy2(item, tmp / item.name)
-    for w in weights:  # one tensor at a time: float32 -> dtype, the cast a 16-bit load makes
+    for w in weights:  # read a tensor at a time (never the whole float32 file); the cast a 16-bit load makes
         with safe_open(str(w), framework="pt") as f:
             tensors = {k: f.get_tensor(k).to(dtype).contiguous() for k in f.keys()}
             save_file(tensors, str(tmp / w.name), metadata=f.metadata())

@@ -19,7 +19,6 @@ import polars as pl
 
 from steercmp.config import Experiment
 from steercmp.errors import SteercmpError
-from steercmp.lm.prompts import TokenizedPrompt
 from steercmp.paths import sole_writer
 from steercmp.plugin_manager import PluginSet
 from steercmp.run.keys import STAGES, RunKeys
@@ -61,8 +60,6 @@ class Runner:
         self.stage_keys: dict[str, str] = self.ledger.stage_keys
         self.failures: list[SteercmpError] = self.ledger.failures
         self._keys: RunKeys | None = None
-        #: each prompt tokenized once, by the preflight; extraction reads it
-        self._tokens: dict[str, TokenizedPrompt] | None = None
 
     @property
     def keys(self) -> RunKeys:
@@ -80,12 +77,14 @@ class Runner:
 
     def run(self, steps: Sequence[str] = STAGES) -> pl.DataFrame | None:
         """Run ``steps``; nothing is written before the battery passes the tokenizer checks."""
-        if any(s in steps for s in STAGES) and not self._reusable_extract():
-            self._tokens = preflight(self.experiment)
+        ctx = self.stage_context() if any(s in steps for s in STAGES) else None
+        if ctx is not None and not ctx.reusable("extract", ctx.keys.extract(), ctx.rundir.activations,
+                                                ctx.rundir.contexts):
+            ctx.tokens = preflight(self.experiment)  # each prompt tokenized once; extraction reads it
         ensure_writable_dir(self.run_dir)
         with sole_writer(self.run_dir, where=str(self.run_dir)):  # one writer per run directory
             write_text(self.rundir.config, self.experiment.snapshot())
-            cells = self._stages(steps)
+            cells = self._stages(ctx, steps) if ctx is not None else None
             self.resources.release()
             self.write_manifest()
         return cells
@@ -98,14 +97,11 @@ class Runner:
             sampling=Sampling(exp.completions, exp.layer, exp.seed), battery=self.battery, model=exp.model,
             source=exp.source, single_token_families=exp.single_token_families, methods=self.methods,
             method_order=tuple(s.key for s in exp.methods), controls=self.controls, run_settings=exp.run_settings,
-            completions=exp.completions, ledger=self.ledger, fresh=self.fresh, progress=self.progress, log=self.log,
-            tokens=self._tokens)
+            completions=exp.completions, ledger=self.ledger, fresh=self.fresh, progress=self.progress, log=self.log)
 
-    def _stages(self, steps: Sequence[str]) -> pl.DataFrame | None:
+    @staticmethod
+    def _stages(ctx: StageContext, steps: Sequence[str]) -> pl.DataFrame | None:
         cells = None
-        if not any(s in steps for s in STAGES):
-            return cells
-        ctx = self.stage_context()
         contexts = stage_extract(ctx, run="extract" in steps)
         if any(s in steps for s in ("propose", "score", "completions", "match")):
             proposals = stage_propose(ctx, contexts, run="propose" in steps)
@@ -118,10 +114,6 @@ class Runner:
             if "match" in steps:
                 stage_match(ctx, contexts, proposals)
         return cells
-
-    def _reusable_extract(self) -> bool:
-        return (not self.fresh and self.rundir.stage_keys().get("extract") == self.keys.extract()
-                and self.rundir.activations.exists() and self.rundir.contexts.exists())
 
     def prune_units(self) -> list[Path]:
         """Delete the unit files this experiment no longer references (a changed config, code or
