@@ -56,7 +56,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_locate(args: argparse.Namespace) -> int:
     from steercmp.commands.locate import locate_command
 
-    return locate_command(args, _load_experiment(args.experiment))
+    return locate_command(args, _load_experiment(args.experiment), _plugin_set(args))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

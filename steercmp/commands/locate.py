@@ -4,8 +4,10 @@ For every battery prompt and target family (``edited``, ``unrelated``) a counter
 changes the plan (:mod:`steercmp.lm.couplet_counterfactual`); for every layer and every position from the
 end of line 1 to the rhyme slot, its residual is patched into the original run and the shift of
 the target-minus-original log-mass at the slot is measured (:mod:`steercmp.score.patching`).
-Staged like ``run``: the base model alone is resident, every layer is one resumable unit under
-``<out>/units/locate/``, and a rerun reuses them. Writes ``locate.parquet`` (one row per prompt
+It runs on ``run``'s machinery (:mod:`steercmp.run.stage_locate`): the run's resource manager
+loads the base model, every layer is one resumable unit under ``<out>/units/locate/`` keyed like
+a run's units, a rerun reuses them, one process writes the directory, and ``manifest.json``
+records it. A prompt without a same-length counterfactual is dropped (``locate.json`` says why). Writes ``locate.parquet`` (one row per prompt
 and site), ``locate_summary.parquet`` (mean and CI over prompts per site), ``heatmap.png``,
 ``locate.html`` and prints the best sites.
 """
@@ -18,24 +20,14 @@ from pathlib import Path
 
 import polars as pl
 
-from steercmp import __version__
 from steercmp.config import Experiment
-from steercmp.couplets import CONSTRUCTIONS, same_rhyme
+from steercmp.couplets import CONSTRUCTIONS
 from steercmp.errors import ConfigError
-from steercmp.hashing import stable_hash
-from steercmp.lm.couplet_counterfactual import build_counterfactual
 from steercmp.lm.device import resolve_dtype_name
-from steercmp.lm.load import load_base_model
-from steercmp.paths import writable_dir
+from steercmp.plugin_manager import PluginSet
 from steercmp.report.locate_heatmap import write_locate
-from steercmp.run.keys import module_code_hash
-from steercmp.run.provenance import checkpoint_identity
-from steercmp.run.rundir import RunDir, write_parquet
-from steercmp.run.runtime import tqdm_progress
-from steercmp.run.validate import preflight
-from steercmp.score.patching import prepare, scan_layer
-
-FAMILIES = ("edited", "unrelated")
+from steercmp.run.runner import Runner
+from steercmp.run.stage_locate import LocateScan
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -53,18 +45,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _int_list(text: str, n_layers: int | None, where: str) -> list[int]:
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _int_list(text: str) -> list[int]:
+    """``0-17`` or ``4,8,12``; the model's range is checked once it is loaded."""
     out: list[int] = []
     try:
         for part in text.split(","):
             a, _, b = part.strip().partition("-")
             out += list(range(int(a), int(b) + 1)) if b else [int(a)]
     except ValueError:
-        raise ConfigError(f"cannot read {text!r} as layers", where=where, fix="write e.g. 0-17 or 4,8,12") from None
-    bad = [x for x in out if x < 0 or (n_layers is not None and x >= n_layers)]
-    if bad:
-        raise ConfigError(f"layer {bad[0]} is outside the model (0..{(n_layers or 1) - 1})", where=where,
-                          fix=f"use layers 0..{(n_layers or 1) - 1}")
+        raise ConfigError(f"cannot read {text!r} as layers", where="--layers",
+                          fix="write e.g. 0-17 or 4,8,12") from None
     return sorted(set(out))
 
 
@@ -81,63 +75,19 @@ def _offsets(text: str | None) -> tuple[int, int] | None:
     return a, b
 
 
-def locate_command(args: argparse.Namespace, experiment: Experiment) -> int:
-    out = writable_dir(Path(args.out) if args.out else Path("artifacts") / f"{experiment.name}-locate", where="--out")
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
-    bad = [f for f in families if f not in FAMILIES]
-    if bad or not families:
-        raise ConfigError(f"unknown target family {bad[0] if bad else args.families!r}", where="--families",
-                          fix="use edited, unrelated or both")
-    constructions = [c.strip() for c in args.constructions.split(",")]
-    if constructions != ["auto"] and any(c not in CONSTRUCTIONS for c in constructions):
-        raise ConfigError(f"unknown construction in {args.constructions!r}", where="--constructions",
-                          fix=f"use auto or a comma list of {', '.join(CONSTRUCTIONS)}")
-    offsets = _offsets(args.offsets)
-    tokens = preflight(experiment)
-    spec = experiment.model
-    lm = load_base_model(spec.id, dtype=spec.dtype, device=spec.device, device_map=spec.device_map,
-                         revision=spec.revision, trust_remote_code=spec.trust_remote_code, progress=not args.no_progress)
-    layers = _int_list(args.layers, lm.num_layers, "--layers") if args.layers else list(range(lm.num_layers))
-    pairs = []
-    chat = spec.chat_template
-    for prompt in experiment.battery.prompts:
-        tok = tokens[prompt.id]
-        if offsets is not None and offsets[1] > tok.score_pos - tok.inject_pos:
-            raise ConfigError(f"offset {offsets[1]:+d} is past prompt {prompt.id!r}'s last token "
-                              f"({tok.score_pos - tok.inject_pos:+d})", where="--offsets",
-                              fix="end the range at or before the rhyme slot of the shortest prompt")
-        for family in families:
-            auto = ["swap", "block"] if same_rhyme(prompt, family) else ["cue"]
-            kinds = auto if constructions == ["auto"] else constructions
-            for construction in kinds:
-                pairs.append((prompt, tok, build_counterfactual(lm.tokenizer, prompt, family, construction,
-                                                                chat_template=chat, where=experiment.battery.source)))
-    ident = checkpoint_identity(spec.id, spec.revision)
-    base_key = {"model": spec.id, "files": ident.get("files", {}), "dtype": resolve_dtype_name(spec.dtype, spec.device),
-                "battery": experiment.battery.content_hash(), "pairs": [(p.id, c.family, c.construction, c.word)
-                                                                       for p, _t, c in pairs],
-                "offsets": offsets, "code": [module_code_hash(m) for m in ("steercmp.score", "steercmp.lm")],
-                "version": __version__}
-    run = RunDir(out)
-    progress = tqdm_progress(not args.no_progress)
-    plan = None
-    frames = []
-    for layer in progress(layers, "locate layers", len(layers)):
-        path = run.unit("locate", f"layer{layer}-{stable_hash({**base_key, 'layer': layer})}")
-        if args.fresh or not path.exists():
-            if plan is None:
-                plan = prepare(lm, layers, pairs, batch_size=experiment.batch_size)
-            write_parquet(path, pl.DataFrame(scan_layer(lm, plan, layer, batch_size=experiment.batch_size,
-                                                        offsets=offsets)))
-        frames.append(pl.read_parquet(path))
-    lm.unload()
-    records = pl.concat([f for f in frames if f.height], how="vertical")
-    meta = {"experiment": experiment.name, "source": experiment.source, "model": spec.id,
-            "dtype": base_key["dtype"], "layers": layers, "offsets": offsets, "n_prompts": len(experiment.battery),
-            "pairs": len(pairs), "counterfactuals": [{"prompt_id": p.id, "family": c.family, "construction": c.construction,
-                                                       "word": c.word} for p, _t, c in pairs]}
+def locate_command(args: argparse.Namespace, experiment: Experiment, plugins: PluginSet) -> int:
+    out = Path(args.out) if args.out else Path("artifacts") / f"{experiment.name}-locate"
+    scan = LocateScan(families=_names(args.families), constructions=_names(args.constructions),
+                      layers=tuple(_int_list(args.layers)) if args.layers else None, offsets=_offsets(args.offsets))
+    runner = Runner(experiment.with_methods(()), plugins, out, fresh=args.fresh, progress=not args.no_progress)
+    plan, records = runner.locate(scan)
+    meta = {"experiment": experiment.name, "source": experiment.source, "model": experiment.model.id,
+            "dtype": resolve_dtype_name(experiment.model.dtype, experiment.model.device),
+            "n_prompts": len(experiment.battery), **plan.meta()}
     best = write_locate(out, records, meta, top=args.top, seed=experiment.seed)
     _print_best(best)
+    if plan.dropped:
+        print(f"\n{len(plan.dropped)} counterfactuals dropped (no same-length counterfactual; listed in locate.json)")
     print(f"\nlocate written to {out} (locate.parquet, locate_summary.parquet, heatmap.png, locate.html)")
     return 0
 

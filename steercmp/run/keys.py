@@ -26,7 +26,7 @@ from steercmp.lm.device import resolve_dtype_name
 
 STAGES = ("extract", "propose", "score", "completions", "match")
 #: bump a stage's version when its outputs change meaning; the code hash below also covers edits
-STAGE_VERSIONS = {"extract": "2", "propose": "2", "score": "3", "completions": "2", "match": "1"}
+STAGE_VERSIONS = {"extract": "2", "propose": "2", "score": "3", "completions": "2", "match": "1", "locate": "1"}
 #: the packages and modules whose source determines each stage's outputs (a package = all its files)
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "extract": ("steercmp.lm", "steercmp.battery", "steercmp.run.stage_extract"),
@@ -37,6 +37,8 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
                     "steercmp.run.stage_completions"),
     "match": ("steercmp.lm", "steercmp.score", "steercmp.run.match", "steercmp.run.cells", "steercmp.schemas",
               "steercmp.run.stage_match"),
+    # ``steercmp locate``'s stage (not one of STAGES: ``run`` does not take it)
+    "locate": ("steercmp.lm", "steercmp.score", "steercmp.battery", "steercmp.couplets", "steercmp.run.stage_locate"),
 }
 _FILE_DIGESTS: dict[str, str] = {}
 
@@ -83,15 +85,26 @@ class RunKeys:
     def stage(self, stage: str, payload: Any) -> str:
         return stable_hash({"stage": stage, "code": stage_code_hash(stage), "payload": payload})
 
-    def extract(self) -> str:
+    def _model(self) -> dict[str, Any]:
         exp = self.experiment
         model = attrs.asdict(exp.model)
         model["dtype"] = resolve_dtype_name(exp.model.dtype, exp.model.device)  # auto -> this machine's
         model.pop("device", None)  # the same numbers are expected on any device of one dtype
         model.pop("device_map", None)
-        return self.stage("extract", {"model": model, "checkpoint": dict(self.model_identity),
-                                      "layer": exp.layer, "battery": exp.battery.content_hash(),
+        return {"model": model, "checkpoint": dict(self.model_identity), "battery": self.experiment.battery.content_hash()}
+
+    def extract(self) -> str:
+        exp = self.experiment
+        return self.stage("extract", {**self._model(), "layer": exp.layer,
                                       "single_token_families": exp.single_token_families})
+
+    def locate_unit(self, layer: int, pairs: Sequence[tuple[str, str, str, str]],
+                    offsets: tuple[int, int] | None) -> str:
+        """One layer of ``steercmp locate``: the model, the battery, the counterfactual pairs
+        (prompt, family, construction, word) and the scanned offsets; not the experiment's layer
+        or methods."""
+        return self.stage("locate", {**self._model(), "layer": layer, "pairs": [list(p) for p in pairs],
+                                     "offsets": list(offsets) if offsets else None})
 
     def propose(self, method: str) -> str:
         spec = next(s for s in self.experiment.methods if s.key == method)

@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from steercmp.config import Experiment
-from steercmp.errors import SteercmpError
+from steercmp.errors import ConfigError, SteercmpError
 from steercmp.paths import sole_writer
 from steercmp.plugin_manager import PluginSet
 from steercmp.run.keys import STAGES, RunKeys
@@ -27,6 +27,7 @@ from steercmp.run.runtime import ResourceManager, tqdm_progress
 from steercmp.run.stage_completions import stage_completions
 from steercmp.run.stage_context import Ledger, StageContext
 from steercmp.run.stage_extract import stage_extract
+from steercmp.run.stage_locate import LocatePlan, LocateScan, plan_locate, stage_locate
 from steercmp.run.stage_match import stage_match
 from steercmp.run.stage_propose import cell_book, stage_propose
 from steercmp.run.stage_score import stage_score
@@ -88,6 +89,24 @@ class Runner:
             self.resources.release()
             self.write_manifest()
         return cells
+
+    def locate(self, scan: LocateScan) -> tuple[LocatePlan, pl.DataFrame]:
+        """``steercmp locate`` on this runner's machinery: the scan is checked (model loaded,
+        counterfactuals built) before anything is written, then its layers run as units under
+        the run directory's writer lock, and the manifest records them."""
+        if self.rundir.cells.exists() or self.rundir.activations.exists():
+            raise ConfigError(f"{str(self.run_dir)!r} holds a run of `steercmp run`; locate would overwrite its "
+                              "manifest", where="--out", fix="choose another --out (the default is <name>-locate)")
+        ctx = self.stage_context()
+        ctx.tokens = preflight(self.experiment)
+        plan = plan_locate(ctx, scan)
+        ensure_writable_dir(self.run_dir)
+        with sole_writer(self.run_dir, where=str(self.run_dir)):
+            write_text(self.rundir.config, self.experiment.snapshot())
+            records = stage_locate(ctx, plan)
+            self.resources.release()
+            self.write_manifest()
+        return plan, records
 
     def stage_context(self) -> StageContext:
         """What the stage functions read: the experiment's settings, not the experiment."""

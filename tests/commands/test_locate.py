@@ -10,13 +10,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+from filelock import FileLock
 
 from steercmp.cli import main
 from steercmp.testing import COUPLET_BATTERY as BATTERY
 from steercmp.testing import save_tiny_checkpoint
 
 N_LAYERS = 4  # the tiny config's depth
-# hill_still's edited family is its own line-end word: no swap counterfactual exists (a bad-input case)
+# hill_still's edited family is its own line-end word: no swap counterfactual exists (it is dropped)
 GOOD = {**BATTERY, "prompts": [p for p in BATTERY["prompts"] if p["id"] != "hill_still"]}
 
 
@@ -100,19 +101,49 @@ def test_offset_past_the_prompt(located, capsys):
     assert "--offsets" in err and "past prompt" in err
 
 
-def test_counterfactual_of_another_length(located, capsys):
+def test_a_pair_without_a_counterfactual_is_dropped_and_recorded(located, capsys):
+    """As ``run``'s positive control drops its prompt, locate drops a (prompt, family,
+    construction) with no same-length counterfactual, scans the rest and says why in locate.json."""
     battery = json.loads(json.dumps(GOOD))
     battery["prompts"][0]["families"]["edited"] = ["sun-beam"]
     battery["prompts"][0]["edits"]["edited"] = {"dream": "sun-beam"}
     exp = _experiment(located["root"], located["ckpt"], battery, name="unequal")
-    err = _bad(located, capsys, ["--constructions", "swap", "--families", "edited"], exp=exp)
-    assert "stream_dream.families.edited" in err and "tokenizes to the prompt's length" in err
+    out = located["root"] / "dropped"
+    code = main(["locate", str(exp), "--out", str(out), "--no-progress", "--constructions", "swap",
+                 "--families", "edited", "--layers", "3"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    meta = json.loads((out / "locate.json").read_text())
+    assert [(d["prompt_id"], d["family"], d["construction"]) for d in meta["dropped"]] == [
+        ("stream_dream", "edited", "swap")]
+    assert "tokenizes to the prompt's length" in meta["dropped"][0]["reason"]
+    assert "dropped prompt 'stream_dream'" in captured.err and "1 counterfactuals dropped" in captured.out
+    ids = set(pl.read_parquet(out / "locate.parquet")["prompt_id"].unique().to_list())
+    assert "stream_dream" not in ids and ids == {p["id"] for p in battery["prompts"][1:]}
 
 
-def test_no_counterfactual_word_at_all(located, capsys):
-    exp = _experiment(located["root"], located["ckpt"], BATTERY, name="self")
-    err = _bad(located, capsys, [], exp=exp)
-    assert "hill_still.families.edited" in err and "fix:" in err
+def test_nothing_left_to_scan(located, capsys):
+    only = {**BATTERY, "prompts": [p for p in BATTERY["prompts"] if p["id"] == "hill_still"]}
+    exp = _experiment(located["root"], located["ckpt"], only, name="self")
+    err = _bad(located, capsys, ["--families", "edited", "--constructions", "swap"], exp=exp)
+    assert "no prompt has a same-length counterfactual" in err and "hill_still" in err and "fix:" in err
+
+
+def test_locate_is_on_the_run_machinery(located, capsys):
+    """One writer per directory, a manifest of what ran and was reused, and never into a run's
+    directory (its manifest would be overwritten)."""
+    manifest = json.loads((located["out"] / "manifest.json").read_text())
+    assert manifest["reused_units"]["locate"] == {"reused": N_LAYERS, "computed": 0}  # the rerun above
+    assert "locate" in manifest["stage_keys"] and manifest["memory"]
+    with FileLock(str(located["out"] / ".steercmp.lock")):
+        err = _bad(located, capsys, [])
+    assert "another steercmp process is writing" in err
+    run_dir = located["root"] / "a-run"
+    run_dir.mkdir()
+    (run_dir / "cells.parquet").write_bytes(b"")
+    code = main(["locate", str(located["exp"]), "--out", str(run_dir), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "holds a run of `steercmp run`" in err and len(err.splitlines()) == 1
 
 
 def test_unknown_family(located, capsys):
