@@ -59,6 +59,10 @@ class Decoding:
     def of(cls, spec: CompletionSpec) -> Decoding:
         return cls(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p)
 
+    def stop_ids(self, tokenizer: Any) -> set[Any]:
+        """The tokens that end a row: eos, and the newline tokens when a completion is one line."""
+        return {tokenizer.eos_token_id} | (_newline_ids(tokenizer) if self.stop_on_newline else set())
+
 
 @torch.no_grad()
 def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Injection,
@@ -69,13 +73,8 @@ def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Inje
     With ``share_prefix`` the positions before the earliest injection are prefilled once and
     their KV cache is shared by every row (the result is the same as a full prefill per row).
     """
-    model = lm.model
-    n = len(inj)
-    device = lm.input_device
-    max_new_tokens, temperature, top_p = decoding.max_new_tokens, decoding.temperature, decoding.top_p
-    stop_on_newline = decoding.stop_on_newline
-    newline_ids = _newline_ids(lm.tokenizer)
-    eos = lm.tokenizer.eos_token_id
+    model, n, device = lm.model, len(inj), lm.input_device
+    stop = decoding.stop_ids(lm.tokenizer)
     out: list[list[int]] = [[] for _ in range(n)]
     done = torch.zeros(n, dtype=torch.bool)
     # positions before the earliest injection are the same for every row: prefill them once
@@ -95,10 +94,9 @@ def generate_rows(lm: LoadedModel, layer: int, context: Sequence[int], inj: Inje
         cache = output_cache(res)
         logits = res.logits[:, -1].cpu()  # the sampler upcasts row chunks
         active = torch.arange(n)  # rows still decoding; logits and cache rows follow this order
-        for step in range(max_new_tokens):
-            nxt, keep = _step(logits, active, generators, out, done, temperature, top_p,
-                              {eos} | (newline_ids if stop_on_newline else set()))
-            if not bool(keep.any()) or step == max_new_tokens - 1:
+        for step in range(decoding.max_new_tokens):
+            nxt, keep = _step(logits, active, generators, out, done, decoding, stop)
+            if not bool(keep.any()) or step == decoding.max_new_tokens - 1:
                 break
             if not bool(keep.all()):  # finished rows leave the batch (and the cache)
                 sel = keep.nonzero().squeeze(-1)
@@ -118,15 +116,9 @@ def generate_unsteered(lm: LoadedModel, contexts: Sequence[Sequence[int]], gener
     contexts of a prompt (prompting texts, counterfactual couplets) cost one generation, not one
     each. Each row keeps its own generator, so its text does not depend on its batch (in fp32 the
     tokens equal :func:`generate_rows` per context; tests/score/test_forms.py)."""
-    model = lm.model
-    n = len(contexts)
-    device = lm.input_device
-    max_new_tokens, temperature, top_p = decoding.max_new_tokens, decoding.temperature, decoding.top_p
-    stop_on_newline = decoding.stop_on_newline
-    newline_ids = _newline_ids(lm.tokenizer)
-    eos = lm.tokenizer.eos_token_id
-    pad = lm.tokenizer.pad_token_id or 0
-    ids, mask, _ = pad_batch(contexts, pad, side="left")
+    model, n, device = lm.model, len(contexts), lm.input_device
+    stop = decoding.stop_ids(lm.tokenizer)
+    ids, mask, _ = pad_batch(contexts, lm.tokenizer.pad_token_id or 0, side="left")
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     out: list[list[int]] = [[] for _ in range(n)]
     done = torch.zeros(n, dtype=torch.bool)
@@ -136,10 +128,9 @@ def generate_unsteered(lm: LoadedModel, contexts: Sequence[Sequence[int]], gener
     logits = res.logits[:, -1].cpu()  # the sampler upcasts row chunks
     nxt_pos = positions[:, -1] + 1
     active = torch.arange(n)
-    for step in range(max_new_tokens):
-        nxt, keep = _step(logits, active, generators, out, done, temperature, top_p,
-                          {eos} | (newline_ids if stop_on_newline else set()))
-        if not bool(keep.any()) or step == max_new_tokens - 1:
+    for step in range(decoding.max_new_tokens):
+        nxt, keep = _step(logits, active, generators, out, done, decoding, stop)
+        if not bool(keep.any()) or step == decoding.max_new_tokens - 1:
             break
         if not bool(keep.all()):
             sel = keep.nonzero().squeeze(-1)
@@ -155,11 +146,10 @@ def generate_unsteered(lm: LoadedModel, contexts: Sequence[Sequence[int]], gener
 
 
 def _step(logits: torch.Tensor, active: torch.Tensor, generators: Sequence[torch.Generator], out: list[list[int]],
-          done: torch.Tensor, temperature: float, top_p: float, stop_ids: set[Any]
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+          done: torch.Tensor, decoding: Decoding, stop_ids: set[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token for every active row (each with its own generator), append it, mark rows
     that hit a stop token; returns the tokens and which active rows go on."""
-    nxt = sample_tokens(logits, [generators[i] for i in active.tolist()], temperature, top_p)
+    nxt = sample_tokens(logits, [generators[i] for i in active.tolist()], decoding.temperature, decoding.top_p)
     for j, i in enumerate(active.tolist()):
         tok = int(nxt[j])
         out[i].append(tok)
