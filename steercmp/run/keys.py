@@ -91,7 +91,7 @@ class RunKeys:
         model["dtype"] = resolve_dtype_name(exp.model.dtype, exp.model.device)  # auto -> this machine's
         model.pop("device", None)  # the same numbers are expected on any device of one dtype
         model.pop("device_map", None)
-        return {"model": model, "checkpoint": dict(self.model_identity), "battery": self.experiment.battery.content_hash()}
+        return {"model": model, "checkpoint": dict(self.model_identity), "battery": exp.battery.content_hash()}
 
     def extract(self) -> str:
         exp = self.experiment

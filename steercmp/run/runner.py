@@ -97,10 +97,10 @@ class Runner:
         if self.rundir.cells.exists() or self.rundir.activations.exists():
             raise ConfigError(f"{str(self.run_dir)!r} holds a run of `steercmp run`; locate would overwrite its "
                               "manifest", where="--out", fix="choose another --out (the default is <name>-locate)")
+        ensure_writable_dir(self.run_dir)  # before the model loads: a bad --out fails at once
         ctx = self.stage_context()
         ctx.tokens = preflight(self.experiment)
-        plan = plan_locate(ctx, scan)
-        ensure_writable_dir(self.run_dir)
+        plan = plan_locate(ctx, scan)  # every refusal comes before the first file is written
         with sole_writer(self.run_dir, where=str(self.run_dir)):
             write_text(self.rundir.config, self.experiment.snapshot())
             records = stage_locate(ctx, plan)
