@@ -7,9 +7,9 @@ the target-minus-original log-mass at the slot is measured (:mod:`steercmp.score
 It runs on ``run``'s machinery (:mod:`steercmp.run.stage_locate`): the run's resource manager
 loads the base model, every layer is one resumable unit under ``<out>/units/locate/`` keyed like
 a run's units, a rerun reuses them, one process writes the directory, and ``manifest.json``
-records it. A prompt without a same-length counterfactual is dropped (``locate.json`` says why). Writes ``locate.parquet`` (one row per prompt
-and site), ``locate_summary.parquet`` (mean and CI over prompts per site), ``heatmap.png``,
-``locate.html`` and prints the best sites.
+records it. A prompt without a same-length counterfactual is dropped (``locate.json`` says why).
+Writes ``locate.parquet`` (one row per prompt and site), ``locate_summary.parquet`` (mean and CI
+over prompts per site), ``heatmap.png``, ``locate.html`` and prints the best sites.
 """
 
 from __future__ import annotations

@@ -52,8 +52,8 @@ class LocateScan:
     def __attrs_post_init__(self) -> None:
         bad = [f for f in self.families if f not in FAMILIES]
         if bad or not self.families:
-            raise ConfigError(f"unknown target family {bad[0] if bad else ''!r}", where="--families",
-                              fix="use edited, unrelated or both")
+            problem = f"unknown target family {bad[0]!r}" if bad else "no target family given"
+            raise ConfigError(problem, where="--families", fix="use edited, unrelated or both")
         if self.constructions != ("auto",) and any(c not in CONSTRUCTIONS for c in self.constructions):
             raise ConfigError(f"unknown construction in {','.join(self.constructions)!r}", where="--constructions",
                               fix=f"use auto or a comma list of {', '.join(CONSTRUCTIONS)}")
@@ -92,7 +92,8 @@ def plan_locate(ctx: StageContext, scan: LocateScan) -> LocatePlan:
     if outside:
         raise ConfigError(f"layer {outside[0]} is outside the model (0..{n_layers - 1})", where="--layers",
                           fix=f"use layers 0..{n_layers - 1}")
-    tokens = ctx.tokens or {}
+    tokens = ctx.tokens
+    assert tokens is not None, "Runner.locate tokenizes the battery (preflight) before planning"
     pairs: list[Pair] = []
     dropped: list[dict[str, str]] = []
     for prompt in ctx.battery.prompts:
