@@ -47,23 +47,25 @@ KL_OFFTARGET = "kl_offtarget"
 SURVIVAL = "delta_survival"
 
 
-def block_batch_size(lm: LoadedModel, prep: PreparedContext, n_branches: int) -> int:
+def block_batch_size(lm: LoadedModel, prep: PreparedContext, n_branches: int, budget: float | None = None) -> int:
     """Rows per pass of blocks L+1..N: each row's copy of the KV cache (the whole context, once
     per branch) and its activations; the logits are projected afterwards in chunks of
-    :func:`readout_batch_rows`."""
+    :func:`readout_batch_rows`. ``budget``: the batch budget when the caller already has it."""
     cfg = text_config(lm.model.config)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
     per_row = n_branches * (prep.context_len * kv_per_token + prep.h_ctx.shape[0] * lm.d_model * 4 * 24)
-    return max(1, min(512, int(_batch_budget(lm) // max(per_row, 1))))
+    budget = _batch_budget(lm) if budget is None else budget
+    return max(1, min(512, int(budget // max(per_row, 1))))
 
 
-def readout_batch_rows(lm: LoadedModel) -> int:
+def readout_batch_rows(lm: LoadedModel, budget: float | None = None) -> int:
     """Hidden-state rows projected to the vocabulary per call: as many as the batch budget holds
     (the bf16 logits and two float32 working copies per row). On CPU the projection's cost is
     mostly reading its weights once per call, so fewer, fuller calls are faster (Gemma 3 270M,
     bf16: 22 ms for 1 row, 43 ms for 64)."""
-    return max(1, min(512, int(_batch_budget(lm) // (_vocab(lm) * 4 * 3))))
+    budget = _batch_budget(lm) if budget is None else budget
+    return max(1, min(512, int(budget // (_vocab(lm) * 4 * 3))))
 
 
 def _vocab(lm: LoadedModel) -> int:
@@ -97,8 +99,8 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
     """Same result as :func:`steercmp.score.full_forward.score_rows`, recomputing only blocks L+1..N after p.
 
     Per context (rows grouped by prompt): one pass of blocks 0..L over the context and its scoring
-    branches (stopped after block L), and one prefix pass for the KV cache of positions
-    ``< p_min``. Per chunk of rows: stage A runs blocks L+1..N over positions ``p_min..score_pos``
+    branches (stopped after block L), and one pass of blocks L+1..N over positions ``< p_min``
+    for their KV cache. Per chunk of rows: stage A runs blocks L+1..N over positions ``p_min..score_pos``
     of the context only (one sequence per row, logits at the scoring slot only); stage B, only
     when a family has multi-token forms, extends stage A's cache with each branch's tokens (their
     layer-L output is shared by every row) and computes logits at the branch tokens only. Both
@@ -127,14 +129,15 @@ def score_rows_fast(lm: LoadedModel, layer: int, rows: Sequence[ScoreRow], *,
     if progress is not None:
         groups = progress(groups, "score cells", len(groups))
     unsteered_of: dict[tuple[int, ...], tuple[torch.Tensor, FamilyForms]] = {}
+    budget = _batch_budget(lm)  # once per call: it walks the model's parameters
     for idx in groups:
         first = rows[idx[0]]
         forms = first.forms
         p_min = min(rows[i].position for i in idx)
         known = _context_work(memo, lm, layer, first.context, forms, p_min, pad, kl)
         prep = known["prep"]
-        size = batch_size if isinstance(batch_size, int) else block_batch_size(lm, prep, len(forms.branches))
-        per_call = max(1, readout_batch_rows(lm) // (1 + prep.n_branches * prep.max_branch))  # cells
+        size = batch_size if isinstance(batch_size, int) else block_batch_size(lm, prep, len(forms.branches), budget)
+        per_call = max(1, readout_batch_rows(lm, budget) // (1 + prep.n_branches * prep.max_branch))  # cells
         reference = (known["base"], known["off"]) if kl else None
         if kl:
             unsteered_of[tuple(first.context)] = (known["unsteered"], forms)
@@ -243,7 +246,7 @@ class PreparedContext:
 def prepare_context(lm: LoadedModel, layer: int, context: Sequence[int], forms: FamilyForms, p_min: int,
                     pad: int) -> PreparedContext:
     """The once-per-context work of the sweep: blocks 0..L over the context once, then over the
-    branch tokens on top of the context's cache, and the full-depth prefix cache."""
+    branch tokens on top of the context's cache, and blocks L+1..N over the prefix for its cache."""
     from transformers import DynamicCache
 
     model = lm.model
@@ -261,14 +264,21 @@ def prepare_context(lm: LoadedModel, layer: int, context: Sequence[int], forms: 
         cache.batch_repeat_interleave(len(branches))
         ids, _mask, _ = pad_batch(branches, pad, side="right")
         h_branch = layer_outputs(model, layer, ids.to(device), cache)
-    prefix_cache = None
-    if p_min > 0:
-        with readout_skipped(model):
-            out = model(input_ids=torch.as_tensor([list(context[:p_min])], device=device), use_cache=True,
-                        logits_to_keep=1)
-        prefix_cache = output_cache(out)
+    prefix_cache = _upper_prefix_cache(model, layer, h[:, :p_min]) if p_min > 0 else None
     return PreparedContext(p_min=p_min, context_len=n_ctx, h_ctx=h_ctx, h_branch=h_branch,
                            prefix_cache=prefix_cache, max_branch=max_branch)
+
+
+def _upper_prefix_cache(model: torch.nn.Module, layer: int, h_prefix: torch.Tensor) -> Any:
+    """Keys and values of blocks L+1..N at the positions before ``p_min``, from block L's output
+    there (``h_prefix [1, p_min, d]``, already computed over the whole context: by causality it is
+    what a prefix-only pass gives). Every later pass skips blocks 0..L, so their entries are only
+    zeros of the right length; blocks 0..L are not run a second time."""
+    with skipping_blocks(model, layer), readout_skipped(model):
+        out = model(inputs_embeds=h_prefix, use_cache=True, logits_to_keep=1)
+    cache = output_cache(out)
+    _pad_skipped_layers(cache, layer, h_prefix.shape[1], h_prefix, model.config)
+    return cache
 
 
 def suffix_pass(model: torch.nn.Module, layer: int, prep: PreparedContext, inj: Injection, *,
