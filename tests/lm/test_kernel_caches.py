@@ -4,6 +4,7 @@ Each distinct matmul shape used to leave ~0.5 MiB in the C heap (ideep's and one
 entries each by default); a run feeds hundreds of shapes. The check runs in fresh interpreters,
 since both libraries read their limits once, at their first kernel."""
 
+import os
 import subprocess
 import sys
 
@@ -31,8 +32,6 @@ print(libc.mallinfo2().uordblks - before)
 
 
 def _growth(pre: str, env_drop: tuple[str, ...] = ()) -> int:
-    import os
-
     env = {k: v for k, v in os.environ.items() if k not in env_drop}
     res = subprocess.run([sys.executable, "-c", PROBE.format(pre=pre)], capture_output=True, text=True,
                          env=env, check=False, timeout=120)
