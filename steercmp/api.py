@@ -373,7 +373,7 @@ HELPERS: dict[str, str] = {
     **dict.fromkeys(("capture_at", "capture_embeds", "capture_residuals", "capture_tokens"), "steercmp.lm.capture"),
     **dict.fromkeys(("encode_form", "pad_batch", "resolve_rule", "tokenize_text", "word_forms"), "steercmp.lm.prompts"),
     **dict.fromkeys(("final_norm_gain", "readout_directions"), "steercmp.lm.readout"),
-    **dict.fromkeys(("top_blocks_only", "truncate_blocks"), "steercmp.lm.blocks"),
+    **dict.fromkeys(("last_block_at", "top_blocks_only", "truncate_blocks"), "steercmp.lm.blocks"),
     "sample_tokens": "steercmp.lm.sampling",
     "resolve_dtype_name": "steercmp.lm.device",
     **dict.fromkeys(("cache_kwargs", "output_cache"), "steercmp.lm.compat"),

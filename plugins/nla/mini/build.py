@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from steercmp.api import (
     EMBEDDED_ID,
     capture_embeds,
+    last_block_at,
     load_base_model,
     pad_batch,
     progress_bar,
@@ -60,7 +61,7 @@ from .data import (
     read_items,
 )
 from .evaluate import evaluate
-from .train_ar import ArSchedule, train_ar
+from .train_ar import ArSchedule, length_batches, train_ar
 
 #: the issue's quality targets, checked and saved with every build
 TARGETS = {"fve_nrm_av": 0.7, "name_rate": 0.8, "build_seconds": 5 * 60}  # issue 20's targets
@@ -208,10 +209,11 @@ def _av_inputs(b: _Build, lm: Any, prompt_site: tuple[list[int], int], targets: 
     embed = model.get_input_embeddings()
     base_prompt = embed(torch.tensor([prompt])).detach()[0]
     n_prompt = len(prompt)
-    cached: list[torch.Tensor] = []
+    cached: list[torch.Tensor] = [torch.empty(0)] * len(targets)
+    by_length = sorted(range(len(targets)), key=lambda i: len(targets[i]))  # little padding
     bar = b.bar(len(targets), "AV inputs")
     for s in range(0, len(targets), AV_BATCH):
-        idx = list(range(s, min(s + AV_BATCH, len(targets))))
+        idx = by_length[s:s + AV_BATCH]
         seqs = [targets[i] for i in idx]
         ids, _, _ = pad_batch(seqs, lm.tokenizer.pad_token_id or 0)
         with torch.no_grad(), b.autocast():
@@ -219,7 +221,8 @@ def _av_inputs(b: _Build, lm: Any, prompt_site: tuple[list[int], int], targets: 
             v = gold[idx]
             emb[:, site] = v / v.norm(dim=-1, keepdim=True) * scale
             h = capture_embeds(model, TRAIN_FROM_BLOCK - 1, emb)
-        cached.extend(h[i, : n_prompt + len(seqs[i])].float().clone() for i in range(len(idx)))
+        for row, i in enumerate(idx):
+            cached[i] = h[row, : n_prompt + len(seqs[row])].float().clone()
         bar.update(len(idx))
     bar.close()
     return cached
@@ -233,7 +236,7 @@ def _train_av(b: _Build, model: torch.nn.Module, cached: list[torch.Tensor], lab
     trainable = [p for blk in list(decoder.layers)[TRAIN_FROM_BLOCK:] for p in blk.parameters()]
     for p in trainable:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(trainable, lr=AV_LR, weight_decay=0.0)
+    opt = torch.optim.AdamW(trainable, lr=AV_LR, weight_decay=0.0, fused=True)
     steps_total = AV_EPOCHS * math.ceil(len(cached) / AV_BATCH)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps_total))
@@ -242,9 +245,7 @@ def _train_av(b: _Build, model: torch.nn.Module, cached: list[torch.Tensor], lab
     losses = []
     model.train()
     for _ in range(AV_EPOCHS):
-        perm = torch.randperm(len(cached), generator=g).tolist()
-        for s in range(0, len(perm), AV_BATCH):
-            idx = perm[s:s + AV_BATCH]
+        for idx in length_batches([c.shape[0] for c in cached], AV_BATCH, g):
             width = max(cached[i].shape[0] for i in idx)
             x = torch.zeros(len(idx), width, d)
             labels = torch.full((len(idx), width), -100, dtype=torch.long)
@@ -252,11 +253,10 @@ def _train_av(b: _Build, model: torch.nn.Module, cached: list[torch.Tensor], lab
                 n = cached[i].shape[0]
                 x[j, :n] = cached[i]
                 labels[j, n_prompt - 1: n - 1] = labels_of[i]
-            with top_blocks_only(model, TRAIN_FROM_BLOCK) as top, b.autocast():
-                hid = top(inputs_embeds=x, use_cache=False).last_hidden_state
-                sel = labels != -100
-                logits = hid[sel] @ w_sub.T
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels[sel])
+            rows, cols = (labels != -100).nonzero(as_tuple=True)  # the explanation's tokens
+            with top_blocks_only(model, TRAIN_FROM_BLOCK) as top, last_block_at(model, rows, cols), b.autocast():
+                logits = top(inputs_embeds=x, use_cache=False).last_hidden_state[0] @ w_sub.T
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels[rows, cols])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -29,7 +29,7 @@ from steercmp.api import (
 
 from ..editing import spelled_ending
 
-MINI_NAME = "gemma-3-270m-L12-mini-v4"  # v4: one read pass for gold and grounding, AR 6 epochs
+MINI_NAME = "gemma-3-270m-L12-mini-v5"  # v5: the top block's MLP only where read, AR inputs in the training dtype
 LAYER = 12
 #: the position rules a mini pair can be built for; the first keeps the original cache name
 POSITIONS = ("first_line_break", "last")

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from steercmp.api import LoadedModel, capture_residuals, progress_bar, top_blocks_only
+from steercmp.api import LoadedModel, capture_residuals, last_block_at, progress_bar, top_blocks_only
 
 from ..fidelity import baseline_variance, normalise
 
@@ -38,16 +38,34 @@ def raw_residual(model: torch.nn.Module):  # noqa: ANN201
 def _last_states(model: torch.nn.Module, start: int, cached: Sequence[torch.Tensor],
                  idx: Sequence[int]) -> torch.Tensor:
     """Run blocks ``start..K`` over the cached block inputs of ``idx`` (right-padded: causal rows
-    never see their pads); the last real token's output, ``[len(idx), d]``."""
+    never see their pads); the last real token's output, ``[len(idx), d]`` (the last block's
+    feed-forward half runs at that token only)."""
     width = max(cached[i].shape[0] for i in idx)
     d = cached[idx[0]].shape[-1]
     x = torch.zeros(len(idx), width, d)
     last = torch.tensor([cached[i].shape[0] - 1 for i in idx])
     for j, i in enumerate(idx):
         x[j, : cached[i].shape[0]] = cached[i]
-    with top_blocks_only(model, start) as top:
-        hid = top(inputs_embeds=x, use_cache=False).last_hidden_state
-    return hid[torch.arange(len(idx)), last]
+    with top_blocks_only(model, start) as top, last_block_at(model, torch.arange(len(idx)), last):
+        return top(inputs_embeds=x, use_cache=False).last_hidden_state[0]
+
+
+def _features(model: torch.nn.Module, start: int, cached: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The last-token outputs of every cached sequence, in batches of 64 (no gradients tracked
+    by the caller's choice)."""
+    return torch.cat([_last_states(model, start, cached, list(range(s, min(s + 64, len(cached)))))
+                      for s in range(0, len(cached), 64)])
+
+
+def _capture_by_length(lm: LoadedModel, layer: int, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Block ``layer``'s outputs of ``seqs`` (fp32, in their order), computed in batches of similar
+    length (in random order each batch would be padded to its longest)."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = capture_residuals(lm, layer, [seqs[i] for i in order], batch_size=32)
+    cached: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    for i, h in zip(order, out, strict=True):
+        cached[i] = h
+    return cached
 
 
 def nmse(pred: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
@@ -100,17 +118,17 @@ def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], train: tup
     start = n_layers - blocks
     seqs = [prompt_ids(t) for t in texts]
     eval_seqs = [prompt_ids(t) for t in eval_texts]
-    cached = capture_residuals(lm, start - 1, seqs, batch_size=32)
-    eval_cached = capture_residuals(lm, start - 1, eval_seqs, batch_size=32)
+    with autocast():
+        cached = _capture_by_length(lm, start - 1, seqs)
+        eval_cached = _capture_by_length(lm, start - 1, eval_seqs)
     with raw_residual(model), torch.no_grad():
         model.eval()
-        frozen = torch.cat([_last_states(model, start, cached, list(range(s, min(s + 64, len(cached)))))
-                            for s in range(0, len(cached), 64)])
+        frozen = _features(model, start, cached)
     head = torch.nn.Parameter(fit_head(frozen).clone().float())
     trainable = [p for blk in list(model.get_decoder().layers)[start:] for p in blk.parameters()]
     for p in trainable:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW([*trainable, head], lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([*trainable, head], lr=lr, weight_decay=0.0, fused=True)
     steps_total = epochs * math.ceil(len(seqs) / batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps_total))
     g = torch.Generator().manual_seed(seed)
@@ -119,11 +137,11 @@ def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], train: tup
     curves: dict[str, Any] = {"epoch": [], "train_fve_nrm": [], "heldout_fve_nrm": [],
                               "blocks_trained": blocks, "epochs": epochs, "lr": lr, "batch": batch}
 
-    def evaluate(which: Sequence[torch.Tensor], target: torch.Tensor, base: float) -> float:
+    def evaluate(which: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor, base: float) -> float:
+        """fve_nrm of the head on ``which``: cached block inputs, or features already computed."""
         model.eval()
         with torch.no_grad():
-            preds = torch.cat([_last_states(model, start, which, list(range(s, min(s + 64, len(which))))) @ head
-                               for s in range(0, len(which), 64)])
+            preds = (which if torch.is_tensor(which) else _features(model, start, which)) @ head
         curves["pred_norm_mean"] = float(preds.norm(dim=-1).mean())
         return 1.0 - float(nmse(preds, target)) / base
 
@@ -131,7 +149,7 @@ def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], train: tup
     with raw_residual(model):
         curves["epoch"].append(0)
         curves["heldout_fve_nrm"].append(evaluate(eval_cached, eval_gold, base_eval))
-        curves["train_fve_nrm"].append(evaluate(cached, gold, base_train))
+        curves["train_fve_nrm"].append(evaluate(frozen, gold, base_train))  # the untrained blocks' features
         for epoch in range(1, epochs + 1):
             model.train()
             for idx in length_batches([len(sq) for sq in seqs], batch, g):
