@@ -375,6 +375,7 @@ HELPERS: dict[str, str] = {
     **dict.fromkeys(("final_norm_gain", "readout_directions"), "steercmp.lm.readout"),
     **dict.fromkeys(("last_block_at", "top_blocks_only", "truncate_blocks"), "steercmp.lm.blocks"),
     "sample_tokens": "steercmp.lm.sampling",
+    "in_fresh_process": "steercmp.lm.build_process",
     "resolve_dtype_name": "steercmp.lm.device",
     **dict.fromkeys(("cache_kwargs", "output_cache"), "steercmp.lm.compat"),
     **dict.fromkeys(("CONSTRUCTIONS", "swap_line_end"), "steercmp.couplets"),

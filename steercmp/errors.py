@@ -16,6 +16,10 @@ class SteercmpError(Exception):
         self.fix = fix
         super().__init__(self.one_line())
 
+    def __reduce__(self) -> tuple:
+        """Pickle with ``where`` and ``fix`` (a build process sends its error back whole)."""
+        return (_restore, (type(self), self.args, dict(vars(self))))
+
     def one_line(self) -> str:
         parts = []
         if self.where:
@@ -36,3 +40,11 @@ class PluginError(SteercmpError):
 
 class NumericalError(SteercmpError):
     """NaN/inf or a zero-norm delta where a norm is required."""
+
+
+def _restore(cls: type[SteercmpError], args: tuple, state: dict) -> SteercmpError:
+    """An unpickled error of any subclass, whatever its ``__init__`` takes."""
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    vars(err).update(state)
+    return err

@@ -238,12 +238,16 @@ def ensure_embedded_sae(progress: bool = True, *, settings: TrainSettings | None
 
             warnings.warn(f"cached {format_quality(q)}", stacklevel=2)
         return target
-    from steercmp.api import build_lock
+    from steercmp.api import build_lock, in_fresh_process
 
     with build_lock(target, "the embedded SAE"):
         if _cached(target, key):  # another process built it while this one waited
             return target
-        return _train_embedded_sae(settings, target, key, train_docs, held_docs, lm, progress)
+        if lm is not None:  # a caller's loaded model cannot cross to another process
+            return _train_embedded_sae(settings, target, key, train_docs, held_docs, lm, progress)
+        # in a fresh process: its training heap is returned to the OS when it ends
+        return in_fresh_process("the embedded SAE", _train_embedded_sae, settings, target, key, train_docs,
+                                held_docs, None, progress)
 
 
 def _train_embedded_sae(settings: TrainSettings, target: Path, key: dict[str, Any], train_docs: list[str],

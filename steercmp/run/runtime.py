@@ -20,6 +20,7 @@ import torch
 from steercmp.api import MethodRuntime, Resource, RunSettings, progress_bar
 from steercmp.config import ModelSpec
 from steercmp.hashing import make_generator, stable_hash
+from steercmp.lm.build_process import build_peaks
 from steercmp.lm.capture import capture_at
 from steercmp.lm.load import LoadedModel, load_base_model, parse_dtype, release
 from steercmp.lm.memory import gib, model_bytes, peak_rss_bytes, reset_peak, rss_bytes, trim_heap
@@ -85,9 +86,13 @@ class ResourceManager:
                  "peak_rss_bytes": peak_rss_bytes()}
         if torch.cuda.is_available():
             entry["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+        builds = [{"what": what, "peak_rss_bytes": peak} for what, peak in build_peaks()]
+        if builds:  # a builder's own process during this stage (its peak is not in this one's)
+            entry["build_processes"] = builds
         self.memory.append(entry)
         self.log(f"  memory after {stage}: resident={name} model={gib(held)} rss={gib(entry['rss_bytes'])} "
-                 f"peak={gib(entry['peak_rss_bytes'])}")
+                 f"peak={gib(entry['peak_rss_bytes'])}"
+                 + "".join(f"; build process ({b['what']}) peak={gib(b['peak_rss_bytes'])}" for b in builds))
         reset_peak()  # the next stage's peak is its own
 
     def release(self) -> None:

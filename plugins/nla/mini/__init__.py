@@ -55,16 +55,16 @@ def is_built(root: Path | None = None, position: str = POSITIONS[0]) -> bool:
 def ensure_mini_pair(progress: bool = True, *, force: bool = False, position: str = POSITIONS[0]
                      ) -> tuple[Path, Path]:
     """Return ``(av_dir, ar_dir)`` of the miniature pair read at ``position``, building it (once)
-    if needed."""
+    if needed, in a fresh process (its training heap is returned to the OS when it ends)."""
     root = mini_dir(position)
     if force or not is_built(root, position):
-        from steercmp.api import build_lock
+        from steercmp.api import build_lock, in_fresh_process
 
         from .build import build_mini_pair
 
         with build_lock(root, "the mini NLA pair"):
             if force or not is_built(root, position):  # another process may have built it meanwhile
-                build_mini_pair(root, progress=progress, position=position)
+                in_fresh_process("the mini NLA pair", build_mini_pair, root, progress=progress, position=position)
     return root / "av", root / "ar"
 
 

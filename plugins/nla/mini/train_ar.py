@@ -18,7 +18,13 @@ from typing import Any
 import attrs
 import torch
 
-from steercmp.api import LoadedModel, capture_residuals, last_block_at, progress_bar, top_blocks_only
+from steercmp.api import (
+    LoadedModel,
+    capture_residuals,
+    last_block_at,
+    progress_bar,
+    top_blocks_only,
+)
 
 from ..fidelity import baseline_variance, normalise
 

@@ -1,0 +1,84 @@
+"""Builders run in a fresh process, so the memory their training used goes back to the OS.
+
+A cold run builds the mini NLA pair and the embedded SAE on first use. Trained in the run's own
+process, their freed heap stayed fragmented in glibc's arenas, and every later stage of a cold run
+peaked 0.2-1 GiB higher than the same stage of a warm run (docs/scaling.md). A spawned child
+starts clean and its whole heap is returned when it exits. The child's peak resident memory comes
+back with its result and is recorded by the runner beside the stage's own peak, so the report
+still shows what the build cost.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from steercmp.errors import SteercmpError
+from steercmp.lm.memory import peak_rss_bytes
+
+T = TypeVar("T")
+
+#: (what, peak resident bytes) of every build process that ended since the runner last read them
+_PEAKS: list[tuple[str, int]] = []
+
+
+def in_fresh_process(what: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a freshly spawned Python process (``fn`` and its arguments must
+    pickle: a module-level function); returns its result or raises its exception here. A child that
+    dies without an answer (killed, out of memory) is one line naming ``what`` and the fix; Ctrl-C
+    stops the child too. The environment (``STEERCMP_CACHE``, ``TQDM_DISABLE``, ...) is inherited."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(send, fn, args, kwargs), name=f"steercmp build: {what}")
+    child.start()
+    send.close()  # the child holds the only sending end: its exit ends recv() below
+    try:
+        try:
+            ok, value, peak = receive.recv()
+        except EOFError:
+            ok, value, peak = None, None, 0
+        child.join()
+    except BaseException:
+        child.terminate()
+        child.join()
+        raise
+    finally:
+        receive.close()
+    if peak:
+        _PEAKS.append((what, peak))
+    if ok is None:
+        raise SteercmpError(f"the process building {what} ended without a result (exit code {child.exitcode}; "
+                            "-9 is a kill, often for memory)",
+                            fix="run the same command again (the half build is removed); if memory ran out, "
+                                "close other programs or use a machine with more memory")
+    if not ok:
+        raise value
+    return value
+
+
+def build_peaks() -> list[tuple[str, int]]:
+    """The ``(what, peak resident bytes)`` of build processes that ended since the last call."""
+    out = list(_PEAKS)
+    _PEAKS.clear()
+    return out
+
+
+def _child(send: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    """The child's side: run, then send ``(ok, result or exception, peak RSS)``."""
+    try:
+        answer: tuple[bool, Any] = (True, fn(*args, **kwargs))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
+        if not isinstance(exc, (SteercmpError, KeyboardInterrupt)):
+            traceback.print_exc()  # where it failed, for a bug report; the parent re-raises it
+        answer = (False, exc)
+    try:
+        send.send((*answer, peak_rss_bytes()))
+    except Exception:  # noqa: BLE001 - an unpicklable result or exception
+        send.send((False, RuntimeError(f"{answer[1]!r} could not be sent back from the build process"),
+                   peak_rss_bytes()))
+    finally:
+        send.close()
+        sys.stdout.flush()

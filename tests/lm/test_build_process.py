@@ -1,0 +1,41 @@
+"""Builders in a fresh process: the result, the builder's own error and a dead child all come
+back to the run, and the child's peak memory is recorded for the runner."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+
+from steercmp.errors import ConfigError, SteercmpError
+from steercmp.lm.build_process import build_peaks, in_fresh_process
+from steercmp.paths import writable_file
+from steercmp.run.proposals import ProposalError
+
+
+def test_the_result_comes_from_another_process_and_its_peak_is_recorded() -> None:
+    build_peaks()
+    assert in_fresh_process("a test build", os.getpid) != os.getpid()
+    (what, peak), = build_peaks()
+    assert what == "a test build" and peak > 10 * 2**20
+    assert build_peaks() == []  # read once
+
+
+def test_the_builders_error_arrives_whole(tmp_path) -> None:
+    with pytest.raises(ConfigError) as err:
+        in_fresh_process("a test build", writable_file, tmp_path)  # a directory: refused
+    assert err.value.fix and err.value.where == str(tmp_path)
+    assert "is a directory" in str(err.value)
+
+
+def test_a_child_that_dies_is_one_line_naming_the_build() -> None:
+    with pytest.raises(SteercmpError, match=r"the process building the test SAE ended without a result \(exit code -6"):
+        in_fresh_process("the test SAE", os.abort)
+
+
+def test_every_steercmp_error_pickles_with_its_fields() -> None:
+    err = pickle.loads(pickle.dumps(ConfigError("bad", where="a.b", fix="use c")))
+    assert (str(err), err.where, err.fix) == ("a.b: bad; fix: use c", "a.b", "use c")
+    prop = pickle.loads(pickle.dumps(ProposalError("finite", "a NaN", fix="check it")))
+    assert (type(prop), prop.check, str(prop)) == (ProposalError, "finite", "a NaN; fix: check it")
