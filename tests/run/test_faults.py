@@ -4,6 +4,7 @@ never two writers in one run directory, never a half-written cache reused."""
 from __future__ import annotations
 
 import errno
+import json
 import threading
 import time
 
@@ -95,3 +96,23 @@ def test_a_killed_mini_build_is_never_reused(tmp_path, monkeypatch):
         (root / f).write_text("x")
     (root / "quality.json").write_text('{"mini_version": "some-older-version", "targets": {}}')
     assert not is_built(root, "last")  # another version: rebuilt, never reused
+
+
+def test_a_mini_pair_trained_in_another_dtype_is_reused_with_one_line(tmp_path, monkeypatch, capsys):
+    from steercmp_plugins.nla.mini import ensure_mini_pair, mini_dir, mini_name
+
+    monkeypatch.setenv("STEERCMP_CACHE", str(tmp_path))
+    monkeypatch.setenv("STEERCMP_DTYPE", "float32")
+    root = mini_dir("last")
+    for f in ("av/nla_meta.yaml", "ar/nla_meta.yaml", "ar/value_head.safetensors"):
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text("x")
+    quality = {"mini_version": mini_name("last"), "targets": {}, "train_dtype": "bfloat16"}
+    (root / "quality.json").write_text(json.dumps(quality))
+    assert ensure_mini_pair(progress=False, position="last") == (root / "av", root / "ar")  # no rebuild
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "trained in bfloat16" in said[0] and "build-mini --force" in said[0]
+    quality["train_dtype"] = "float32"
+    (root / "quality.json").write_text(json.dumps(quality))
+    ensure_mini_pair(progress=False, position="last")
+    assert capsys.readouterr().err == ""  # the same dtype: nothing to say

@@ -65,6 +65,23 @@ def ensure_mini_pair(progress: bool = True, *, force: bool = False, position: st
         with build_lock(root, "the mini NLA pair"):
             if force or not is_built(root, position):  # another process may have built it meanwhile
                 in_fresh_process("the mini NLA pair", build_mini_pair, root, progress=progress, position=position)
+    else:
+        _say_if_trained_in_another_dtype(root)
     return root / "av", root / "ar"
+
+
+def _say_if_trained_in_another_dtype(root: Path) -> None:
+    """One line when the cached pair was trained in another dtype than this machine's probe picks
+    now (a forced ``STEERCMP_DTYPE``, another CPU on a shared cache): it is reused, never silently."""
+    import sys
+
+    from steercmp.api import resolve_dtype_name
+
+    trained = json.loads((root / "quality.json").read_text()).get("train_dtype")
+    now = resolve_dtype_name("auto", "cpu")
+    if trained and trained != now:
+        print(f"steercmp: reusing the cached mini NLA pair {root.name}, trained in {trained} (this machine picks "
+              f"{now} now; its fidelity is in {root / 'quality.json'}); `steercmp nla build-mini --force` "
+              f"rebuilds it in {now}", file=sys.stderr)
 
 
