@@ -113,9 +113,11 @@ def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], train: tup
     value head (``[d, d]``, applied as ``features @ W``) in place on ``train`` (texts, gold
     vectors), measuring ``held_out`` each epoch; returns ``(W, curves)``. The head starts
     from ``fit_head(frozen last-token features)`` (the closed-form ridge fit). ``autocast`` wraps
-    the training forward passes (bf16 where the machine's probe picks it); the loss, the head and
-    every evaluation stay fp32. The training-set fit is measured after the first and last epochs
-    only (a pass over the whole training set each epoch cost a third of the training)."""
+    the frozen lower blocks' one pass and the training forward passes (bf16 where the machine's
+    probe picks it, as the run then loads the AR); the loss, the head and every evaluation stay
+    fp32. The training-set fit is measured before training (from the frozen features already
+    computed) and after the last epoch only (a pass over the whole training set each epoch cost a
+    third of the training)."""
     (texts, gold), (eval_texts, eval_gold) = train, held_out
     blocks, epochs, batch, lr, seed = schedule.blocks, schedule.epochs, schedule.batch, schedule.lr, schedule.seed
 
