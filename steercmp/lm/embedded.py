@@ -31,11 +31,15 @@ def ensure_embedded_model(progress: bool = True) -> Path:
     target = embedded_dir()
     if (target / "steercmp_conversion.json").exists():
         return target
+    from steercmp.lm.build_process import in_fresh_process
     from steercmp.paths import build_lock
 
-    with build_lock(target, "the embedded Gemma 3 270M (converted once)"):
+    what = "the embedded Gemma 3 270M (converted once)"
+    with build_lock(target, what):
         if not (target / "steercmp_conversion.json").exists():  # else built while this one waited
-            _convert(target, progress)
+            # in a fresh process: the GGUF, its tokenizer and the float32 model it dequantizes
+            # are not left in the run's memory
+            in_fresh_process(what, _convert, target, progress)
     return target
 
 
