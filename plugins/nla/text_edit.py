@@ -74,7 +74,7 @@ def checkpoint_origin(source: str, role: str, position: str) -> str:
 
         root = mini_dir(position)
         return (f"steercmp cache ({root / role})" if is_built(root, position)
-                else "built on first use into the steercmp cache (the mini NLA pair, about 10 minutes)")
+                else "built on first use into the steercmp cache (the mini NLA pair, about 8 minutes)")
     return model_origin(source, where=f"methods.nla_text_edit.options.{role}")
 
 
@@ -249,7 +249,7 @@ class NlaTextEdit(Method):
         o = self.opts
         if MINI_ALIAS not in (o.av, o.ar) or is_built(mini_dir(self._position()), self._position()):
             return None
-        return "the mini NLA pair (built once and cached; about 10 minutes on 2 CPU cores)"
+        return "the mini NLA pair (built once and cached; about 8 minutes on 2 CPU cores)"
 
     def resources(self) -> Sequence[Resource]:
         from .ar import ActivationReconstructor
