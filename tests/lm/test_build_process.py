@@ -39,3 +39,18 @@ def test_every_steercmp_error_pickles_with_its_fields() -> None:
     assert (str(err), err.where, err.fix) == ("a.b: bad; fix: use c", "a.b", "use c")
     prop = pickle.loads(pickle.dumps(ProposalError("finite", "a NaN", fix="check it")))
     assert (type(prop), prop.check, str(prop)) == (ProposalError, "finite", "a NaN; fix: check it")
+
+
+def test_the_runner_records_a_build_process_under_the_stage_that_started_it() -> None:
+    from steercmp.run.runtime import ResourceManager
+
+    said: list[str] = []
+    resources = ResourceManager(None, False, said.append)  # no model is loaded here
+    build_peaks()
+    in_fresh_process("a test build", os.getpid)
+    resources.note("propose")
+    resources.note("score")
+    first, second = resources.memory
+    assert [b["what"] for b in first["build_processes"]] == ["a test build"]
+    assert first["build_processes"][0]["peak_rss_bytes"] > 0 and "build_processes" not in second
+    assert "build process (a test build) peak=" in said[0] and "build process" not in said[1]
