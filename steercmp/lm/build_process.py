@@ -11,6 +11,8 @@ still shows what the build cost.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -29,10 +31,10 @@ def in_fresh_process(what: str, fn: Callable[..., T], /, *args: Any, **kwargs: A
     """``fn(*args, **kwargs)`` in a freshly spawned Python process (``fn`` and its arguments must
     pickle: a module-level function); returns its result or raises its exception here. A child that
     dies without an answer (killed, out of memory) is one line naming ``what`` and the fix; Ctrl-C
-    stops the child too. The environment (``STEERCMP_CACHE``, ``TQDM_DISABLE``, ...) is inherited."""
+    stops the child too, and on Linux so does the run's own death (even by SIGKILL). The environment (``STEERCMP_CACHE``, ``TQDM_DISABLE``, ...) is inherited."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(send, fn, args, kwargs), name=f"steercmp build: {what}")
+    child = ctx.Process(target=_child, args=(send, os.getpid(), fn, args, kwargs), name=f"steercmp build: {what}")
     child.start()
     send.close()  # the child holds the only sending end: its exit ends recv() below
     try:
@@ -66,8 +68,23 @@ def build_peaks() -> list[tuple[str, int]]:
     return out
 
 
-def _child(send: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+def _die_with(parent: int) -> None:
+    """Linux: the kernel kills this process when its parent dies (``PR_SET_PDEATHSIG``). A run
+    killed with SIGKILL releases its build lock; an orphaned builder going on meanwhile would
+    write into the folder the next run's builder starts again in."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's Ctrl-C still stops the child
+        return
+    if os.getppid() != parent:  # the parent died before the call above took effect
+        os._exit(1)
+
+
+def _child(send: Any, parent: int, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
     """The child's side: run, then send ``(ok, result or exception, peak RSS)``."""
+    _die_with(parent)
     try:
         answer: tuple[bool, Any] = (True, fn(*args, **kwargs))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent

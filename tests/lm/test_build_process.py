@@ -54,3 +54,54 @@ def test_the_runner_records_a_build_process_under_the_stage_that_started_it() ->
     assert [b["what"] for b in first["build_processes"]] == ["a test build"]
     assert first["build_processes"][0]["peak_rss_bytes"] > 0 and "build_processes" not in second
     assert "build process (a test build) peak=" in said[0] and "build process" not in said[1]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(c) for c in fh.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in fh)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
+def test_a_builder_dies_with_a_run_killed_by_sigkill() -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = subprocess.Popen([sys.executable, "-c", "import time; from steercmp.lm.build_process import "
+                            "in_fresh_process; in_fresh_process('a test build', time.sleep, 120)"])
+    try:
+        builder = None
+        for _ in range(300):  # the child has started once its command line names the spawn entry
+            for pid in _children(run.pid):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                        if b"spawn_main" in fh.read():
+                            builder = pid
+                except OSError:
+                    continue
+            if builder is not None:
+                break
+            time.sleep(0.1)
+        assert builder is not None, "the build process never started"
+        time.sleep(1.0)  # past its start-up, into the build
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+        for _ in range(100):
+            if not _alive(builder):
+                break
+            time.sleep(0.1)
+        assert not _alive(builder), "the builder outlived the run"
+    finally:
+        run.kill()
