@@ -105,3 +105,13 @@ def test_a_builder_dies_with_a_run_killed_by_sigkill() -> None:
         assert not _alive(builder), "the builder outlived the run"
     finally:
         run.kill()
+
+
+def test_an_os_error_keeps_its_errno(tmp_path) -> None:
+    """build_lock turns a full disk (ENOSPC) raised by the builder into one line: the errno must
+    survive the trip back from the child."""
+    import errno
+
+    with pytest.raises(FileNotFoundError) as err:
+        in_fresh_process("a test build", os.mkdir, str(tmp_path / "no" / "such" / "parent"))
+    assert err.value.errno == errno.ENOENT
