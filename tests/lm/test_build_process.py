@@ -83,11 +83,11 @@ def test_a_builder_dies_with_a_run_killed_by_sigkill() -> None:
                             "in_fresh_process; in_fresh_process('a test build', time.sleep, 120)"])
     try:
         builder = None
-        for _ in range(300):  # the child has started once its command line names the spawn entry
+        for _ in range(300):  # the child has started once its command line names the module
             for pid in _children(run.pid):
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                        if b"spawn_main" in fh.read():
+                        if b"steercmp.lm.build_process" in fh.read():
                             builder = pid
                 except OSError:
                     continue
@@ -115,3 +115,18 @@ def test_an_os_error_keeps_its_errno(tmp_path) -> None:
     with pytest.raises(FileNotFoundError) as err:
         in_fresh_process("a test build", os.mkdir, str(tmp_path / "no" / "such" / "parent"))
     assert err.value.errno == errno.ENOENT
+
+
+def test_a_users_script_without_a_main_guard_runs_once(tmp_path) -> None:
+    """The child never re-imports the caller's main script (a multiprocessing spawn would: a
+    script that starts a run at top level would start a second one there)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "my_experiment.py"
+    script.write_text("import os\nfrom steercmp.lm.build_process import in_fresh_process\n"
+                      "print('top level', flush=True)\nprint('built in', in_fresh_process('x', os.getpid))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("top level") == 1 and "built in" in done.stdout
+    assert "Warning" not in done.stderr, done.stderr
