@@ -25,6 +25,7 @@ naming rate, build time) and the AR's learning curves. Every random choice is se
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from steercmp.api import cache_root
@@ -73,8 +74,6 @@ def ensure_mini_pair(progress: bool = True, *, force: bool = False, position: st
 def _say_if_trained_in_another_dtype(root: Path) -> None:
     """One line when the cached pair was trained in another dtype than this machine's probe picks
     now (a forced ``STEERCMP_DTYPE``, another CPU on a shared cache): it is reused, never silently."""
-    import sys
-
     from steercmp.api import resolve_dtype_name
 
     trained = json.loads((root / "quality.json").read_text()).get("train_dtype")
