@@ -189,8 +189,10 @@ class MethodRuntime(abc.ABC):
         """
 
     @abc.abstractmethod
-    def generator(self, *key: object) -> torch.Generator:
-        """A CPU generator seeded from the run seed and ``key`` (never from call order)."""
+    def generator(self, *key: object, shared: bool = False) -> torch.Generator:
+        """A CPU generator seeded from the run seed, the method's label and ``key`` (never from
+        call order). ``shared``: from the run seed and ``key`` alone, so two configured variants
+        of one method that ask with the same key draw the same stream (a paired comparison)."""
 
     @abc.abstractmethod
     def progress(self, iterable: Any, desc: str, total: int | None = None) -> Iterator[Any]:
@@ -201,8 +203,12 @@ class MethodRuntime(abc.ABC):
         """Store a method-specific table (e.g. NLA explanations) as ``<run>/<method>/<name>.parquet``."""
 
     @abc.abstractmethod
-    def cached(self, name: str, key: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
-        """Return ``compute()``, reusing a stored result keyed by ``name`` and ``key`` when present."""
+    def cached(self, name: str, key: Mapping[str, Any], compute: Callable[[], Any], *,
+               shared: bool = False) -> Any:
+        """Return ``compute()``, reusing a stored result keyed by ``name`` and ``key`` when present.
+        ``shared``: stored for the whole run, so any method asking with the same name and key (a
+        second variant of the same method) reuses it; the key must then name everything the value
+        depends on. ``--fresh`` recomputes a stored value once per run, not once per method."""
 
 
 @attrs.frozen

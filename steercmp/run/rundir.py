@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 STAGES_LEDGER = "stages.json"
 PROPOSALS = "proposals"
 METHODS = "methods"
+SHARED_CACHE = "shared_cache"
 UNITS = "units"
 REPORT = "report"
 SHARDS = "shards"
@@ -110,6 +111,10 @@ class RunDir:
 
     def method_cache(self, method: str, name: str, key: str) -> Path:
         return self.method_dir(method) / "cache" / f"{name}-{key}.json"
+
+    def shared_cache(self, name: str, key: str) -> Path:
+        """A computation any method of the run may reuse (``MethodRuntime.cached(..., shared=True)``)."""
+        return self.root / SHARED_CACHE / f"{name}-{key}.json"
 
     def unit(self, stage: str, key: str) -> Path:
         return self.root / UNITS / stage / f"{key}.parquet"

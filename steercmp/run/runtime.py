@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -62,6 +63,8 @@ class ResourceManager:
         self.log = log
         self.resident: tuple[str, Any] | None = None
         self.memory: list[dict[str, Any]] = []
+        #: ``cached(..., shared=True)`` files written by this run: reused under ``--fresh`` too
+        self.written_this_run: set[Path] = set()
 
     def acquire(self, name: str, loader: Callable[[], Any]) -> Any:
         if self.resident is not None and self.resident[0] == name:
@@ -148,8 +151,8 @@ class RunnerRuntime(MethodRuntime):
         return capture_at(self._resources.base(), self.layer if layer is None else layer, inputs, positions,
                           chat_template=self._chat, batch_size=batch_size)
 
-    def generator(self, *key: object) -> torch.Generator:
-        return make_generator(self.seed, self._key, *key)
+    def generator(self, *key: object, shared: bool = False) -> torch.Generator:
+        return make_generator(self.seed, *key) if shared else make_generator(self.seed, self._key, *key)
 
     def progress(self, iterable: Any, desc: str, total: int | None = None) -> Iterator[Any]:
         return self._progress(iterable, f"{self._key}: {desc}", total)
@@ -158,10 +161,13 @@ class RunnerRuntime(MethodRuntime):
         df = pl.DataFrame([dict(r) for r in rows]) if rows else pl.DataFrame()
         write_parquet(self._run.method_table(self._key, name), df)
 
-    def cached(self, name: str, key: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
-        path = self._run.method_cache(self._key, name, stable_hash(key))
-        if path.exists() and not self._fresh:
+    def cached(self, name: str, key: Mapping[str, Any], compute: Callable[[], Any], *,
+               shared: bool = False) -> Any:
+        digest = stable_hash(key)
+        path = self._run.shared_cache(name, digest) if shared else self._run.method_cache(self._key, name, digest)
+        if path.exists() and (not self._fresh or path in self._resources.written_this_run):
             return read_json(path)
         value = compute()
         write_json(path, value)
+        self._resources.written_this_run.add(path)
         return value

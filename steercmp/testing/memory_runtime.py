@@ -47,7 +47,7 @@ class TestRuntime(MethodRuntime):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.method_key = method_key
         self.tables: dict[str, list[dict[str, Any]]] = {}
-        self.cache: dict[tuple[str, str], Any] = {}
+        self.cache: dict[tuple[str, str, bool], Any] = {}
         self.loaded: list[str] = []
         self.base_calls = 0
         self.captures = 0
@@ -77,8 +77,8 @@ class TestRuntime(MethodRuntime):
         return capture_at(self.lm, self.layer if layer is None else layer, inputs, positions,
                           chat_template=self.chat_template, batch_size=batch_size)
 
-    def generator(self, *key: object) -> torch.Generator:
-        return make_generator(self.seed, self.method_key, *key)
+    def generator(self, *key: object, shared: bool = False) -> torch.Generator:
+        return make_generator(self.seed, *key) if shared else make_generator(self.seed, self.method_key, *key)
 
     def progress(self, iterable: Any, desc: str, total: int | None = None) -> Iterator[Any]:
         return iter(iterable)
@@ -89,8 +89,9 @@ class TestRuntime(MethodRuntime):
             pl.DataFrame(rows)  # the runner writes parquet: rows must make a DataFrame
         self.tables[name] = rows
 
-    def cached(self, name: str, key: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
-        ident = (name, stable_hash(dict(key)))
+    def cached(self, name: str, key: Mapping[str, Any], compute: Callable[[], Any], *,
+               shared: bool = False) -> Any:
+        ident = (name, stable_hash(dict(key)), shared)
         if ident not in self.cache:
             value = compute()
             try:
