@@ -29,7 +29,7 @@ from steercmp.api import (
 
 from ..editing import spelled_ending
 
-MINI_NAME = "gemma-3-270m-L12-mini-v5"  # v5: the top block's MLP only where read, AR inputs in the training dtype
+MINI_NAME = "gemma-3-270m-L12-mini-v6"  # v6: gold vectors read by the base model in the run's dtype
 LAYER = 12
 #: the position rules a mini pair can be built for; the first keeps the original cache name
 POSITIONS = ("first_line_break", "last")
@@ -141,11 +141,12 @@ def word_token_ids(tokenizer) -> dict[int, str]:  # noqa: ANN001
 
 @torch.no_grad()
 def read_items(lm, items: list[dict[str, Any]], position: str = POSITIONS[0], bar=None,  # noqa: ANN001
-               k: int = N_PREDICTED, batch: int = 16, layer: int = LAYER) -> torch.Tensor:
-    """Everything the pair is built from, in one plain fp32 forward per batch of equal-length texts
-    (no padding): returns the gold vectors, the block-``layer`` output at ``position`` (a position rule),
-    fp32 ``[n, d]``; and gives every item, in place, the base model's own top-``k`` next words at
-    the end of its text (the rhyme slot, ``predicted``) and its grounded ``explanation``."""
+               k: int = N_PREDICTED, batch: int = 64, layer: int = LAYER) -> torch.Tensor:
+    """Everything the pair is built from, in one plain forward of ``lm`` (in its own dtype) per
+    batch of equal-length texts (no padding): returns the gold vectors, the block-``layer`` output
+    at ``position`` (a position rule), as float32 ``[n, d]``; and gives every item, in place, the
+    base model's own top-``k`` next words at the end of its text (the rhyme slot, ``predicted``)
+    and its grounded ``explanation``."""
     tok = lm.tokenizer
     words = word_token_ids(tok)
     ids_of = torch.tensor(sorted(words))
