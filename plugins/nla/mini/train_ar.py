@@ -108,14 +108,16 @@ class ArSchedule:
 def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], train: tuple[Sequence[str], torch.Tensor],
              held_out: tuple[Sequence[str], torch.Tensor], fit_head: Callable[[torch.Tensor], torch.Tensor],
              schedule: ArSchedule, *, progress: bool = True,
-             autocast: Callable[[], Any] = contextlib.nullcontext) -> tuple[torch.Tensor, dict]:
+             autocast: Callable[[], Any] = contextlib.nullcontext,
+             frozen: LoadedModel | None = None) -> tuple[torch.Tensor, dict]:
     """Fine-tune the top ``schedule.blocks`` blocks of ``lm`` (the AR backbone, blocks 0..K) and a
     value head (``[d, d]``, applied as ``features @ W``) in place on ``train`` (texts, gold
     vectors), measuring ``held_out`` each epoch; returns ``(W, curves)``. The head starts
-    from ``fit_head(frozen last-token features)`` (the closed-form ridge fit). ``autocast`` wraps
-    the frozen lower blocks' one pass and the training forward passes (bf16 where the machine's
-    probe picks it, as the run then loads the AR); the loss, the head and every evaluation stay
-    fp32. The training-set fit is measured before training (from the frozen features already
+    from ``fit_head(frozen last-token features)`` (the closed-form ridge fit). The frozen lower
+    blocks run once, on ``frozen`` when given (the base model in the training dtype; it is
+    unloaded afterwards), else on ``lm`` under ``autocast``; ``autocast`` wraps the training
+    forward passes (bf16 where the machine's probe picks it, as the run then loads the AR); the
+    loss, the head and every evaluation stay fp32. The training-set fit is measured before training (from the frozen features already
     computed) and after the last epoch only (a pass over the whole training set each epoch cost a
     third of the training)."""
     (texts, gold), (eval_texts, eval_gold) = train, held_out
@@ -126,9 +128,11 @@ def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], train: tup
     start = n_layers - blocks
     seqs = [prompt_ids(t) for t in texts]
     eval_seqs = [prompt_ids(t) for t in eval_texts]
-    with autocast():
-        cached = _capture_by_length(lm, start - 1, seqs)
-        eval_cached = _capture_by_length(lm, start - 1, eval_seqs)
+    with contextlib.nullcontext() if frozen is not None else autocast():
+        cached = _capture_by_length(frozen or lm, start - 1, seqs)
+        eval_cached = _capture_by_length(frozen or lm, start - 1, eval_seqs)
+    if frozen is not None:
+        frozen.unload()
     with raw_residual(model), torch.no_grad():
         model.eval()
         frozen = _features(model, start, cached)

@@ -37,3 +37,33 @@ def test_train_ar_starts_from_the_frozen_fit_and_improves_it(tiny_lm):
     first, last = curves["train_fve_nrm"]
     assert abs(first - want) < 1e-4
     assert last > first
+
+
+def test_frozen_blocks_come_from_the_frozen_model_when_given(tiny_lm):
+    """The build hands train_ar the base model in the training dtype for the frozen blocks' one
+    pass: that model's blocks set the frozen features (a perturbed copy changes the fit, an equal
+    copy changes nothing), and it is unloaded afterwards."""
+    import copy
+
+    texts = [p["text"] for p in COUPLET_BATTERY["prompts"]]
+    gold = torch.randn(len(texts), 64, generator=torch.Generator().manual_seed(1))
+
+    def prompt_ids(text: str) -> list[int]:
+        return list(tokenize_text(tiny_lm.tokenizer, text)[0])
+
+    def run(frozen=None):  # noqa: ANN001, ANN202
+        return train_ar(copy.deepcopy(tiny_lm), prompt_ids, (texts, gold), (texts[:4], gold[:4]),
+                        lambda f: _ridge(f, normalise(gold), 10.0),
+                        ArSchedule(blocks=2, epochs=1, batch=4, lr=1e-3, seed=0), progress=False, frozen=frozen)
+
+    _, alone = run()
+    same = copy.deepcopy(tiny_lm)
+    _, with_same = run(same)
+    assert with_same["heldout_fve_nrm"] == alone["heldout_fve_nrm"]
+    assert same.model is None  # unloaded once its pass is done
+    perturbed = copy.deepcopy(tiny_lm)
+    with torch.no_grad():
+        for p in perturbed.model.get_decoder().layers[0].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    _, with_perturbed = run(perturbed)
+    assert with_perturbed["heldout_fve_nrm"][0] != alone["heldout_fve_nrm"][0]
