@@ -26,14 +26,15 @@ POSITION = "first_line_break"
 def dataset_baseline(runtime: MethodRuntime, model_id: str, *, n: int = N_COUPLETS,
                      position: str = POSITION) -> dict[str, Any]:
     """``{"value": B, "n": n, "position": ...}`` for the base model at the runtime's layer,
-    computed once and cached in the run directory."""
+    computed once per run and cached in the run directory, shared by every configured variant of
+    the NLA method (it depends on the base model alone)."""
     couplets = make_couplets(n, CORPUS_SEED)
-    key = {"model": model_id, "layer": runtime.layer, "n": len(couplets), "seed": CORPUS_SEED,
-           "position": position, "version": 1}
+    key = {"model": model_id, "dtype": str(runtime.dtype), "layer": runtime.layer, "n": len(couplets),
+           "seed": CORPUS_SEED, "position": position, "version": 1}
 
     def compute() -> dict[str, Any]:
         acts = runtime.capture([c.text for c in couplets], [position] * len(couplets))
         return {"value": baseline_variance(torch.stack(acts)), "n": len(couplets), "position": position,
                 "source": "generated couplets (steercmp.rhymes.make_couplets)"}
 
-    return runtime.cached("fve_baseline", key, compute)
+    return runtime.cached("fve_baseline", key, compute, shared=True)

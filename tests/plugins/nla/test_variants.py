@@ -61,6 +61,8 @@ def test_variants_share_one_set_of_explanations(tmp_path, monkeypatch):
     assert plain == oracle and len(plain) == 2 * len(exp.battery.prompts)
     assert sum(calls) == len(plain)  # one AV pass for both variants
     assert len(list((run / "shared_cache").glob("nla_explanations-*.json"))) == 1
+    assert len(list((run / "shared_cache").glob("fve_baseline-*.json"))) == 1  # the base model's, once
+    assert not list(run.glob("methods/*/cache/*"))
 
     # --fresh: the first variant samples again, the second reuses what this run just drew
     calls.clear()
