@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'stage':<40} {'resident':<28} {'model':>11} {'rss':>11} {'peak rss':>11}")
     print("-" * 106)
     for e in memory:
-        print(f"{str(e.get('stage'))[:40]:<40} {str(e.get('resident'))[:28]:<28} {gib(e.get('model_bytes')):>11} "
+        stage = ("first report: " if e.get("pass") == "first_report" else "") + str(e.get("stage"))
+        print(f"{stage[:40]:<40} {str(e.get('resident'))[:28]:<28} {gib(e.get('model_bytes')):>11} "
               f"{gib(e.get('rss_bytes')):>11} {gib(e.get('peak_rss_bytes')):>11}")
         for b in e.get("build_processes") or []:
             print(f"{'  build process: ' + str(b.get('what'))[:23]:<40} {'(its own process)':<28} {'':>11} {'':>11} "

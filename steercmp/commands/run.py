@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -52,9 +53,10 @@ def run_command(args: argparse.Namespace, experiment: Experiment, plugins: Plugi
             if args.fresh:  # one fresh computation of everything, shared by both passes
                 RunDir(out).forget_results()
                 runner.fresh = False
-            failures, first_timings = _first_report(args, experiment, plugins, out, pending)
+            failures, first_timings, first_memory = _first_report(args, experiment, plugins, out, pending)
             runner.timings.update({f"first_report:{k}": v for k, v in first_timings.items()})
             runner.timings["first_report"] = time.perf_counter() - t0
+            runner.resources.memory[:0] = [{**e, "pass": "first_report"} for e in first_memory]
         runner.run(stages)
         RunDir(out).pending.unlink(missing_ok=True)
         failures += [f.one_line() for f in runner.failures if f.one_line() not in failures]
@@ -75,14 +77,15 @@ def _report(experiment: Experiment, plugins: PluginSet, out: Path) -> None:
 
 
 def _first_report(args: argparse.Namespace, experiment: Experiment, plugins: PluginSet, out: Path,
-                  pending: dict[str, str]) -> tuple[list[str], dict[str, float]]:
+                  pending: dict[str, str]) -> tuple[list[str], dict[str, float], list[dict[str, Any]]]:
     """Run the methods with nothing to build through every stage the verdict needs and write
     their report, marked partial (``pending.json``), before any build starts; the full run then
     reuses every unit of theirs and rewrites the report. The alpha sweep's sampled completions
     of the methods that inject (:data:`DEFERRED`: descriptive, no matched verdict reads them; their
     matched completions are sampled in the match stage) wait for the full run, so the first answer
     comes sooner. A prompting method's are sampled first: a prompt has no dose, so the match stage
-    reads its completions as sampled. Returns the first pass's one-line failures and timings."""
+    reads its completions as sampled. Returns the first pass's one-line failures, timings and
+    memory readings (the manifest keeps them, marked ``pass: first_report``)."""
     ready = [s.key for s in experiment.methods if s.key not in pending]
     print(f"steercmp: first report without {', '.join(pending)} (still to build: "
           f"{'; '.join(sorted(set(pending.values())))})", file=sys.stderr)
@@ -91,7 +94,7 @@ def _first_report(args: argparse.Namespace, experiment: Experiment, plugins: Plu
     deferred = [s for s in DEFERRED if s in STAGES and experiment.completions.enabled]
     write_json(run.pending, {"pending": pending, "ready": ready, "deferred": deferred})
     if not ready:
-        return [], {}
+        return [], {}, []
     first = Runner(experiment.with_methods(ready), plugins, out, progress=not args.no_progress)
     if not deferred:
         first.run(STAGES)
@@ -107,17 +110,18 @@ def _first_report(args: argparse.Namespace, experiment: Experiment, plugins: Plu
             later.run([stage])
             first.failures.extend(later.failures)
             first.timings.update({k: v for k, v in later.timings.items() if k == stage or k.startswith(f"{stage}:")})
+            first.resources.memory.extend(later.resources.memory)
     return _first_pass_report(experiment, plugins, run, first)
 
 
 def _first_pass_report(experiment: Experiment, plugins: PluginSet, run: RunDir,
-                       first: Runner) -> tuple[list[str], dict[str, float]]:
+                       first: Runner) -> tuple[list[str], dict[str, float], list[dict[str, Any]]]:
     if run.cells.exists():
         _report(experiment, plugins, run.root)
         _print_results(experiment, run)
         print(f"steercmp: partial report written ({run.report / 'summary.md'}); building the rest now",
               file=sys.stderr)
-    return [f.one_line() for f in first.failures], dict(first.timings)
+    return [f.one_line() for f in first.failures], dict(first.timings), list(first.resources.memory)
 
 
 def _run_distributed(args: argparse.Namespace, experiment: Experiment, out: Path,

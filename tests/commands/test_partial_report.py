@@ -148,3 +148,9 @@ def test_a_prompting_method_that_fails_does_not_stop_the_first_report(tmp_path, 
     assert "method 'broken_prompt' raised while proposing: RuntimeError: boom" in done.stderr
     verdict = json.loads((tmp_path / "run" / "report" / "verdict.json").read_text())
     assert {v["method"] for v in verdict["verdicts"]} == {"unembed_direction", "slow_build"}
+    # the manifest keeps the first pass's memory readings, first and marked, beside the full pass's
+    memory = json.loads((tmp_path / "run" / "manifest.json").read_text())["memory"]
+    first_pass = [e for e in memory if e.get("pass") == "first_report"]
+    assert first_pass and memory[: len(first_pass)] == first_pass
+    assert {"extract", "score", "match"} <= {e["stage"] for e in first_pass}
+    assert any(e["stage"] == "score" for e in memory[len(first_pass):])
