@@ -348,9 +348,13 @@ class NlaTextEdit(Method):
                 "greedy": o.greedy, "temperature": o.temperature, "max_new_tokens": o.new_tokens,
                 "batch_size": o.batch_size, "seed": runtime.seed}
 
-        before = key()  # None while the mini pair is not built yet: loading the AV builds it
-        rows = sample() if before is None else None
-        rows = runtime.cached("nla_explanations", before or key() or {}, lambda: rows or sample(), shared=True)
+        known = key()
+        if known is not None:
+            rows = runtime.cached("nla_explanations", known, sample, shared=True)
+        else:  # the mini pair is not built yet: loading the AV builds it, then the key exists
+            rows = sample()
+            if (built := key()) is not None:
+                runtime.cached("nla_explanations", built, lambda: rows, shared=True)
         return {(int(ci), int(s)): (expl, raw) for ci, s, expl, raw in rows}
 
     def _av_stamp(self) -> list[Any] | None:

@@ -329,7 +329,7 @@ def _build_ar(b: _Build, train: list[dict[str, Any]], evals: list[dict[str, Any]
     w, curves = train_ar(lm, prompt_ids, ([it["explanation"] for it in train], gold_train),
                          ([it["explanation"] for it in evals], gold_eval), fit_head,
                          ArSchedule(blocks=AR_TRAIN_BLOCKS, epochs=AR_EPOCHS, batch=AR_BATCH, lr=AR_LR, seed=b.seed),
-                         progress=b.progress, autocast=b.autocast, frozen=b.frozen())
+                         progress=b.progress, autocast=b.autocast, frozen_model=b.frozen())
     b.lap("ar")
     b.log["ar_training"] = curves
     # the loss is scale-free (sqrt(d)-normalised); a released AR outputs vectors in the activation's

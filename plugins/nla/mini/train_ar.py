@@ -109,17 +109,17 @@ def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], train: tup
              held_out: tuple[Sequence[str], torch.Tensor], fit_head: Callable[[torch.Tensor], torch.Tensor],
              schedule: ArSchedule, *, progress: bool = True,
              autocast: Callable[[], Any] = contextlib.nullcontext,
-             frozen: LoadedModel | None = None) -> tuple[torch.Tensor, dict]:
+             frozen_model: LoadedModel | None = None) -> tuple[torch.Tensor, dict]:
     """Fine-tune the top ``schedule.blocks`` blocks of ``lm`` (the AR backbone, blocks 0..K) and a
     value head (``[d, d]``, applied as ``features @ W``) in place on ``train`` (texts, gold
     vectors), measuring ``held_out`` each epoch; returns ``(W, curves)``. The head starts
     from ``fit_head(frozen last-token features)`` (the closed-form ridge fit). The frozen lower
-    blocks run once, on ``frozen`` when given (the base model in the training dtype; it is
+    blocks run once, on ``frozen_model`` when given (the base model in the training dtype; it is
     unloaded afterwards), else on ``lm`` under ``autocast``; ``autocast`` wraps the training
     forward passes (bf16 where the machine's probe picks it, as the run then loads the AR); the
-    loss, the head and every evaluation stay fp32. The training-set fit is measured before training (from the frozen features already
-    computed) and after the last epoch only (a pass over the whole training set each epoch cost a
-    third of the training)."""
+    loss, the head and every evaluation stay fp32. The training-set fit is measured before
+    training (from the frozen features already computed) and after the last epoch only (a pass
+    over the whole training set each epoch cost a third of the training)."""
     (texts, gold), (eval_texts, eval_gold) = train, held_out
     blocks, epochs, batch, lr, seed = schedule.blocks, schedule.epochs, schedule.batch, schedule.lr, schedule.seed
 
@@ -128,11 +128,12 @@ def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], train: tup
     start = n_layers - blocks
     seqs = [prompt_ids(t) for t in texts]
     eval_seqs = [prompt_ids(t) for t in eval_texts]
-    with contextlib.nullcontext() if frozen is not None else autocast():
-        cached = _capture_by_length(frozen or lm, start - 1, seqs)
-        eval_cached = _capture_by_length(frozen or lm, start - 1, eval_seqs)
-    if frozen is not None:
-        frozen.unload()
+    capture_lm = frozen_model or lm
+    with contextlib.nullcontext() if frozen_model is not None else autocast():
+        cached = _capture_by_length(capture_lm, start - 1, seqs)
+        eval_cached = _capture_by_length(capture_lm, start - 1, eval_seqs)
+    if frozen_model is not None:
+        frozen_model.unload()
     with raw_residual(model), torch.no_grad():
         model.eval()
         frozen = _features(model, start, cached)

@@ -54,7 +54,7 @@ def test_frozen_blocks_come_from_the_frozen_model_when_given(tiny_lm):
     def run(frozen=None):  # noqa: ANN001, ANN202
         return train_ar(copy.deepcopy(tiny_lm), prompt_ids, (texts, gold), (texts[:4], gold[:4]),
                         lambda f: _ridge(f, normalise(gold), 10.0),
-                        ArSchedule(blocks=2, epochs=1, batch=4, lr=1e-3, seed=0), progress=False, frozen=frozen)
+                        ArSchedule(blocks=2, epochs=1, batch=4, lr=1e-3, seed=0), progress=False, frozen_model=frozen)
 
     _, alone = run()
     same = copy.deepcopy(tiny_lm)

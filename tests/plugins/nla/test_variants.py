@@ -76,3 +76,30 @@ def test_variants_share_one_set_of_explanations(tmp_path, monkeypatch):
     alone = Experiment.from_dict({**exp.raw, "methods": exp.raw["methods"][1:]}, source=exp.source)
     Runner(alone, PLUGINS.build(), tmp_path / "alone", progress=False, log=lambda m: None).run(("extract", "propose"))
     assert _explanations(tmp_path / "alone", "oracle") == plain
+
+
+def test_a_pair_built_by_the_first_load_still_shares_its_explanations(tmp_path, monkeypatch):
+    """A cold run: the AV's files do not exist until its load builds them (the mini pair), so the
+    first variant samples first and stores its draws under the key the built files give; the
+    second variant reuses them."""
+    from steercmp_plugins.nla.text_edit import NlaTextEdit
+
+    av, ar = write_pair(tmp_path / "nla", layer=2, hidden=64)
+    exp = _experiment(tmp_path, av, ar)
+    stamp = NlaTextEdit._av_stamp
+    asked: list[int] = []
+
+    def not_built_at_first(self):  # noqa: ANN001, ANN202
+        asked.append(1)
+        return None if len(asked) == 1 else stamp(self)
+
+    calls = []
+    explain = ActivationVerbalizer.explain
+    monkeypatch.setattr(NlaTextEdit, "_av_stamp", not_built_at_first)
+    monkeypatch.setattr(ActivationVerbalizer, "explain", lambda self, v, **kw: calls.append(len(v)) or explain(self, v, **kw))
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    Runner(exp, PLUGINS.build(), run, progress=False, log=lambda m: None).run(("extract", "propose"))
+    assert _explanations(run, "nla_text_edit") == _explanations(run, "oracle")
+    assert sum(calls) == 2 * len(exp.battery.prompts)  # sampled once, by the first variant
+    assert len(list((run / "shared_cache").glob("nla_explanations-*.json"))) == 1
