@@ -52,6 +52,9 @@ class CompletionSpec:
     max_new_tokens: int = 10
     temperature: float = 1.0
     top_p: float = 1.0
+    #: prompts whose unsteered rows are sampled in one batch: consecutive blocks of the battery,
+    #: fixed by it (``steercmp.run.keys.sample_groups``; shards are cut between them)
+    prompt_group: int = 4
 
 
 #: the keys the reader accepts, per section (docs/config.md documents each; a meta-test checks)
@@ -200,6 +203,7 @@ def read_completions(raw: Any, source: str) -> CompletionSpec:
         max_new_tokens=f.integer(raw, "max_new_tokens", default=10, minimum=1),
         temperature=f.number(raw, "temperature", default=1.0, minimum=0.0),
         top_p=f.number(raw, "top_p", default=1.0, minimum=0.0),
+        prompt_group=f.integer(raw, "prompt_group", default=4, minimum=1),
     )
 
 

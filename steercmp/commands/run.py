@@ -32,10 +32,13 @@ def run_command(args: argparse.Namespace, experiment: Experiment, plugins: Plugi
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    n_prompts = len(experiment.battery)
-    if args.processes < 1 or args.processes > n_prompts:
-        raise ConfigError(f"--processes {args.processes} must lie between 1 and the battery's {n_prompts} prompts",
-                          where="--processes", fix=f"use 1..{n_prompts} (each process scores a block of prompts)")
+    n_prompts, size = len(experiment.battery), experiment.completions.prompt_group
+    n_groups = -(-n_prompts // size)
+    if args.processes < 1 or args.processes > n_groups:
+        raise ConfigError(f"--processes {args.processes} must lie between 1 and {n_groups}, the sampling groups of "
+                          f"the battery's {n_prompts} prompts (completions.prompt_group {size})", where="--processes",
+                          fix=f"use 1..{n_groups} (each process scores a block of groups), or a smaller "
+                              "completions.prompt_group (1: a process per prompt)")
     out = Path(args.out) if args.out else Path("artifacts") / experiment.name
     steps = STEPS[1:] if args.step in (None, "all") else (args.step,)
     stages = [s for s in steps if s in STAGES]

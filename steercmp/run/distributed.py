@@ -13,9 +13,10 @@ single-process stage keys (a later single-process run reuses the merged results)
 ``manifest.json`` whose ``memory`` and ``timings_seconds`` hold every shard's readings.
 
 Why scoring and sampling equal a single run: every random choice derives from the run seed and a
-row's identity, never from call order, and both batch rows per prompt, so a prompt's rows meet
-the same batches in either layout. Keep ``batch_size`` fixed (not ``auto``) when byte equality
-matters: ``auto`` reads free memory.
+row's identity, never from call order; scoring batches rows per prompt and sampling per group of
+prompts fixed by the battery (``completions.prompt_group``; shards are cut between groups), so a
+prompt's rows meet the same batches in either layout. Keep ``batch_size`` fixed (not ``auto``)
+when byte equality matters: ``auto`` reads free memory.
 
 With ``accelerate launch``, rank 0 proposes, every rank scores its shard (``device`` ``cuda`` maps
 rank k to its GPU) and rank 0 merges, with barriers between.
@@ -65,14 +66,17 @@ class PluginSpec:
                                     plugins_dir=self.plugins_dir)
 
 
-def shard_prompt_ids(prompt_ids: Sequence[str], processes: int) -> list[list[str]]:
-    """Contiguous, near-equal blocks of prompt ids (block k before block k+1 in battery order)."""
+def shard_prompt_ids(prompt_ids: Sequence[str], processes: int, align: int = 1) -> list[list[str]]:
+    """Contiguous, near-equal blocks of prompt ids (block k before block k+1 in battery order),
+    cut only between blocks of ``align`` prompts: the sampling groups, whose prompts' unsteered
+    completions are drawn in one batch, never straddle two shards."""
     if processes < 1:
         raise ValueError("processes must be >= 1")
-    n = len(prompt_ids)
+    groups = [list(prompt_ids[s:s + align]) for s in range(0, len(prompt_ids), align)]
+    n = len(groups)
     processes = min(processes, n) or 1
     bounds = [round(k * n / processes) for k in range(processes + 1)]
-    return [list(prompt_ids[bounds[k]:bounds[k + 1]]) for k in range(processes)]
+    return [[pid for g in groups[bounds[k]:bounds[k + 1]] for pid in g] for k in range(processes)]
 
 
 SHARD_STAGES = ("score", "completions")
@@ -170,7 +174,8 @@ def run_sharded(experiment: Experiment, run_dir: str | Path, processes: int, *,
     run_dir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     failures = run_whole_battery(experiment, plugins, run_dir, steps, fresh=fresh)
-    shards = shard_prompt_ids([p.id for p in experiment.battery.prompts], processes)
+    shards = shard_prompt_ids([p.id for p in experiment.battery.prompts], processes,
+                              experiment.completions.prompt_group)
     if any(s in steps for s in SHARD_STAGES):
         threads = threads or max(1, (os.cpu_count() or 1) // len(shards))
         payloads = [(experiment, plugins, str(run_dir), k, block, tuple(steps), fresh, threads,
@@ -222,7 +227,8 @@ def run_rank(experiment: Experiment, run_dir: str | Path, *, plugins: PluginSpec
     if state.is_main_process:
         run_whole_battery(experiment, plugins, run_dir, steps, fresh=fresh, device=device)
     state.wait_for_everyone()
-    shards = shard_prompt_ids([p.id for p in experiment.battery.prompts], state.num_processes)
+    shards = shard_prompt_ids([p.id for p in experiment.battery.prompts], state.num_processes,
+                              experiment.completions.prompt_group)
     if state.process_index < len(shards) and any(s in steps for s in SHARD_STAGES):
         run_shard(experiment, plugins, run_dir, Shard(state.process_index, tuple(shards[state.process_index])),
                   steps, fresh=fresh, device=device)

@@ -25,6 +25,7 @@ from steercmp.hashing import stable_hash
 from steercmp.lm.device import resolve_dtype_name
 
 STAGES = ("extract", "propose", "score", "completions", "match")
+
 #: bump a stage's version when its outputs change meaning; the code hash below also covers edits
 STAGE_VERSIONS = {"extract": "2", "propose": "2", "score": "3", "completions": "2", "match": "1", "locate": "1"}
 #: the packages and modules whose source determines each stage's outputs (a package = all its files)
@@ -64,6 +65,18 @@ def module_code_hash(module_name: str) -> str:
         files = sorted(path.parent.rglob("*.py"))
         return stable_hash([(str(f.relative_to(path.parent)), _file_digest(f)) for f in files])
     return _file_digest(path)
+
+
+def sample_groups(prompt_ids: Sequence[str], size: int) -> list[tuple[str, ...]]:
+    """Prompts in consecutive blocks of ``size`` (``completions.prompt_group``), in battery order.
+
+    Their unsteered rows are sampled in one batch: 4 prompts at 5 seeds stream the model's
+    weights a quarter as often as one prompt at a time, where such small batches are bound by that
+    streaming. In bf16 a sampled text depends on the batch it was drawn in, so the batches are
+    fixed by the battery and the same whoever draws them: a single run, a shard (shards are cut
+    between groups) or a resumed run."""
+    ids = list(prompt_ids)
+    return [tuple(ids[s:s + size]) for s in range(0, len(ids), size)]
 
 
 def stage_code_hash(stage: str) -> str:
@@ -134,11 +147,17 @@ class RunKeys:
                             "completions": attrs.asdict(exp.completions),
                             **self._unit_payload(method, pid, alphas)})
 
+    def sample_groups(self) -> list[tuple[str, ...]]:
+        """The battery's sampling groups (:func:`sample_groups`)."""
+        exp = self.experiment
+        return sample_groups([p.id for p in exp.battery.prompts], exp.completions.prompt_group)
+
     def completion_baseline(self, pid: str) -> str:
-        """One prompt's unsteered completions, shared by every method."""
+        """One prompt's unsteered completions, shared by every method (sampled with its group's)."""
+        group = next(g for g in self.sample_groups() if pid in g)
         return stable_hash({"code": stage_code_hash("completions"), "extract": self.extract(), "prompt": pid,
                             "completions": attrs.asdict(self.experiment.completions), "seed": self.experiment.seed,
-                            "baseline": True})
+                            "baseline": True, "group": list(group)})
 
     def match_unit(self, pid: str, part: str, pc: str | None) -> str:
         """One part of a prompt's matched-dose rows and completions: a method's own rows depend on

@@ -5,6 +5,7 @@ prompt's unsteered samples, drawn once and shared by all methods and the match s
 from __future__ import annotations
 
 import time
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import attrs
@@ -13,24 +14,40 @@ import polars as pl
 from steercmp.api import PromptContext
 from steercmp.run.cells import Cell, CellBook
 from steercmp.run.rundir import write_parquet
-from steercmp.run.stage_context import RECOMPUTE, StageContext, by_prompt
+from steercmp.run.stage_context import RECOMPUTE, StageContext, by_group
 from steercmp.schemas import BASELINE_SCHEMA, BASELINE_UNIT, CELLS, COMPLETION_UNIT, read_table
-from steercmp.score.sample import COMPLETION_SCHEMA, sample_baseline, sample_completions
+from steercmp.score.sample import COMPLETION_SCHEMA, sample_baselines, sample_completions
 
 
-def baselines(ctx: StageContext, contexts: list[PromptContext]) -> dict[tuple[tuple[int, ...], int], str]:
-    """Every prompt's unsteered completions (one unit per prompt, shared by all methods)."""
+def baselines(ctx: StageContext, contexts: Sequence[PromptContext], wanted: Collection[str]
+              ) -> dict[tuple[tuple[int, ...], int], str]:
+    """The unsteered completions of the prompts in ``wanted`` (one unit per prompt, shared by all
+    methods), sampled a whole group of prompts at a time (:meth:`steercmp.run.keys.RunKeys.sample_groups`:
+    consecutive blocks of the battery): a group is drawn in one batch
+    even when only one of its prompts is wanted, so a text does not depend on who asked for it."""
+    by_id = {pc.prompt.id: pc for pc in contexts}
     out: dict[tuple[tuple[int, ...], int], str] = {}
-    for pc in contexts:
-        path = ctx.rundir.unit("completions", f"baseline-{ctx.keys.completion_baseline(pc.prompt.id)}")
-        context = tuple(pc.input_ids[: pc.score_pos + 1])
-        if ctx.fresh or not path.exists():
-            texts = sample_baseline(ctx.resources.base(), ctx.sampling, pc.prompt.id, context)
-            write_parquet(path, pl.DataFrame({"prompt_id": [pc.prompt.id] * len(texts),
-                                              "seed": list(range(len(texts))), "text": texts},
-                                             schema=BASELINE_SCHEMA))
-        for r in read_table(path, BASELINE_UNIT, fix=RECOMPUTE).iter_rows(named=True):
-            out[(context, r["seed"])] = r["text"]
+    wanted = set(wanted)
+    for group in ctx.keys.sample_groups():
+        members = [by_id[pid] for pid in group if pid in by_id]
+        if not wanted.intersection(group) or not members:
+            continue
+        paths = [ctx.rundir.unit("completions", f"baseline-{ctx.keys.completion_baseline(pc.prompt.id)}")
+                 for pc in members]
+        stale = ctx.fresh and not all(p in ctx.resources.written_this_run for p in paths)
+        if stale or not all(p.exists() for p in paths):
+            texts = sample_baselines(ctx.resources.base(), ctx.sampling,
+                                     [(pc.prompt.id, pc.input_ids[: pc.score_pos + 1]) for pc in members])
+            for pc, path, rows in zip(members, paths, texts, strict=True):
+                write_parquet(path, pl.DataFrame({"prompt_id": [pc.prompt.id] * len(rows),
+                                                  "seed": list(range(len(rows))), "text": rows},
+                                                 schema=BASELINE_SCHEMA))
+                ctx.resources.written_this_run.add(path)
+        for pc, path in zip(members, paths, strict=True):
+            if pc.prompt.id in wanted:
+                context = tuple(pc.input_ids[: pc.score_pos + 1])
+                for r in read_table(path, BASELINE_UNIT, fix=RECOMPUTE).iter_rows(named=True):
+                    out[(context, r["seed"])] = r["text"]
     return out
 
 
@@ -50,7 +67,7 @@ def stage_completions(ctx: StageContext, book: CellBook, contexts: list[PromptCo
         errors = set(scored.filter(pl.col("status") == "error")
                      .select("prompt_id", "method", "condition", "alpha", "scaling").iter_rows())
     units, todo, key = ctx.pending("completions", units, key, book)
-    baseline = baselines(ctx, [c for c in contexts if any(u[1] == c.prompt.id for u in todo)]) if todo else {}
+    baseline = baselines(ctx, contexts, {u[1] for u in todo}) if todo else {}
     failed: set[str] = set()
 
     def chosen(method: str, pid: str) -> list[Cell]:
@@ -63,29 +80,33 @@ def stage_completions(ctx: StageContext, book: CellBook, contexts: list[PromptCo
             out.append(c)
         return out
 
-    def sample(cells: list[Cell]) -> pl.DataFrame:
+    def sample(units: Sequence[tuple[str, str, str]]) -> pl.DataFrame:
+        cells = [c for m, pid, _ in units for c in chosen(m, pid)]
         return sample_completions(ctx.resources.base(), ctx.sampling, cells, ctx.families, baseline=baseline)
 
-    # one sampling batch per prompt over all its pending methods (each row keeps its own
-    # generator, so a row's text does not depend on its batch); a failure retries method by
+    # one sampling batch per group of prompts (the baselines' groups) over all their pending
+    # methods: the unsteered rows of the group's contexts (prompting texts, counterfactual
+    # couplets) share a batch, the injected rows one per context; a failure retries method by
     # method so only the method at fault is dropped
-    for pid, group in ctx.progress(by_prompt(todo), "completion prompts", len({u[1] for u in todo})):
-        group = [(m, k) for m, k in group if m not in failed]
+    groups = by_group(todo, ctx.keys.sample_groups())
+    for group in ctx.progress(groups, "completion groups", len(groups)):
+        group = [u for u in group if u[0] not in failed]
         try:
-            frames = {None: sample([c for m, _ in group for c in chosen(m, pid)])}
+            frames = {None: sample(group)}
         except Exception:
             frames = {}
-            for method, _ in group:
+            for method in dict.fromkeys(m for m, _, _ in group):
                 try:
-                    frames[method] = sample(chosen(method, pid))
+                    frames[method] = sample([u for u in group if u[0] == method])
                 except Exception as exc:
                     ctx.fail(method, "sampling completions", exc)
                     failed.add(method)
-        for method, ukey in group:
+        for method, pid, ukey in group:
             if method in failed:
                 continue
-            df = frames[method] if method in frames else frames[None].filter(pl.col("method") == method)
-            write_parquet(ctx.rundir.unit("completions", ukey), df)
+            df = frames[method] if method in frames else frames[None]
+            write_parquet(ctx.rundir.unit("completions", ukey),
+                          df.filter((pl.col("method") == method) & (pl.col("prompt_id") == pid)))
     frames = [read_table(ctx.rundir.unit("completions", u), COMPLETION_UNIT, fix=RECOMPUTE)
               for m, _, u in units if m not in failed]
     df = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=COMPLETION_SCHEMA)

@@ -125,4 +125,15 @@ def by_prompt(units: Sequence[Unit]) -> list[tuple[str, list[tuple[str, str]]]]:
     return list(groups.items())
 
 
-__all__ = ["RECOMPUTE", "Ledger", "StageContext", "Unit", "by_prompt"]
+def by_group(units: Sequence[Unit], groups: Sequence[Sequence[str]]) -> list[list[Unit]]:
+    """The pending units of each group of prompts (``groups``: prompt ids in battery order),
+    ordered by the group's prompts, then as ``units`` orders methods: the same batch whatever
+    else is pending. Groups with nothing pending are left out."""
+    place = {pid: (g, i) for g, ids in enumerate(groups) for i, pid in enumerate(ids)}
+    out: dict[int, list[Unit]] = {}
+    for unit in sorted(units, key=lambda u: place[u[1]]):  # stable: methods keep their order
+        out.setdefault(place[unit[1]][0], []).append(unit)
+    return [out[g] for g in sorted(out)]
+
+
+__all__ = ["RECOMPUTE", "Ledger", "StageContext", "Unit", "by_group", "by_prompt"]

@@ -51,7 +51,7 @@ def stage_match(ctx: StageContext, contexts: list[PromptContext], proposals: dic
         for p in proposals[k]:
             by_key[k].setdefault(p.prompt_id, {})[p.family] = p
     sampling = ctx.completions.enabled
-    baseline = baselines(ctx, list({id(c): c for c, _, _ in todo}.values())) if todo and sampling else {}
+    baseline = baselines(ctx, contexts, {c.prompt.id for c, _, _ in todo}) if todo and sampling else {}
     prompt_completions = prompt_method_completions(ctx.rundir, methods)
     spent = {"match:dose": 0.0, "match:completions": 0.0}
     pending: dict[str, tuple[PromptContext, list[tuple[str, str]]]] = {}

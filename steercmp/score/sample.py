@@ -196,15 +196,23 @@ class Sampling:
     seed: int
 
 
-def sample_baseline(lm: LoadedModel, sampling: Sampling, prompt_id: str, context: Sequence[int]) -> list[str]:
-    """The unsteered completions of one prompt, one per seed: sampled once per prompt and shared
-    by every method's unsteered cells (alpha 0, no-op), so all methods meet the same draws."""
+def sample_baselines(lm: LoadedModel, sampling: Sampling, prompts: Sequence[tuple[str, Sequence[int]]],
+                     *, batch_rows: int = 256) -> list[list[str]]:
+    """The unsteered completions of each ``(prompt id, context)``, one per seed, the prompts'
+    rows left-padded into one batch: drawn once per prompt and shared by every method's unsteered
+    cells (alpha 0, no-op), so all methods meet the same draws. Each row draws from its own
+    (prompt, seed) stream; in bf16 a text still depends on the batch (the logits' rounding and
+    the kernels' blocking), so callers keep the batches fixed (``completions.prompt_group``,
+    :func:`steercmp.run.keys.sample_groups`)."""
     spec = sampling.spec
-    d = int(lm.d_model)
-    inj = Injection.build(torch.zeros(spec.seeds, d), [0.0] * spec.seeds, [len(context) - 1] * spec.seeds, "raw")
-    gens = [sample_generator(sampling.seed, prompt_id, s) for s in range(spec.seeds)]
-    new = generate_rows(lm, sampling.layer, context, inj, gens, Decoding.of(spec))
-    return [lm.tokenizer.decode(toks, skip_special_tokens=True) for toks in new]
+    rows = [(pid, context, s) for pid, context in prompts for s in range(spec.seeds)]
+    texts: list[str] = []
+    for start in range(0, len(rows), batch_rows):
+        chunk = rows[start:start + batch_rows]
+        gens = [sample_generator(sampling.seed, pid, s) for pid, _, s in chunk]
+        new = generate_unsteered(lm, [context for _, context, _ in chunk], gens, Decoding.of(spec))
+        texts += [lm.tokenizer.decode(toks, skip_special_tokens=True) for toks in new]
+    return [texts[i * spec.seeds:(i + 1) * spec.seeds] for i in range(len(prompts))]
 
 
 def sample_completions(lm: LoadedModel, sampling: Sampling, cells: Sequence[Any],
@@ -218,7 +226,7 @@ def sample_completions(lm: LoadedModel, sampling: Sampling, cells: Sequence[Any]
 
     A sample is identified by (context, injection, seed): cells that are the unsteered model on
     the same context share one text, taken from ``baseline`` (``{(context, seed): text}``, see
-    :func:`sample_baseline`) when given. Every sample of a prompt and seed draws from the same
+    :func:`sample_baselines`) when given. Every sample of a prompt and seed draws from the same
     generator stream (:func:`sample_generator`)."""
     spec = sampling.spec
     decoding = Decoding.of(spec)

@@ -207,7 +207,8 @@ def test_processes_outside_the_battery(processes, world, capsys):
     before = tree_hash(world["run"])
     code = main(["run", str(world["root"] / "exp.yaml"), "--out", str(world["run"]), "--processes", processes])
     line = _one_line(capsys.readouterr().err)
-    assert code == 2 and f"--processes: --processes {processes} must lie between 1 and the battery's 3 prompts" in line
+    assert code == 2 and (f"--processes: --processes {processes} must lie between 1 and 1, the sampling groups of "
+                           "the battery's 3 prompts (completions.prompt_group 4)") in line
     assert tree_hash(world["run"]) == before
 
 

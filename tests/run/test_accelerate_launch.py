@@ -27,6 +27,7 @@ def test_accelerate_launch_on_cpu_gives_the_cells_of_one_process(tmp_path, tiny_
     exp = write_tiny_experiment(tmp_path, tiny_ckpt, batch_size=16, controls=["noop", "random_delta"],
                                 decision={"alphas": [2], "random_draws": 2})
     data = yaml.safe_load(exp.read_text())
+    data.setdefault("completions", {})["prompt_group"] = 1  # 3 prompts: a process per prompt
     data["methods"] = ["unembed_direction", {"name": "unembed_direction", "label": "half",
                                              "options": {"norm_fraction": 0.5}}]
     exp.write_text(yaml.safe_dump(data))

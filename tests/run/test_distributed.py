@@ -22,12 +22,22 @@ CROSS_PROMPT = PluginSpec(builtins=("steercmp_plugins.controls", "steercmp_plugi
 
 def test_shard_prompt_ids_contiguous_and_complete():
     ids = [f"p{i}" for i in range(7)]
-    shards = shard_prompt_ids(ids, 3)
+    shards = shard_prompt_ids(ids, 3, align=1)
     assert [i for s in shards for i in s] == ids
     assert [len(s) for s in shards] == [2, 3, 2]
     assert shard_prompt_ids(ids[:1], 4) == [["p0"]]
     with pytest.raises(ValueError):
         shard_prompt_ids(ids, 0)
+
+
+def test_shards_are_cut_between_sampling_groups():
+    """A sampling group (prompts whose unsteered completions share a batch) never straddles two
+    shards, so a shard draws its texts in the batches a single run draws them in."""
+    ids = [f"p{i}" for i in range(40)]
+    shards = shard_prompt_ids(ids, 3, align=4)
+    assert [i for s in shards for i in s] == ids
+    assert [len(s) for s in shards] == [12, 16, 12]
+    assert shard_prompt_ids(ids[:6], 4, align=4) == [ids[:4], ids[4:6]]
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +84,47 @@ def test_two_processes_equal_single_process_byte_for_byte(experiment, tmp_path):
     assert set(rerun.reused) >= {"extract", "propose:unembed_direction", "propose:half", "score", "completions",
                                  "match"}
     assert (tmp_path / "sharded" / "cells.parquet").read_bytes() == (tmp_path / "single" / "cells.parquet").read_bytes()
+
+
+def test_unsteered_rows_are_sampled_a_whole_group_at_a_time(experiment, tmp_path, monkeypatch):
+    """Every sampling call gets one group of prompts (``completions.prompt_group`` consecutive
+    battery prompts), also when a resumed run lacks one prompt of a group: in bf16 a text depends
+    on its batch, so the batch is the group, whoever asks for it."""
+    from steercmp.run import stage_completions as stage
+
+    exp = attrs.evolve(experiment, completions=attrs.evolve(experiment.completions, prompt_group=3))
+    ids = [p.id for p in exp.battery.prompts]
+    groups = [ids[0:3], ids[3:6], ids[6:8]]
+    baseline_calls: list[list[str]] = []
+    sampling_calls: list[list[str]] = []
+    real_baselines, real_completions = stage.sample_baselines, stage.sample_completions
+
+    def baselines(lm, sampling, prompts, **kw):
+        baseline_calls.append([pid for pid, _ in prompts])
+        return real_baselines(lm, sampling, prompts, **kw)
+
+    def completions(lm, sampling, cells, families, **kw):
+        sampling_calls.append(sorted({c.prompt_id for c in cells}, key=ids.index))
+        return real_completions(lm, sampling, cells, families, **kw)
+
+    monkeypatch.setattr(stage, "sample_baselines", baselines)
+    monkeypatch.setattr(stage, "sample_completions", completions)
+    torch.set_num_threads(1)
+    steps = ("extract", "propose", "score", "completions")
+    run = Runner(exp, PLUGINS.build(), tmp_path / "run", progress=False, log=lambda m: None)
+    run.run(steps)
+    assert baseline_calls == groups and sampling_calls == groups
+    before = (tmp_path / "run" / "completions.parquet").read_bytes()
+    # one prompt's units lost: its whole group's unsteered rows are drawn again, as before
+    (tmp_path / "run" / "completions.parquet").unlink()
+    for name in [f"baseline-{run.keys.completion_baseline(ids[4])}",
+                 *(run.keys.completion_unit(m.key, ids[4]) for m in exp.methods)]:
+        run.rundir.unit("completions", name).unlink()
+    baseline_calls.clear()
+    rerun = Runner(exp, PLUGINS.build(), tmp_path / "run", progress=False, log=lambda m: None)
+    rerun.run(steps)
+    assert baseline_calls == [groups[1]]
+    assert (tmp_path / "run" / "completions.parquet").read_bytes() == before
 
 
 def test_methods_that_look_across_prompts_are_shard_invariant(experiment, tmp_path):
