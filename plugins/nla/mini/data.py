@@ -29,7 +29,7 @@ from steercmp.api import (
 
 from ..editing import spelled_ending
 
-MINI_NAME = "gemma-3-270m-L12-mini-v7"  # v7: the AR trained 4 epochs (v6: 6)
+MINI_NAME = "gemma-3-270m-L12-mini-v8"  # v8: the AR's feature passes in the training dtype (v7: 4 epochs)
 LAYER = 12
 #: the position rules a mini pair can be built for; the first keeps the original cache name
 POSITIONS = ("first_line_break", "last")

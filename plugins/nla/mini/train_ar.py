@@ -115,9 +115,9 @@ def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], train: tup
     vectors), measuring ``held_out`` each epoch; returns ``(W, curves)``. The head starts
     from ``fit_head(frozen last-token features)`` (the closed-form ridge fit). The frozen lower
     blocks run once, on ``frozen_model`` when given (the base model in the training dtype; it is
-    unloaded afterwards), else on ``lm`` under ``autocast``; ``autocast`` wraps the training
-    forward passes (bf16 where the machine's probe picks it, as the run then loads the AR); the
-    loss, the head and every evaluation stay fp32. The training-set fit is measured before
+    unloaded afterwards), else on ``lm`` under ``autocast``; ``autocast`` wraps every pass of the
+    trained blocks (training, the ridge fit's features, the evaluations: bf16 where the machine's
+    probe picks it, as the run then loads the AR); the loss and the head stay fp32. The training-set fit is measured before
     training (from the frozen features already computed) and after the last epoch only (a pass
     over the whole training set each epoch cost a third of the training)."""
     (texts, gold), (eval_texts, eval_gold) = train, held_out
@@ -134,9 +134,9 @@ def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], train: tup
         eval_cached = _capture_by_length(capture_lm, start - 1, eval_seqs)
     if frozen_model is not None:
         frozen_model.unload()
-    with raw_residual(model), torch.no_grad():
+    with raw_residual(model), torch.no_grad(), autocast():
         model.eval()
-        frozen = _features(model, start, cached)
+        frozen = _features(model, start, cached).float()
     head = torch.nn.Parameter(fit_head(frozen).clone().float())
     trainable = [p for blk in list(model.get_decoder().layers)[start:] for p in blk.parameters()]
     for p in trainable:
@@ -151,10 +151,16 @@ def train_ar(lm: LoadedModel, prompt_ids: Callable[[str], list[int]], train: tup
                               "blocks_trained": blocks, "epochs": epochs, "lr": lr, "batch": batch}
 
     def evaluate(which: Sequence[torch.Tensor] | torch.Tensor, target: torch.Tensor, base: float) -> float:
-        """fve_nrm of the head on ``which``: cached block inputs, or features already computed."""
+        """fve_nrm of the head on ``which``: cached block inputs (their features computed as the
+        training computes them, under ``autocast``), or features already computed."""
         model.eval()
         with torch.no_grad():
-            preds = (which if torch.is_tensor(which) else _features(model, start, which)) @ head
+            if torch.is_tensor(which):
+                feats = which
+            else:
+                with autocast():
+                    feats = _features(model, start, which).float()
+            preds = feats @ head
         curves["pred_norm_mean"] = float(preds.norm(dim=-1).mean())
         return 1.0 - float(nmse(preds, target)) / base
 
