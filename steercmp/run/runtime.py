@@ -63,7 +63,8 @@ class ResourceManager:
         self.log = log
         self.resident: tuple[str, Any] | None = None
         self.memory: list[dict[str, Any]] = []
-        #: ``cached(..., shared=True)`` files written by this run: reused under ``--fresh`` too
+        #: ``cached(..., shared=True)`` files and baseline units written by this run: reused under
+        #: ``--fresh`` too
         self.written_this_run: set[Path] = set()
 
     def acquire(self, name: str, loader: Callable[[], Any]) -> Any:

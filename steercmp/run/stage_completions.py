@@ -22,9 +22,10 @@ from steercmp.score.sample import COMPLETION_SCHEMA, sample_baselines, sample_co
 def baselines(ctx: StageContext, contexts: Sequence[PromptContext], wanted: Collection[str]
               ) -> dict[tuple[tuple[int, ...], int], str]:
     """The unsteered completions of the prompts in ``wanted`` (one unit per prompt, shared by all
-    methods), sampled a whole group of prompts at a time (:meth:`steercmp.run.keys.RunKeys.sample_groups`:
-    consecutive blocks of the battery): a group is drawn in one batch
-    even when only one of its prompts is wanted, so a text does not depend on who asked for it."""
+    methods), sampled a whole sampling group at a time (consecutive battery prompts,
+    :meth:`steercmp.run.keys.RunKeys.sample_groups`): a group is drawn in one batch even when one
+    of its prompts is wanted, so a text does not depend on who asked for it. Under ``--fresh`` a
+    group is drawn once per run (the match stage reuses what the completions stage drew)."""
     by_id = {pc.prompt.id: pc for pc in contexts}
     out: dict[tuple[tuple[int, ...], int], str] = {}
     wanted = set(wanted)
