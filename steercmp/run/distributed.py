@@ -38,7 +38,7 @@ import torch
 
 from steercmp.config import Experiment
 from steercmp.plugin_manager import DEFAULT_PLUGINS, PluginSet, build_plugin_manager
-from steercmp.run.keys import STAGES, RunKeys
+from steercmp.run.keys import STAGES, RunKeys, sample_groups
 from steercmp.run.rundir import (
     RunDir,
     read_json,
@@ -72,7 +72,7 @@ def shard_prompt_ids(prompt_ids: Sequence[str], processes: int, align: int = 1) 
     completions are drawn in one batch, never straddle two shards."""
     if processes < 1:
         raise ValueError("processes must be >= 1")
-    groups = [list(prompt_ids[s:s + align]) for s in range(0, len(prompt_ids), align)]
+    groups = sample_groups(prompt_ids, align)
     n = len(groups)
     processes = min(processes, n) or 1
     bounds = [round(k * n / processes) for k in range(processes + 1)]

@@ -204,15 +204,23 @@ def sample_baselines(lm: LoadedModel, sampling: Sampling, prompts: Sequence[tupl
     (prompt, seed) stream; in bf16 a text still depends on the batch (the logits' rounding and
     the kernels' blocking), so callers keep the batches fixed (``completions.prompt_group``,
     :func:`steercmp.run.keys.sample_groups`)."""
-    spec = sampling.spec
-    rows = [(pid, context, s) for pid, context in prompts for s in range(spec.seeds)]
+    seeds = sampling.spec.seeds
+    texts = _unsteered_texts(lm, sampling, [(context, pid, s) for pid, context in prompts for s in range(seeds)],
+                             batch_rows)
+    return [texts[i * seeds:(i + 1) * seeds] for i in range(len(prompts))]
+
+
+def _unsteered_texts(lm: LoadedModel, sampling: Sampling, rows: Sequence[tuple[Sequence[int], str, int]],
+                     batch_rows: int) -> list[str]:
+    """The decoded continuation of each ``(context, prompt id, seed)`` row, nothing injected, the
+    rows left-padded in batches of ``batch_rows`` in their order (each row its own stream)."""
     texts: list[str] = []
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start:start + batch_rows]
-        gens = [sample_generator(sampling.seed, pid, s) for pid, _, s in chunk]
-        new = generate_unsteered(lm, [context for _, context, _ in chunk], gens, Decoding.of(spec))
+        gens = [sample_generator(sampling.seed, pid, seed) for _, pid, seed in chunk]
+        new = generate_unsteered(lm, [context for context, _, _ in chunk], gens, Decoding.of(sampling.spec))
         texts += [lm.tokenizer.decode(toks, skip_special_tokens=True) for toks in new]
-    return [texts[i * spec.seeds:(i + 1) * spec.seeds] for i in range(len(prompts))]
+    return texts
 
 
 def sample_completions(lm: LoadedModel, sampling: Sampling, cells: Sequence[Any],
@@ -257,12 +265,9 @@ def sample_completions(lm: LoadedModel, sampling: Sampling, cells: Sequence[Any]
     # left-padded batch; contexts with injected rows keep their shared-prefix batches
     plain = [(ctx, key, item) for ctx, items in work.items() if all(k[1] == UNSTEERED for k in items)
              for key, item in items.items()]
-    for s in range(0, len(plain), batch_rows):
-        chunk = plain[s:s + batch_rows]
-        gens = [sample_generator(sampling.seed, c.prompt_id, seed) for _, _, (c, seed) in chunk]
-        new = generate_unsteered(lm, [ctx for ctx, _, _ in chunk], gens, decoding)
-        for (_, key, _), toks in zip(chunk, new, strict=True):
-            texts[key] = lm.tokenizer.decode(toks, skip_special_tokens=True)
+    plain_texts = _unsteered_texts(lm, sampling, [(ctx, c.prompt_id, seed) for ctx, _, (c, seed) in plain],
+                                   batch_rows)
+    texts.update((key, text) for (_, key, _), text in zip(plain, plain_texts, strict=True))
     steered = {ctx: items for ctx, items in work.items() if any(k[1] != UNSTEERED for k in items)}
     batches = [(ctx, list(items.items())[s:s + batch_rows]) for ctx, items in steered.items()
                for s in range(0, len(items), batch_rows)]
