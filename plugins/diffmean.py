@@ -58,7 +58,7 @@ class DiffMean(Method):
     def propose(self, contexts: Sequence[PromptContext], runtime: MethodRuntime) -> Sequence[Proposal]:
         own_only = self.options.get("contexts", "all") == "own"
         frac = self.options.get("norm_fraction")
-        batch_size = int(self.options.get("batch_size", 16))
+        batch_size = int(self.options.get("batch_size", 32))  # short rows: the texts share their prefixes
         prompts = [c.prompt for c in contexts]
 
         def templates(ctx: PromptContext) -> list[Prompt]:

@@ -185,7 +185,8 @@ class MethodRuntime(abc.ABC):
         An input is a text (tokenized like a battery prompt: BOS, or the chat prefix when the
         experiment uses one) or a sequence of token ids. Without ``positions`` each result is
         ``[len, d_model]``; with one position per input (an absolute index, negative from the end,
-        or a position rule such as ``"first_line_break"`` for texts) each result is ``[d_model]``.
+        or a position rule such as ``"first_line_break"`` for texts) each result is ``[d_model]``,
+        and inputs that share a prefix run it once (the values up to the dtype's rounding).
         """
 
     @abc.abstractmethod

@@ -7,13 +7,16 @@ through :func:`capture_residuals`, which stops the forward after block K.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from steercmp.api import Prompt, PromptContext
+from steercmp.lm.compat import pad_cache_layers
 from steercmp.lm.hooks import capturing_layers, layer_outputs
+from steercmp.lm.layout import decoder_layers, text_config
 from steercmp.lm.load import LoadedModel
 from steercmp.lm.prompts import (
     TokenizedPrompt,
@@ -42,6 +45,83 @@ def capture_residuals(lm: LoadedModel, layer: int, sequences: Sequence[Sequence[
         resid = layer_outputs(lm.model, layer, ids.to(lm.input_device),
                               attention_mask=mask.to(lm.input_device)).float().cpu()
         out.extend(resid[i, : len(seq)].clone() for i, seq in enumerate(chunk))
+    return out
+
+
+#: sequences share one forward of their common prefix when it is at least this many tokens
+MIN_SHARED_PREFIX = 4
+
+
+def prefix_groups(sequences: Sequence[Sequence[int]], min_prefix: int = MIN_SHARED_PREFIX
+                  ) -> list[tuple[int, list[int]]]:
+    """``(prefix length, member indices)`` groups of sequences that share their first ``prefix
+    length`` tokens (at least ``min_prefix``; every member keeps at least one token of its own),
+    greedily over the sorted sequences; the sequences that share nothing form one group of
+    prefix length 0."""
+    order = sorted(range(len(sequences)), key=lambda i: tuple(sequences[i]))
+    groups: list[tuple[int, list[int]]] = []
+    alone: list[int] = []
+
+    def close(plen: int, members: list[int]) -> None:
+        if len(members) > 1:
+            groups.append((plen, members))
+        else:
+            alone.extend(members)
+
+    plen, members = 0, []
+    for i in order:
+        seq = sequences[i]
+        if members:
+            first = sequences[members[0]]
+            k = 0
+            limit = min(plen, len(seq) - 1)
+            while k < limit and first[k] == seq[k]:
+                k += 1
+            if k >= min_prefix:
+                plen, members = k, [*members, i]
+                continue
+            close(plen, members)
+        plen, members = len(seq) - 1, [i]
+    if members:
+        close(plen, members)
+    if alone:
+        groups.append((0, sorted(alone)))
+    return groups
+
+
+@torch.no_grad()
+def capture_last_tokens(lm: LoadedModel, layer: int, sequences: Sequence[Sequence[int]], *,
+                        batch_size: int = 8) -> list[torch.Tensor]:
+    """The output of block ``layer`` at the LAST token of each sequence, float32 on CPU,
+    ``[d_model]``. Sequences that share a prefix (a template with one word swapped, as in
+    contrastive texts) run it once: its keys and values are computed once and each member runs
+    only its own tail on top of them (diffmean's 3200 texts share 43% of their tokens). The
+    values are :func:`capture_residuals`' up to the dtype's rounding."""
+    model, device = lm.model, lm.input_device
+    pad = lm.tokenizer.pad_token_id or 0
+    out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
+    for plen, members in prefix_groups(sequences):
+        if plen == 0:
+            found = capture_residuals(lm, layer, [sequences[i] for i in members], batch_size=batch_size)
+            for i, resid in zip(members, found, strict=True):
+                out[i] = resid[-1].clone()
+            continue
+        from transformers import DynamicCache
+
+        prefix = torch.as_tensor([list(sequences[members[0]][:plen])], device=device)
+        cache = DynamicCache(config=text_config(model.config))
+        h = layer_outputs(model, layer, prefix, cache)
+        # the blocks after ``layer`` never ran: give them entries so masks see the true length
+        pad_cache_layers(cache, range(layer + 1, len(decoder_layers(model))), plen, h, model.config)
+        for s in range(0, len(members), batch_size):
+            chunk = members[s:s + batch_size]
+            tails = [list(sequences[i][plen:]) for i in chunk]
+            ids, _, _ = pad_batch(tails, pad, side="right")  # causal: padding after a row is never read
+            rows = copy.deepcopy(cache)
+            rows.batch_repeat_interleave(len(chunk))
+            resid = layer_outputs(model, layer, ids.to(device), rows)
+            for row, i in enumerate(chunk):
+                out[i] = resid[row, len(tails[row]) - 1].float().cpu().clone()
     return out
 
 
@@ -104,7 +184,6 @@ def capture_at(lm: LoadedModel, layer: int, inputs: Sequence[str | Sequence[int]
     if positions is not None and len(positions) != len(inputs):
         raise ValueError(f"capture got {len(inputs)} inputs but {len(positions)} positions")
     seqs: list[tuple[int, ...]] = []
-    where: list[int | None] = []
     for i, item in enumerate(inputs):
         if isinstance(item, str):
             ids, prefix = tokenize_text(lm.tokenizer, item, chat_template)
@@ -123,9 +202,10 @@ def capture_at(lm: LoadedModel, layer: int, inputs: Sequence[str | Sequence[int]
                     raise ValueError(f"position {rule} is outside input {i} ({len(ids)} tokens)")
             ids = ids[: pos + 1]  # causal: later tokens cannot change this position
         seqs.append(ids)
-        where.append(pos)
-    resids = capture_residuals(lm, layer, seqs, batch_size=batch_size)
-    return [r if p is None else r[p].clone() for r, p in zip(resids, where, strict=True)]
+    if positions is not None:  # each sequence ends at its position: only its last token is read
+        return capture_last_tokens(lm, layer, seqs, batch_size=batch_size)
+    return capture_residuals(lm, layer, seqs, batch_size=batch_size)
 
 
-__all__ = ["capture_at", "capture_embeds", "capture_layers", "capture_residuals", "capture_tokens", "extract"]
+__all__ = ["capture_at", "capture_embeds", "capture_last_tokens", "capture_layers", "capture_residuals", "capture_tokens",
+           "extract", "prefix_groups"]

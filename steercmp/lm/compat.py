@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from steercmp.lm.layout import text_config
+
 
 @functools.lru_cache(maxsize=32)
 def _cache_argument(forward_owner: type) -> str:
@@ -31,4 +33,22 @@ def output_cache(output: Any) -> Any:
     return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
 
 
-__all__ = ["cache_kwargs", "output_cache"]
+def pad_cache_layers(cache: Any, which: Any, length: int, like: torch.Tensor, config: Any) -> None:
+    """Give the cache layers ``which`` (blocks a partial pass never ran) zero keys and values up to
+    ``length`` positions: never read, but the model's mask and position bookkeeping (read from
+    layer 0 and from the first full-attention layer) then sees the true sequence length."""
+    layers = cache.layers
+    ref = next((lay.keys for lay in layers if getattr(lay, "is_initialized", False)
+                and lay.get_seq_length() > 0), None)
+    cfg = text_config(config)
+    heads = ref.shape[1] if ref is not None else cfg.num_key_value_heads
+    head_dim = ref.shape[3] if ref is not None else (getattr(cfg, "head_dim", None)
+                                                     or cfg.hidden_size // cfg.num_attention_heads)
+    for i in which:
+        have = layers[i].get_seq_length()
+        if have < length:
+            zeros = like.new_zeros(like.shape[0], heads, length - have, head_dim)
+            layers[i].update(zeros, zeros)
+
+
+__all__ = ["cache_kwargs", "output_cache", "pad_cache_layers"]

@@ -24,7 +24,7 @@ import attrs
 import torch
 
 from steercmp.errors import NumericalError
-from steercmp.lm.compat import cache_kwargs, output_cache
+from steercmp.lm.compat import cache_kwargs, output_cache, pad_cache_layers
 from steercmp.lm.hooks import (
     Injection,
     apply_injection,
@@ -260,7 +260,7 @@ def prepare_context(lm: LoadedModel, layer: int, context: Sequence[int], forms: 
     h_branch = None
     if branches:
         # blocks after L never ran: give them (never read) entries so masks see the true length
-        _pad_layers(cache, range(layer + 1, len(decoder_layers(model))), n_ctx, h, model.config)
+        pad_cache_layers(cache, range(layer + 1, len(decoder_layers(model))), n_ctx, h, model.config)
         cache.batch_repeat_interleave(len(branches))
         ids, _mask, _ = pad_batch(branches, pad, side="right")
         h_branch = layer_outputs(model, layer, ids.to(device), cache)
@@ -311,22 +311,7 @@ def _pad_skipped_layers(cache: Any, layer: int, length: int, like: torch.Tensor,
     """Skipped blocks 0..L never wrote their cache; give them (never read) zero entries up to
     ``length`` so the model's mask and position bookkeeping (read from layer 0 and from the first
     full-attention layer) sees the true sequence length."""
-    _pad_layers(cache, range(layer + 1), length, like, config)
-
-
-def _pad_layers(cache: Any, which: Any, length: int, like: torch.Tensor, config: Any) -> None:
-    layers = cache.layers
-    ref = next((lay.keys for lay in layers if getattr(lay, "is_initialized", False)
-                and lay.get_seq_length() > 0), None)
-    cfg = text_config(config)
-    heads = ref.shape[1] if ref is not None else cfg.num_key_value_heads
-    head_dim = ref.shape[3] if ref is not None else (getattr(cfg, "head_dim", None)
-                                                     or cfg.hidden_size // cfg.num_attention_heads)
-    for i in which:
-        have = layers[i].get_seq_length()
-        if have < length:
-            zeros = like.new_zeros(like.shape[0], heads, length - have, head_dim)
-            layers[i].update(zeros, zeros)
+    pad_cache_layers(cache, range(layer + 1), length, like, config)
 
 
 def branch_pass(model: torch.nn.Module, layer: int, prep: PreparedContext, cache: Any, n_rows: int, *,
