@@ -42,6 +42,10 @@ from steercmp.score.full_forward import ScoreRow, group_rows
 #: working memory a scoring batch may use, as a fraction of the model's own bytes: keeps the
 #: staged pipeline's peak within 1.25x the largest model (issue target), on CPU and GPU alike
 BATCH_MEMORY_FRACTION = 0.2
+#: rows of logits read at a time (upcast, logsumexp, family masses, KLs): a few 262k-wide float32
+#: rows stay in the CPU's cache across the passes (64 rows: one logsumexp 38 ms, in chunks of 4
+#: 23-30 ms on the 2-core EPYC)
+READ_ROWS = 4
 KL_UNSTEERED = "kl_unsteered"
 KL_OFFTARGET = "kl_offtarget"
 SURVIVAL = "delta_survival"
@@ -171,14 +175,18 @@ def read_masses(model: torch.nn.Module, h0: torch.Tensor, h_branch: torch.Tensor
     logits = project_to_vocab(model, hidden)
     step0 = logits[:n]
     branch_logits = None if h_branch is None else logits[n:].reshape(*h_branch.shape[:3], -1)
-    step0_f = step0.float()
-    lse0 = torch.logsumexp(step0_f, dim=-1)
-    masses = masses_from_steps(step0_f, branch_logits, forms, lse0=lse0)
-    if reference is not None:
-        base, off = reference
-        masses[KL_UNSTEERED] = kl_from(base, step0_f, lse=lse0)
-        masses[KL_OFFTARGET] = offtarget_kl(off, step0)
-    return masses
+    parts = []
+    for s in range(0, n, READ_ROWS):  # a few rows at a time: their float32 copies stay in cache
+        rows = slice(s, s + READ_ROWS)
+        step0_f = step0[rows].float()
+        lse0 = torch.logsumexp(step0_f, dim=-1)
+        part = masses_from_steps(step0_f, None if branch_logits is None else branch_logits[rows], forms, lse0=lse0)
+        if reference is not None:
+            base, off = reference
+            part[KL_UNSTEERED] = kl_from(base, step0_f, lse=lse0)
+            part[KL_OFFTARGET] = offtarget_kl(off, step0[rows])
+        parts.append(part)
+    return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
 
 
 def _context_work(memo: dict[Any, dict[str, Any]] | None, lm: LoadedModel, layer: int, context: Sequence[int],
