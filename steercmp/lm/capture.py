@@ -97,6 +97,8 @@ def capture_last_tokens(lm: LoadedModel, layer: int, sequences: Sequence[Sequenc
     contrastive texts) run it once: its keys and values are computed once and each member runs
     only its own tail on top of them (diffmean's 3200 texts share 43% of their tokens). The
     values are :func:`capture_residuals`' up to the dtype's rounding."""
+    from transformers import DynamicCache
+
     model, device = lm.model, lm.input_device
     pad = lm.tokenizer.pad_token_id or 0
     out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
@@ -106,8 +108,6 @@ def capture_last_tokens(lm: LoadedModel, layer: int, sequences: Sequence[Sequenc
             for i, resid in zip(members, found, strict=True):
                 out[i] = resid[-1].clone()
             continue
-        from transformers import DynamicCache
-
         prefix = torch.as_tensor([list(sequences[members[0]][:plen])], device=device)
         cache = DynamicCache(config=text_config(model.config))
         h = layer_outputs(model, layer, prefix, cache)
