@@ -38,3 +38,33 @@ def test_changed_tokenizer_files_parse_again(tmp_path, monkeypatch):
     second = _save(tiny_tokenizer(["stream", "gleam"]), tmp_path / "two")
     load.cached_tokenizer(first)
     assert "▁gleam" in load.cached_tokenizer(second).get_vocab() and len(load._TOKENIZERS) == 2
+
+
+def test_cached_tokenizer_drops_the_python_tables_it_was_built_from(tmp_path, monkeypatch):
+    """transformers 5's GemmaTokenizer keeps the vocabulary dict and merges list it built its Rust
+    backend from (0.14 GiB for Gemma 3's); the cache drops them, and encoding, decoding, the
+    vocabulary and the saved files stay those of a fresh load."""
+    from transformers import GemmaTokenizer
+
+    monkeypatch.setattr(load, "_TOKENIZERS", {})
+    chars = ["▁", "t", "h", "e", "s", "r", "a", "m", "d", "n", ",", "\n"]
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("e", "a"), ("ea", "m"), ("r", "eam"), ("▁", "d"),
+              ("▁d", "ream"), ("s", "t"), ("▁", "st"), ("▁st", "ream")]
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for piece in chars + ["".join(m) for m in merges]:
+        vocab.setdefault(piece, len(vocab))
+    folder = tmp_path / "gemma"
+    GemmaTokenizer(vocab=vocab, merges=merges).save_pretrained(folder)
+    ref = AutoTokenizer.from_pretrained(folder)
+    assert isinstance(ref._vocab, dict) and len(ref._merges) == len(merges)  # what transformers keeps
+
+    ours = load.cached_tokenizer(str(folder))
+    for shared in (ours, load._TOKENIZERS[next(iter(load._TOKENIZERS))]):
+        assert not hasattr(shared, "_vocab") and not hasattr(shared, "_merges")
+    ids = ref(TEXT)["input_ids"]
+    assert ours(TEXT)["input_ids"] == ids and len(set(ids)) > 4  # merged pieces, not bytes
+    assert ours.decode(ids) == ref.decode(ids) and ours.get_vocab() == ref.get_vocab()
+    ref.save_pretrained(tmp_path / "ref")
+    ours.save_pretrained(tmp_path / "ours")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
