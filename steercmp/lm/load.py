@@ -244,7 +244,7 @@ def cached_tokenizer(path: str, revision: str | None = None, trust_remote_code: 
 
 
 #: the Python tables transformers 5's tokenizer classes build their Rust backend from and then keep
-_CONSTRUCTION_TABLES = ("_vocab", "_merges")
+_CONSTRUCTION_TABLES = frozenset({"_vocab", "_merges"})
 
 
 def drop_construction_tables(tok: Any) -> Any:
@@ -252,15 +252,41 @@ def drop_construction_tables(tok: Any) -> Any:
 
     transformers 5's tokenizer classes (``GemmaTokenizer`` among them) read ``tokenizer.json`` into a
     Python dict and list, build the Rust tokenizer from them, and keep both as ``_vocab`` and
-    ``_merges``, which nothing reads again: for Gemma's 262k entries and 515k merges that is
-    0.14 GiB resident for the whole run (docs/scaling.md), more than a quarter of the 270M model.
-    Encoding, decoding, ``get_vocab`` and ``save_pretrained`` go through the backend and are
-    unchanged (tests/lm/test_tokenizer_cache.py). A slow (pure-Python) tokenizer keeps them."""
-    if getattr(tok, "backend_tokenizer", None) is not None:
-        for name in _CONSTRUCTION_TABLES:
-            if isinstance(getattr(tok, name, None), dict | list):
-                delattr(tok, name)
+    ``_merges``: for Gemma's 262k entries and 515k merges that is 0.14 GiB resident for the whole run
+    (docs/scaling.md), more than a quarter of the 270M model. They go only where no method of the
+    class reads them after ``__init__`` (a few classes do, e.g. Whisper's ``save_vocabulary``), so
+    encoding, decoding, ``get_vocab`` and ``save_pretrained`` are unchanged
+    (tests/lm/test_tokenizer_cache.py). A slow (pure-Python) tokenizer keeps them."""
+    if getattr(tok, "backend_tokenizer", None) is None or _reads_after_init(type(tok)):
+        return tok
+    for name in _CONSTRUCTION_TABLES:
+        if isinstance(getattr(tok, name, None), dict | list):
+            delattr(tok, name)
     return tok
+
+
+def _reads_after_init(cls: type) -> bool:
+    """Whether any function of ``cls`` or its bases other than ``__init__`` names a construction table
+    (the attribute names a function's code, nested code included, refers to)."""
+    if cls not in _READS_AFTER_INIT:
+        found = False
+        for klass in cls.__mro__:
+            for attr, value in vars(klass).items():
+                if attr == "__init__":
+                    continue
+                parts = (value.fget, value.fset) if isinstance(value, property) else (getattr(value, "__func__", value),)
+                found = found or any(_names(getattr(f, "__code__", None)) & _CONSTRUCTION_TABLES for f in parts)
+        _READS_AFTER_INIT[cls] = found
+    return _READS_AFTER_INIT[cls]
+
+
+_READS_AFTER_INIT: dict[type, bool] = {}
+
+
+def _names(code: Any) -> set[str]:
+    if code is None:
+        return set()
+    return set(code.co_names).union(*(_names(c) for c in code.co_consts if hasattr(c, "co_names")))
 
 
 def folder_chat_template(folder: Path) -> Any:

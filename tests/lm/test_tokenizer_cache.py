@@ -47,12 +47,7 @@ def test_cached_tokenizer_drops_the_python_tables_it_was_built_from(tmp_path, mo
     from transformers import GemmaTokenizer
 
     monkeypatch.setattr(load, "_TOKENIZERS", {})
-    chars = ["▁", "t", "h", "e", "s", "r", "a", "m", "d", "n", ",", "\n"]
-    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("e", "a"), ("ea", "m"), ("r", "eam"), ("▁", "d"),
-              ("▁d", "ream"), ("s", "t"), ("▁", "st"), ("▁st", "ream")]
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
-    for piece in chars + ["".join(m) for m in merges]:
-        vocab.setdefault(piece, len(vocab))
+    vocab, merges = _bpe_tables()
     folder = tmp_path / "gemma"
     GemmaTokenizer(vocab=vocab, merges=merges).save_pretrained(folder)
     ref = AutoTokenizer.from_pretrained(folder)
@@ -68,3 +63,30 @@ def test_cached_tokenizer_drops_the_python_tables_it_was_built_from(tmp_path, mo
     ours.save_pretrained(tmp_path / "ours")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+
+
+def test_a_class_that_reads_its_tables_later_keeps_them():
+    """Some tokenizer classes read ``_vocab`` after construction (Whisper's ``save_vocabulary``):
+    theirs stay."""
+    from transformers import GemmaTokenizer
+
+    class ReadsLater(GemmaTokenizer):
+        def first_piece(self):
+            return next(iter(self._vocab))
+
+    vocab, merges = _bpe_tables()
+    kept = load.drop_construction_tables(ReadsLater(vocab=vocab, merges=merges))
+    assert kept.first_piece() == "<pad>" and len(kept._merges) == len(merges)
+    dropped = load.drop_construction_tables(GemmaTokenizer(vocab=vocab, merges=merges))
+    assert not hasattr(dropped, "_vocab") and not hasattr(dropped, "_merges")
+
+
+def _bpe_tables():
+    """A small Gemma-style BPE vocabulary and merges that spell the test's words in a few pieces."""
+    chars = ["▁", "t", "h", "e", "s", "r", "a", "m", "d", "n", ",", "\n"]
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("e", "a"), ("ea", "m"), ("r", "eam"), ("▁", "d"),
+              ("▁d", "ream"), ("s", "t"), ("▁", "st"), ("▁st", "ream")]
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for piece in chars + ["".join(m) for m in merges]:
+        vocab.setdefault(piece, len(vocab))
+    return vocab, merges
