@@ -6,6 +6,7 @@ A model's blocks are found by :mod:`steercmp.lm.layout` (re-exported here for co
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 from pathlib import Path
 from typing import Any
@@ -265,22 +266,13 @@ def drop_construction_tables(tok: Any) -> Any:
     return tok
 
 
+@functools.cache
 def _reads_after_init(cls: type) -> bool:
     """Whether any function of ``cls`` or its bases other than ``__init__`` names a construction table
     (the attribute names a function's code, nested code included, refers to)."""
-    if cls not in _READS_AFTER_INIT:
-        found = False
-        for klass in cls.__mro__:
-            for attr, value in vars(klass).items():
-                if attr == "__init__":
-                    continue
-                parts = (value.fget, value.fset) if isinstance(value, property) else (getattr(value, "__func__", value),)
-                found = found or any(_names(getattr(f, "__code__", None)) & _CONSTRUCTION_TABLES for f in parts)
-        _READS_AFTER_INIT[cls] = found
-    return _READS_AFTER_INIT[cls]
-
-
-_READS_AFTER_INIT: dict[type, bool] = {}
+    return any(_names(getattr(f, "__code__", None)) & _CONSTRUCTION_TABLES
+               for klass in cls.__mro__ for attr, value in vars(klass).items() if attr != "__init__"
+               for f in ((value.fget, value.fset) if isinstance(value, property) else (getattr(value, "__func__", value),)))
 
 
 def _names(code: Any) -> set[str]:
