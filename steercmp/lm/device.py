@@ -1,9 +1,11 @@
 """The dtype a machine runs fastest, chosen by a measured probe, never by assumption.
 
 On a CPU with native bf16 (AVX512-BF16 or AMX) a bfloat16 matmul is 2-3x faster than float32; on
-an AVX2-only CPU it is ~7x SLOWER. ``dtype: auto`` therefore times a short float32 and bfloat16
-matmul once per machine (cached under the steercmp cache, keyed by CPU capability, processor,
-torch version and thread count) and picks bfloat16 only when it is clearly faster. On CUDA,
+an AVX2-only CPU it is 7x to 400x SLOWER (a 2-core Zen 1 EPYC: 27 ms against 10.8 s). ``dtype:
+auto`` therefore times a short float32 and bfloat16 matmul once per machine (cached under the
+steercmp cache, keyed by CPU capability, processor, torch version and thread count) and picks
+bfloat16 only when it is clearly faster; a bf16 call already far slower than float32 ends the
+probe, so a cold start there pays one such call, not seven. On CUDA,
 ``auto`` is bfloat16 where the GPU supports it. ``STEERCMP_DTYPE=float32`` (or ``bfloat16``)
 overrides the choice, e.g. to measure the float32 path on a bf16 machine.
 """
@@ -11,6 +13,7 @@ overrides the choice, e.g. to measure the float32 path on a bf16 machine.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -27,6 +30,8 @@ AUTO = "auto"
 SPEEDUP_NEEDED = 1.25
 PROBE_VERSION = 1
 _SHAPE = (256, 2048, 2048)  # (rows, inner, cols): the size of a decoder block's matmuls
+#: a bf16 call this many times slower than float32's best cannot turn into a win: stop timing
+GIVE_UP_FACTOR = 10.0
 
 
 def _probe_key() -> dict[str, Any]:
@@ -35,17 +40,22 @@ def _probe_key() -> dict[str, Any]:
             "threads": torch.get_num_threads()}
 
 
-def _time_matmul(dtype: torch.dtype, reps: int = 6) -> float:
+def _time_matmul(dtype: torch.dtype, reps: int = 6, give_up_after: float = math.inf) -> float:
+    """The best of ``reps`` timed matmuls after a warm-up (kernel selection). A call, the warm-up
+    included, slower than ``give_up_after`` seconds ends the timing and is returned as it is."""
     m, k, n = _SHAPE
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=gen).to(dtype)
     b = torch.randn(k, n, generator=gen).to(dtype)
-    torch.matmul(a, b)  # warm-up (kernel selection)
     best = float("inf")
-    for _ in range(reps):
+    for rep in range(reps + 1):
         start = time.perf_counter()
         torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        if elapsed > give_up_after:
+            return elapsed
+        if rep:  # rep 0 is the warm-up
+            best = min(best, elapsed)
     return best
 
 
@@ -59,7 +69,8 @@ def probe_cpu() -> dict[str, Any]:
             return cached
     except (OSError, ValueError):
         pass
-    fp32, bf16 = _time_matmul(torch.float32), _time_matmul(torch.bfloat16)
+    fp32 = _time_matmul(torch.float32)
+    bf16 = _time_matmul(torch.bfloat16, give_up_after=GIVE_UP_FACTOR * fp32)
     record = {"key": key, "float32_seconds": fp32, "bfloat16_seconds": bf16, "speedup": fp32 / bf16,
               "choice": "bfloat16" if fp32 / bf16 >= SPEEDUP_NEEDED else "float32"}
     try:
