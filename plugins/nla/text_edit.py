@@ -71,11 +71,11 @@ def checkpoint_source(source: str, role: str, *, progress: bool = True, position
 def checkpoint_origin(source: str, role: str, position: str) -> str:
     """Where an AV/AR checkpoint comes from, without loading it (``steercmp plan``)."""
     if source == MINI_ALIAS:
-        from .mini import is_built, mini_dir
+        from .mini import BUILD_ESTIMATE, is_built, mini_dir
 
         root = mini_dir(position)
         return (f"steercmp cache ({root / role})" if is_built(root, position)
-                else "built on first use into the steercmp cache (the mini NLA pair, about 8 minutes)")
+                else f"built on first use into the steercmp cache (the mini NLA pair, {BUILD_ESTIMATE})")
     return model_origin(source, where=f"methods.nla_text_edit.options.{role}")
 
 
@@ -245,12 +245,12 @@ class NlaTextEdit(Method):
         return self.settings.layer
 
     def pending_build(self) -> str | None:
-        from .mini import is_built, mini_dir
+        from .mini import BUILD_ESTIMATE, is_built, mini_dir
 
         o = self.opts
         if MINI_ALIAS not in (o.av, o.ar) or is_built(mini_dir(self._position()), self._position()):
             return None
-        return "the mini NLA pair (built once and cached; about 8 minutes on 2 CPU cores)"
+        return f"the mini NLA pair (built once and cached; {BUILD_ESTIMATE})"
 
     def resources(self) -> Sequence[Resource]:
         from .ar import ActivationReconstructor

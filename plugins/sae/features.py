@@ -170,11 +170,11 @@ class SaeFeatures(Method):
         return (self._resource(self._d_model_hint()),)
 
     def pending_build(self) -> str | None:
-        from .train import embedded_sae_ready
+        from .train import BUILD_ESTIMATE, embedded_sae_ready
 
         if self.source().kind != "embedded" or embedded_sae_ready():
             return None
-        return "the embedded SAE (trained once and cached; about a minute on 2 CPU cores)"
+        return f"the embedded SAE (trained once and cached; {BUILD_ESTIMATE})"
 
     # ------------------------------------------------------------------ propose
     def propose(self, contexts: Sequence[PromptContext], runtime: MethodRuntime) -> list[Proposal]:

@@ -218,10 +218,10 @@ def origin(source: SaeSource) -> str:
     from steercmp.api import hub_origin
 
     if source.kind == "embedded":
-        from steercmp_plugins.sae.train import embedded_sae_dir, embedded_sae_ready
+        from steercmp_plugins.sae.train import BUILD_ESTIMATE, embedded_sae_dir, embedded_sae_ready
 
         return (f"steercmp cache ({embedded_sae_dir()})" if embedded_sae_ready()
-                else "trained on first use into the steercmp cache (about a minute)")
+                else f"trained on first use into the steercmp cache ({BUILD_ESTIMATE})")
     if source.kind == "path":
         _read_cfg(Path(str(source.path)).expanduser())
         return f"local directory {Path(str(source.path)).expanduser()}"

@@ -50,6 +50,9 @@ __all__ = [
 EMBEDDED_SAE_NAME = "gemma-3-270m-L12-v1"
 MARKER = "steercmp_sae.json"
 QUALITY = "quality.json"
+#: measured build times (docs/scaling.md): 57-115 s on 2-core Xeon / EPYC CPUs with native bf16,
+#: 478 s on a 2-core AVX2-only EPYC (Zen 1), where the probe picks float32
+BUILD_ESTIMATE = "1 to 2 minutes on 2 CPU cores with native bf16, about 8 without"
 #: quality targets from the issue: held-out explained variance and mean active features per token
 TARGET_EV = 0.7
 TARGET_L0 = 64

@@ -32,6 +32,10 @@ from steercmp.api import cache_root
 
 from .data import POSITIONS, mini_name
 
+#: measured build times (docs/scaling.md): 420-628 s on 2-core Xeon / EPYC CPUs with native bf16,
+#: 2571 s on a 2-core AVX2-only EPYC (Zen 1), where the probe picks float32
+BUILD_ESTIMATE = "7 to 11 minutes on 2 CPU cores with native bf16, about 45 without"
+
 
 def mini_dir(position: str = POSITIONS[0]) -> Path:
     return cache_root() / "nla" / mini_name(position)
