@@ -46,7 +46,8 @@ def tiny_ckpt(tmp_path_factory):
 INTEGRATION_MODULES = frozenset({
     "commands/test_bad_inputs.py", "commands/test_partial_report.py", "plugins/nla/test_text_edit_controls.py",
     "plugins/test_example_plugin.py", "plugins/test_whole_run_example.py", "rehearsal/test_v3_rehearsal.py",
-    "run/test_accelerate_launch.py", "run/test_determinism.py", "run/test_distributed.py", "run/test_faults.py",
+    "run/test_accelerate_launch.py", "run/test_arithmetic_floor.py", "run/test_determinism.py",
+    "run/test_distributed.py", "run/test_faults.py",
     "run/test_match.py", "run/test_positive_control_drop.py", "run/test_resume.py", "run/test_runner.py",
     "run/test_safety.py", "run/test_schema.py",
     "report/test_report.py", "report/test_reference.py",
