@@ -24,7 +24,10 @@ Usage (the caches built first: a build inside the counted run would count as its
     python scripts/arithmetic_floor.py --build mini-pair              # the mini pair's build, counted
 
 The counting hooks cost well under a millisecond per decoding step; the stage times printed are
-those of the counted run (its manifest's ``timings_seconds``).
+those of the counted run (its manifest's ``timings_seconds``). ``in linear s`` is the wall time
+the linear layers' forward calls took (the backward's is not clocked): a stage's time less that is
+spent outside its linear layers, and that time over the floor says how close the matmuls
+themselves run to the roofline.
 """
 
 from __future__ import annotations
@@ -90,14 +93,19 @@ def measure_roofline(dtypes: tuple[torch.dtype, ...]) -> Roofline:
 
 @attrs.define
 class Tally:
+    """One span's linear products: FLOPs (backward included), their floor, and the wall time the
+    forward calls actually took (the backward's is not clocked)."""
+
     flops: float = 0.0
     floor_seconds: float = 0.0
     calls: int = 0
+    forward_seconds: float = 0.0
 
     def add(self, other: Tally) -> None:
         self.flops += other.flops
         self.floor_seconds += other.floor_seconds
         self.calls += other.calls
+        self.forward_seconds += other.forward_seconds
 
 
 @attrs.define
@@ -108,14 +116,20 @@ class Recorder:
     roofline: Roofline
     spans: dict[str, Tally] = attrs.Factory(dict)
     open: Tally = attrs.Factory(Tally)
+    started: float = 0.0
 
     def mark(self, label: str) -> None:
         self.spans.setdefault(label, Tally()).add(self.open)
         self.open = Tally()
 
+    def start(self, module: torch.nn.Module, _args: tuple[Any, ...]) -> None:
+        if isinstance(module, torch.nn.Linear):
+            self.started = time.perf_counter()
+
     def linear(self, module: torch.nn.Module, args: tuple[Any, ...], _output: Any) -> None:
         if not isinstance(module, torch.nn.Linear) or not args or not isinstance(args[0], torch.Tensor):
             return
+        self.open.forward_seconds += time.perf_counter() - self.started  # CPU ops are synchronous
         x = args[0]
         k, n = module.in_features, module.out_features
         rows = x.numel() // k
@@ -129,11 +143,13 @@ class Recorder:
 
     @contextmanager
     def counting(self) -> Iterator[None]:
-        handle = torch.nn.modules.module.register_module_forward_hook(self.linear)
+        handles = (torch.nn.modules.module.register_module_forward_pre_hook(self.start),
+                   torch.nn.modules.module.register_module_forward_hook(self.linear))
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
 
 class MarkingTimings(dict):
@@ -202,6 +218,7 @@ def table(timings: dict[str, float], recorder: Recorder) -> list[dict[str, Any]]
         measured = timings.get(label)
         rows.append({"stage": label, "measured_seconds": measured, "gflop": tally.flops / 1e9,
                      "floor_seconds": tally.floor_seconds, "linear_calls": tally.calls,
+                     "linear_forward_seconds": tally.forward_seconds,
                      "measured_over_floor": measured / tally.floor_seconds
                      if measured and tally.floor_seconds else None})
     return rows
@@ -210,11 +227,12 @@ def table(timings: dict[str, float], recorder: Recorder) -> list[dict[str, Any]]
 def print_table(rows: list[dict[str, Any]], roofline: Roofline) -> None:
     peaks = ", ".join(f"{str(d).removeprefix('torch.')} {p / 1e9:.0f} GFLOP/s" for d, p in roofline.peak.items())
     print(f"roofline: {peaks}; weights streamed at {roofline.bandwidth / 1e9:.1f} GB/s")
-    print(f"{'stage':28} {'measured s':>10} {'GFLOP':>10} {'floor s':>9} {'ratio':>6}")
+    print(f"{'stage':28} {'measured s':>10} {'GFLOP':>10} {'floor s':>9} {'ratio':>6} {'in linear s':>11}")
     for r in rows:
         m = "-" if r["measured_seconds"] is None else f"{r['measured_seconds']:.1f}"
         ratio = "-" if r["measured_over_floor"] is None else f"{r['measured_over_floor']:.2f}"
-        print(f"{r['stage']:28} {m:>10} {r['gflop']:10.0f} {r['floor_seconds']:9.1f} {ratio:>6}")
+        print(f"{r['stage']:28} {m:>10} {r['gflop']:10.0f} {r['floor_seconds']:9.1f} {ratio:>6} "
+              f"{r['linear_forward_seconds']:11.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:

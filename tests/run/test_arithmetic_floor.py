@@ -37,6 +37,7 @@ def test_a_linear_call_is_priced_on_the_roofline():
     assert (inference.flops, inference.calls) == (168, 2)
     assert inference.floor_seconds == pytest.approx((120 + 48) * 1e-9)
     assert (training.flops, training.calls) == (360, 3)
+    assert 0 < inference.forward_seconds < 1 and 0 < training.forward_seconds < 1  # two and one clocked calls
     layer(torch.zeros(5, 4))  # outside ``counting``: not counted
     rec.mark("after")
     assert rec.spans["after"].calls == 0
