@@ -27,15 +27,15 @@ def test_a_linear_call_is_priced_on_the_roofline():
     rec = floor.Recorder(ROOF)
     with rec.counting(), torch.no_grad():
         layer(torch.zeros(5, 4))  # 2 * 5 * 4 * 3 = 120 FLOP; 48 weight bytes
-        layer(torch.zeros(2, 1, 4))  # 48 FLOP < 48 bytes: bound by the weights
+        layer(torch.zeros(1, 1, 4))  # 24 FLOP, but 48 weight bytes: bound by the weights
     rec.mark("inference")
     x = torch.zeros(5, 4, requires_grad=True)
     with rec.counting():
         layer(x).sum().backward()  # forward, input gradient and weight gradient
     rec.mark("training")
     inference, training = rec.spans["inference"], rec.spans["training"]
-    assert (inference.flops, inference.calls) == (168, 2)
-    assert inference.floor_seconds == pytest.approx((120 + 48) * 1e-9)
+    assert (inference.flops, inference.calls) == (144, 2)
+    assert inference.floor_seconds == pytest.approx((120 + 48) * 1e-9)  # the second call priced by its bytes
     assert (training.flops, training.calls) == (360, 3)
     assert 0 < inference.forward_seconds < 1 and 0 < training.forward_seconds < 1  # two and one clocked calls
     layer(torch.zeros(5, 4))  # outside ``counting``: not counted
